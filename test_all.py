@@ -1,0 +1,353 @@
+"""CPU tests for the whole project: python -m pytest -q test_all.py
+
+Each test checks a value against an independent computation or an invariant;
+the CLI tests run the real scripts on tiny `synthetic` / `toy` data.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attack
+import data as D
+import toy_data
+from models import build_model
+from train_pag import input_gradients, pag_loss, sample_targets
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--dataset", "synthetic", "--arch", "cnn", "--image-size", "16", "--train-samples", "96",
+        "--eval-samples", "48", "--batch-size", "32", "--eval-steps", "2", "--log-every", "1"]
+
+
+def run(script, *args, check=True):
+    """Run one of our scripts as a user would; return the CompletedProcess."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- models
+@pytest.mark.parametrize("arch,channels,size,count", [("resnet18", 3, 32, 11_173_962), ("vit", 3, 32, 6_268_810)])
+def test_parameter_counts_match_the_official_models(arch, channels, size, count):
+    model = build_model(arch, 10, channels, size)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+@pytest.mark.parametrize("arch,channels,size", [("resnet18", 3, 96), ("resnet18", 1, 28), ("vit", 3, 96), ("cnn", 1, 28), ("cnn", 3, 64)])
+def test_models_run_on_other_sizes(arch, channels, size):
+    assert build_model(arch, 7, channels, size)(torch.rand(2, channels, size, size)).shape == (2, 7)
+
+
+def test_vit_patch_follows_image_size():
+    assert build_model("vit", 10, 3, 96).patch == 12 and build_model("vit", 10, 3, 32).patch == 4
+
+
+# ----------------------------------------------------------------------------- the PAG loss
+def analytic_pag_loss(weight, bias, x, gt_grad, target_classes):
+    """For f(x) = Wx + b: grad_x log softmax_t = W_t - sum_j p_j W_j, written out by hand."""
+    p = torch.softmax(x @ weight.T + bias, dim=1)  # [B, C]
+    grads = weight[target_classes] - (p @ weight)[:, None, :]  # [B, k, D]
+    cos = (grads * gt_grad).sum(-1) / (grads.norm(dim=-1) * gt_grad.norm(dim=-1))
+    return (1 - cos).mean()
+
+
+def test_pag_loss_matches_analytic_linear_model_value_and_parameter_gradient():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    target_classes = sample_targets(5, 4, 3, torch.Generator().manual_seed(1))
+    gt_grad = torch.randn(5, 3, 6, dtype=torch.float64)
+    ours = pag_loss(model, x, gt_grad, target_classes)
+    (g_ours_w, g_ours_b) = torch.autograd.grad(ours, (model.weight, model.bias))
+    w = model.weight.detach().clone().requires_grad_(True)
+    b = model.bias.detach().clone().requires_grad_(True)
+    expected = analytic_pag_loss(w, b, x, gt_grad, target_classes)
+    (g_exp_w, g_exp_b) = torch.autograd.grad(expected, (w, b))
+    assert torch.allclose(ours, expected, atol=1e-12)
+    # Double back-propagation: the loss is differentiable in the weights, with the right gradient.
+    assert torch.allclose(g_ours_w, g_exp_w, atol=1e-12) and torch.allclose(g_ours_b, g_exp_b, atol=1e-12)
+    assert g_ours_w.abs().sum() > 0
+
+
+def test_pag_loss_is_zero_for_aligned_and_two_for_opposite_targets():
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 1, 12).double().eval()
+    x = torch.rand(3, 1, 12, 12, dtype=torch.float64)
+    t = sample_targets(3, 10, 4)
+    g = input_gradients(model, x, t).detach()
+    assert pag_loss(model, x, g, t).item() == pytest.approx(0.0, abs=1e-10)
+    assert pag_loss(model, x, -3 * g, t).item() == pytest.approx(2.0, abs=1e-10)
+
+
+def test_input_gradients_match_per_sample_autograd():
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 1, 12).double().eval()
+    x = torch.rand(4, 1, 12, 12, dtype=torch.float64)
+    t = sample_targets(4, 10, 3, torch.Generator().manual_seed(2))
+    ours = input_gradients(model, x, t, create_graph=False)
+    for i in range(4):
+        for j in range(3):
+            xi = x[i: i + 1].clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.log_softmax(model(xi), 1)[0, t[i, j]], xi)
+            assert torch.allclose(ours[i, j], g[0], atol=1e-12)
+
+
+def test_sample_targets_are_distinct_classes_per_image():
+    t = sample_targets(50, 10, 7, torch.Generator().manual_seed(0))
+    assert t.shape == (50, 7) and t.min() >= 0 and t.max() < 10
+    assert all(len(set(row.tolist())) == 7 for row in t)
+    full = sample_targets(20, 10, 10)
+    assert (full.sort(1).values == torch.arange(10)).all()
+
+
+# ----------------------------------------------------------------------------- data and sources
+def tiny_data(n=60, size=6, classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 2, size, size), generator=gen, dtype=torch.uint8)
+    y = torch.arange(n) % classes
+    return D.Data("synthetic", x, y, x[:10], y[:10], classes)
+
+
+def test_nearest_of_class_matches_brute_force_and_never_returns_itself():
+    d = tiny_data()
+    xf = D.to_float(d.train_x).flatten(1)
+    dist = torch.cdist(xf.double(), xf.double())
+    dist.fill_diagonal_(float("inf"))
+    ours = D.nearest_of_class(d.train_x, d.train_x, d.train_y, 3, query_idx=torch.arange(60), chunk=7)
+    for t in range(3):
+        masked = dist.clone()
+        masked[:, d.train_y != t] = float("inf")
+        assert (ours[:, t] == masked.argmin(1)).all()
+        assert (d.train_y[ours[:, t]] == t).all()
+    assert (ours != torch.arange(60)[:, None]).all()
+
+
+def test_nearest_of_class_agrees_with_the_toy_reference():
+    train_x, train_y, test_x, _ = toy_data.make_toy(seed=1, train_per_mode=50, test_per_mode=10)
+    ours = D.nearest_of_class(train_x, train_x, train_y, 2, query_idx=torch.arange(len(train_x)), chunk=64)
+    assert (ours == toy_data.nearest_of_class(train_x, train_x, train_y, exclude_self=True)).all()
+    assert (D.nearest_of_class(test_x, train_x, train_y, 2) == toy_data.nearest_of_class(test_x, train_x, train_y)).all()
+
+
+def test_sources_cm_oi_nn(tmp_path):
+    d = tiny_data()
+    x = D.to_float(d.train_x[:8])
+    idx = torch.arange(8)
+    t = sample_targets(8, 3, 3)
+    cm = D.make_source("cm", d)(x, t, idx)
+    means = torch.stack([D.to_float(d.train_x[d.train_y == c]).mean(0) for c in range(3)])
+    assert torch.allclose(cm, means[t] - x[:, None], atol=1e-6)
+    oi_reps = D.make_source("oi", d, seed=5)(torch.zeros_like(x), t, idx)  # r_t - 0 = r_t
+    for c in range(3):  # one fixed training image per class, of that class
+        rep = oi_reps[t == c][0]
+        match = [i for i in range(60) if torch.equal(D.to_float(d.train_x[i]), rep)]
+        assert match and all(d.train_y[i] == c for i in match) and (oi_reps[t == c] == rep).all()
+    nn_src = D.make_source("nn", d, cache_dir=str(tmp_path))
+    g = nn_src(x, t, idx)
+    assert len(os.listdir(tmp_path)) == 1  # cached
+    neighbours = g + x[:, None]
+    for i in range(8):
+        for j in range(3):
+            assert not torch.equal(neighbours[i, j], x[i])  # never the image itself
+    assert torch.allclose(D.make_source("nn", d, cache_dir=str(tmp_path))(x, t, idx), g)  # from the cache
+
+
+def test_crop_flip_matches_per_sample_reference_and_moves_fields_with_image():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 8, 8, generator=gen)
+    fields = torch.rand(6, 4, 3, 8, 8, generator=gen)
+    offsets, flips = D.draw_crop_flip(6, 4, gen)
+    xa, fa = D.crop_flip(x, offsets, flips), D.crop_flip(fields, offsets, flips)
+    for i in range(6):
+        ref = F.pad(x[i], (4, 4, 4, 4))[:, offsets[i, 0]: offsets[i, 0] + 8, offsets[i, 1]: offsets[i, 1] + 8]
+        ref = ref.flip(-1) if flips[i] else ref
+        assert torch.equal(xa[i], ref)
+        for j in range(4):
+            f = F.pad(fields[i, j], (4, 4, 4, 4))[:, offsets[i, 0]: offsets[i, 0] + 8, offsets[i, 1]: offsets[i, 1] + 8]
+            assert torch.equal(fa[i, j], f.flip(-1) if flips[i] else f)
+    # Linear: cropping r - x equals cropped r minus cropped x (so targets stay consistent).
+    r = torch.rand(6, 3, 8, 8, generator=gen)
+    assert torch.allclose(D.crop_flip(r - x, offsets, flips), D.crop_flip(r, offsets, flips) - xa)
+    assert flips.any() and (~flips).any()
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+    import gzip
+    import numpy as np
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in arr.shape)
+    with gzip.open(tmp_path / "a.gz", "wb") as f:
+        f.write(header + arr.tobytes())
+    assert (D.read_idx(str(tmp_path / "a.gz")) == arr).all()
+
+
+def test_folder_dataset(tmp_path):
+    from PIL import Image
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("cat", "dog"):
+            os.makedirs(tmp_path / split / c)
+            for i in range(n):
+                Image.new("RGB", (10, 10), (i * 40, 100 if c == "dog" else 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    d = D.get_data("folder", str(tmp_path))
+    assert d.train_x.shape == (8, 3, 10, 10) and d.test_x.shape == (4, 3, 10, 10) and d.num_classes == 2
+    assert d.train_x.dtype == torch.uint8 and set(d.train_y.tolist()) == {0, 1}
+    assert int(d.train_x[d.train_y == 1][0, 1, 0, 0]) == 100
+    assert D.get_data("folder", str(tmp_path), image_size=6).train_x.shape == (8, 3, 6, 6)
+
+
+def test_dataset_aliases_and_unknown_dataset():
+    assert D.canonical_dataset("stl") == "stl10" and D.canonical_dataset("CIFAR10") == "cifar10"
+    with pytest.raises(D.UserError):
+        D.canonical_dataset("imagenet")
+
+
+# ----------------------------------------------------------------------------- attacks
+def trained_tiny_model():
+    """A cnn that fits 16 px synthetic data (seconds on CPU)."""
+    d = D.get_data("synthetic", train_samples=256, test_samples=64, image_size=16)
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 3, 16)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = D.to_float(d.train_x), d.train_y
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), D.to_float(d.test_x), d.test_y
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return trained_tiny_model()
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_pgd_stays_in_ball_and_box_and_eps_zero_is_clean(tiny_model, norm):
+    model, x, y = tiny_model
+    clean = (attack.predict(model, x) == y).float().mean().item()
+    assert clean > 0.9
+    for eps in (0.0, 0.3, 2.0):
+        adv = attack.pgd(model, x, y, eps, norm, steps=5, generator=torch.Generator().manual_seed(0))
+        attack.check_perturbation(adv, x, eps, norm, (0.0, 1.0), "test")
+        assert adv.min() >= 0 and adv.max() <= 1
+    assert attack.robust_accuracy(model, x, y, 0.0, norm, (0.0, 1.0), steps=5) == clean
+    robust = attack.robust_accuracy(model, x, y, 0.05, norm, (0.0, 1.0), steps=5)
+    assert robust <= clean
+
+
+def test_pgd_breaks_a_vanilla_model_at_large_eps(tiny_model):
+    model, x, y = tiny_model
+    assert attack.robust_accuracy(model, x, y, 8.0, "l2", (0.0, 1.0), steps=20, loss="margin") == 0.0
+    assert attack.robust_accuracy(model, x, y, 0.5, "linf", (0.0, 1.0), steps=20, loss="margin") == 0.0
+    # This model is saturated (softmax == 1 in float32): CE's gradient is rounding noise and
+    # CE-PGD under-reports, which is why attack.py evaluates with the margin loss by default.
+    assert attack.robust_accuracy(model, x, y, 8.0, "l2", (0.0, 1.0), steps=20, loss="ce") > 0.1
+    # Targeted toward a fixed class succeeds on most points.
+    adv = attack.pgd(model, x, torch.full_like(y, 3), 8.0, "l2", steps=30, targeted=True)
+    assert (attack.predict(model, adv) == 3).float().mean() > 0.9
+
+
+def test_check_perturbation_refuses_out_of_ball_and_out_of_box():
+    x = torch.full((2, 1, 4, 4), 0.5)
+    with pytest.raises(RuntimeError):
+        attack.check_perturbation(x + 0.2, x, 0.1, "linf", (0, 1), "t")
+    with pytest.raises(RuntimeError):
+        attack.check_perturbation(x + 0.2, x, 0.5, "l2", (0, 1), "t")  # L2 norm 0.8
+    with pytest.raises(RuntimeError):
+        attack.check_perturbation(x + 0.6, x, 1.0, "linf", (0, 1), "t")  # 1.1 > box
+    attack.check_perturbation(x + 0.1, x, 0.1, "linf", (0, 1), "t")
+
+
+def test_autoattack_runs_end_to_end_reduced(tiny_model):
+    model, x, y = tiny_model
+    clean = (attack.predict(model, x[:32]) == y[:32]).float().mean().item()
+    acc = attack.autoattack_accuracy(model, x[:32], y[:32], 0.5, "l2", (0.0, 1.0), version="apgd", n_iter=5, batch_size=32)
+    assert 0.0 <= acc <= clean
+    acc0 = attack.autoattack_accuracy(model, x[:32], y[:32], 1e-6, "linf", (0.0, 1.0), version="apgd", n_iter=3)
+    assert acc0 == pytest.approx(clean)
+
+
+def test_alignment_is_one_for_the_models_own_gradients(tiny_model):
+    # A fresh model: the trained tiny one is so confident that p_y == 1 even in float64,
+    # which makes its true-class gradients exactly 0 (cosine 0).
+    torch.manual_seed(0)
+    model, x = build_model("cnn", 10, 3, 16).double().eval(), tiny_model[1].double()
+    own = lambda xb, t: input_gradients(model, xb, t, create_graph=False)  # noqa: E731
+    assert attack.alignment(model, x[:16], own, 10) == pytest.approx(1.0, abs=1e-5)
+    neg = lambda xb, t: -own(xb, t)  # noqa: E731
+    assert attack.alignment(model, x[:16], neg, 10, targets_per_image=3) == pytest.approx(-1.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the scripts
+def test_baseline_and_pag_cli_one_epoch_and_attack_reads_the_checkpoint(tmp_path):
+    run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", tmp_path / "base")
+    run("train_pag.py", *TINY, "--epochs", "1", "--source", "nn", "--cache-dir", tmp_path / "cache",
+        "--targets-per-image", "4", "--pag-chunk", "3", "--out-dir", tmp_path / "pag")
+    for name in ("base", "pag"):
+        line = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert line["epoch"] == 1 and 0 <= line["pgd_l2_0.5_acc"] <= line["test_acc"] <= 1
+        ckpt = torch.load(tmp_path / name / "model.pt", weights_only=False)
+        assert ckpt["arch"] == "cnn" and ckpt["epoch"] == 1 and ckpt["input_shape"] == (3, 16, 16)
+    assert "pag" in line and 0 <= line["pag"] <= 2 and ckpt["args"]["source"] == "nn"
+    out = tmp_path / "res.json"
+    proc = run("attack.py", "--checkpoint", tmp_path / "pag" / "model.pt", "--attacks", "clean", "pgd-l2", "pgd-linf",
+               "align", "visualize", "--n-samples", "20", "--steps", "3", "--cache-dir", tmp_path / "cache",
+               "--vis-images", "2", "--vis-steps", "2", "--out", out)
+    res = json.loads(out.read_text())
+    assert res["n_samples"] == 20 and set(res["pgd_l2"]) == {"0.5"} and set(res["pgd_linf"]) == {f"{8 / 255:g}"}
+    assert res["pgd_l2"]["0.5"] <= res["clean_acc"] and -1 <= res["alignment"]["cos"] <= 1
+    assert os.path.getsize(res["visualization"]) > 0 and "clean" in proc.stdout
+
+
+@pytest.mark.parametrize("script,extra", [("train_baseline.py", []),
+                                          ("train_pag.py", ["--source", "cm", "--targets-per-image", "3"])])
+def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, script, extra):
+    args = [*TINY, "--epochs", "2", "--lr-drops", "0.5", *extra]
+    run(script, *args, "--out-dir", tmp_path / "full")
+    run(script, *args, "--out-dir", tmp_path / "cut", "--stop-after-epoch", "1")
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 1
+    run(script, *args, "--out-dir", tmp_path / "cut", "--resume")
+    full = torch.load(tmp_path / "full" / "model.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)
+    for k, v in full["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+    lines = [[json.loads(s) for s in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "cut")]
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]  # noqa: E731
+    assert strip(lines[0]) == strip(lines[1]) and len(lines[0]) == 2
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    assert_one_line_error(run("train_baseline.py", "--dataset", "imagenet", check=False), "unknown dataset")
+    assert_one_line_error(run("train_baseline.py", *TINY, "--arch", "vgg", check=False), "unknown arch")
+    assert_one_line_error(run("train_pag.py", "--dataset", "cifar10", "--data-dir", tmp_path / "none", check=False),
+                          "not found", "--download")
+    assert_one_line_error(run("train_pag.py", *TINY, "--source", "sbg", check=False), "--sbg-file")
+    run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", tmp_path / "r")
+    assert_one_line_error(run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", tmp_path / "r", check=False), "--resume")
+    proc = run("train_baseline.py", *TINY[:2], "--arch", "resnet18", *TINY[4:], "--epochs", "1", "--out-dir", tmp_path / "r",
+               "--resume", check=False)
+    assert_one_line_error(proc, "--arch", "cnn", "resnet18")
+    assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "missing.pt", check=False), "does not exist")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "junk.pt", check=False), "not a readable checkpoint")
+    torch.save({"hello": 1}, tmp_path / "dict.pt")
+    assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "dict.pt", check=False), "not a checkpoint")
+    ckpt = torch.load(tmp_path / "r" / "model.pt", weights_only=False)
+    ckpt["arch"] = "resnet18"  # weights of a cnn labelled as another arch
+    torch.save(ckpt, tmp_path / "wrong.pt")
+    assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "wrong.pt", check=False), "do not fit")

@@ -1,0 +1,123 @@
+"""The paper's 2-D toy: two classes on the line x2 = 2*x1, three modes each.
+
+    python toy_data.py --out toy_data.png     # draws the data and its ground-truth PAG field
+
+Class 0 has modes at x1 = -50, -10, 30 and class 1 at -30, 10, 50; x1 = centre +
+N(0, 1) and x2 = 2*x1 exactly. The true perceptually aligned gradient toward
+class t is the way to the nearest training point of class t: g(x, t) = nn_t(x) - x.
+This file imports nothing of ours: it is the toy's data module and its picture.
+"""
+import argparse
+
+import torch
+
+CENTRES = ((-50.0, -10.0, 30.0), (-30.0, 10.0, 50.0))  # x1 centres of class 0, class 1
+SLOPE = 2.0
+
+
+def make_toy(seed=0, train_per_mode=1000, test_per_mode=100):
+    """Return (train_x, train_y, test_x, test_y); x float32 [N, 2], y long [N].
+
+    Train and test come from one generator so a seed fixes both; the test set
+    is balanced (test_per_mode points from each of the six modes).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample(per_mode):
+        xs, ys = [], []
+        for label, centres in enumerate(CENTRES):
+            for c in centres:
+                x1 = c + torch.randn(per_mode, generator=gen)
+                xs.append(torch.stack([x1, SLOPE * x1], dim=1))
+                ys.append(torch.full((per_mode,), label, dtype=torch.long))
+        return torch.cat(xs), torch.cat(ys)
+
+    train_x, train_y = sample(train_per_mode)
+    test_x, test_y = sample(test_per_mode)
+    return train_x, train_y, test_x, test_y
+
+
+def nearest_of_class(points, train_x, train_y, num_classes=2, exclude_self=False):
+    """[N, C] index of the nearest training point of each class (L2).
+
+    With exclude_self, `points` must be `train_x` itself and a point is never its
+    own neighbour. Brute force, exact (float64, no |a|^2 - 2ab + |b|^2 shortcut,
+    which loses near-ties at the toy's coordinates): fine for 6,000 points.
+    """
+    dist = torch.cdist(points.double(), train_x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    if exclude_self:
+        dist.fill_diagonal_(float("inf"))
+    out = torch.empty(len(points), num_classes, dtype=torch.long)
+    for t in range(num_classes):
+        members = (train_y == t).nonzero().squeeze(1)
+        out[:, t] = members[dist[:, members].argmin(dim=1)]
+    return out
+
+
+def toy_ground_truth(points, target_classes, train_x, train_y, exclude_self=False):
+    """g(x, t) = nearest training point of class t - x, for t in target_classes [N, k] -> [N, k, 2]."""
+    nn_idx = nearest_of_class(points, train_x, train_y, int(train_y.max()) + 1, exclude_self)
+    return train_x[nn_idx.gather(1, target_classes)] - points[:, None]
+
+
+# ----------------------------------------------------------------------------- picture
+CLASS_COLOURS = ((31, 119, 180), (255, 127, 14))
+REGION_COLOURS = ((198, 219, 239), (253, 208, 162))
+
+
+def draw_toy(points, labels, predict=None, arrows=None, title="", x1_range=(-70, 70), scale=3):
+    """Draw the toy to a PIL image: decision regions, points, optional arrows.
+
+    predict: a function [M, 2] -> predicted class [M] (colours the background).
+    arrows:  (starts [A, 2], vectors [A, 2]) drawn as segments with a head dot.
+    The window keeps equal aspect so that margins look like what they are.
+    """
+    from PIL import Image, ImageDraw  # pillow comes with torchvision
+
+    x1_lo, x1_hi = x1_range
+    x2_lo, x2_hi = SLOPE * x1_lo, SLOPE * x1_hi
+    width, height = int((x1_hi - x1_lo) * scale), int((x2_hi - x2_lo) * scale)
+
+    def to_px(p):  # world -> pixel (x2 grows upward)
+        return (p[:, 0] - x1_lo) * scale, (x2_hi - p[:, 1]) * scale
+
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    if predict is not None:
+        cols = torch.arange(width) + 0.5
+        rows = torch.arange(height) + 0.5
+        grid = torch.stack(torch.meshgrid(x1_lo + cols / scale, x2_hi - rows / scale, indexing="xy"), dim=-1)
+        with torch.no_grad():
+            pred = predict(grid.reshape(-1, 2)).reshape(height, width)
+        palette = torch.tensor(REGION_COLOURS, dtype=torch.uint8)
+        img = Image.fromarray(palette[pred].numpy())
+    draw = ImageDraw.Draw(img)
+    px, py = to_px(points)
+    for x, y, label in zip(px.tolist(), py.tolist(), labels.tolist()):
+        draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=CLASS_COLOURS[label])
+    if arrows is not None:
+        starts, vectors = arrows
+        (sx, sy), (ex, ey) = to_px(starts), to_px(starts + vectors)
+        for a, b, c, d in zip(sx.tolist(), sy.tolist(), ex.tolist(), ey.tolist()):
+            draw.line((a, b, c, d), fill=(0, 0, 0), width=1)
+            draw.ellipse((c - 2, d - 2, c + 2, d + 2), fill=(0, 0, 0))
+    if title:
+        draw.text((6, 6), title, fill=(0, 0, 0))
+    return img
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="toy_data.png", help="PNG to write")
+    parser.add_argument("--arrows", type=int, default=60, help="how many ground-truth arrows to draw")
+    args = parser.parse_args()
+    train_x, train_y, _, _ = make_toy(args.seed)
+    # Arrows toward the *other* class from a random subset: the field PAG learns.
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[: args.arrows]
+    g = toy_ground_truth(train_x, (1 - train_y)[:, None], train_x, train_y, exclude_self=True)[pick, 0]
+    draw_toy(train_x, train_y, arrows=(train_x[pick], g), title="toy data and g(x, other class)").save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
