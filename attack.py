@@ -114,14 +114,14 @@ def runner_up(model, x, y):
     return logits.scatter(1, y[:, None], float("-inf")).argmax(1)
 
 
-def robust_accuracy(model, x, y, eps, norm, box, batch_size=250, target="none", progress=None, **pgd_kwargs):
-    """Fraction of points classified right both clean and under PGD (checked in the eps ball).
+def robust_mask(model, x, y, eps, norm, box, batch_size=250, target="none", progress=None, **pgd_kwargs):
+    """Per point: classified right both clean and under PGD (adversarial examples checked in the eps ball).
 
     target: "none" (untargeted PGD), "runner-up" (targeted toward each point's
     most likely wrong class) or a class index. Either way a point counts as
     robust only if the attacked input still gets its true label.
     """
-    correct, start = 0, time.time()
+    masks, start = [], time.time()
     for i in range(0, len(x), batch_size):
         xb, yb = x[i: i + batch_size], y[i: i + batch_size]
         if target == "none":
@@ -131,10 +131,15 @@ def robust_accuracy(model, x, y, eps, norm, box, batch_size=250, target="none", 
             x_adv = pgd(model, xb, tb, eps, norm, targeted=True, box=box, **pgd_kwargs)
         check_perturbation(x_adv, xb, eps, norm, box, f"pgd-{norm}")
         with torch.no_grad():
-            correct += ((model(xb).argmax(1) == yb) & (model(x_adv).argmax(1) == yb)).sum().item()
+            masks.append((model(xb).argmax(1) == yb) & (model(x_adv).argmax(1) == yb))
         if progress:
             progress(min(i + batch_size, len(x)), len(x), start)
-    return correct / len(x)
+    return torch.cat(masks)
+
+
+def robust_accuracy(*args, **kwargs):
+    """Fraction of points that robust_mask counts as robust."""
+    return robust_mask(*args, **kwargs).float().mean().item()
 
 
 def print_progress(what):
@@ -336,13 +341,18 @@ def main(argv=None):
     for norm, eps_list in (("l2", eps_l2), ("linf", eps_linf)):
         if f"pgd-{norm}" in args.attacks:
             results[f"pgd_{norm}"] = {}
-            for eps in eps_list:
+            # Balls are nested: a point is robust at eps only if it survives every radius <= eps
+            # run here (an adversarial example found at a smaller radius is valid at a larger one).
+            survived = torch.ones_like(y, dtype=torch.bool)
+            for eps in sorted(eps_list):
                 print(f"PGD-{norm} eps={eps:g}, {args.steps} steps, target={args.target}", flush=True)
-                results[f"pgd_{norm}"][f"{eps:g}"] = robust_accuracy(
-                    model, x, y, eps, norm, data.box, args.batch_size, args.target, print_progress(f"pgd-{norm}"),
-                    generator=torch.Generator().manual_seed(args.seed), **pgd_settings)
+                survived &= robust_mask(model, x, y, eps, norm, data.box, args.batch_size, args.target,
+                                        print_progress(f"pgd-{norm}"), generator=torch.Generator().manual_seed(args.seed),
+                                        **pgd_settings)
+                results[f"pgd_{norm}"][f"{eps:g}"] = survived.float().mean().item()
             results["pgd"] = {"steps": args.steps, "step_size": args.step_size or "2.5*eps/steps", "target": args.target,
-                              "loss": args.pgd_loss, "random_start": True}
+                              "loss": args.pgd_loss, "random_start": True,
+                              "nested": "robust at eps = survives every radius <= eps that was run"}
     for norm, eps_list in (("l2", eps_l2), ("linf", eps_linf)):
         if f"aa-{norm}" in args.attacks:
             logging.basicConfig(format="  %(name)s: %(message)s")

@@ -351,3 +351,39 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     ckpt["arch"] = "resnet18"  # weights of a cnn labelled as another arch
     torch.save(ckpt, tmp_path / "wrong.pt")
     assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "wrong.pt", check=False), "do not fit")
+
+
+# ----------------------------------------------------------------------------- the toy
+def test_toy_data_follows_the_spec():
+    train_x, train_y, test_x, test_y = toy_data.make_toy(seed=0)
+    assert train_x.shape == (6000, 2) and test_x.shape == (600, 2)
+    assert (train_y.bincount() == 3000).all() and (test_y.bincount() == 300).all()
+    assert torch.equal(train_x[:, 1], 2 * train_x[:, 0]) and torch.equal(test_x[:, 1], 2 * test_x[:, 0])
+    for label, centres in enumerate(toy_data.CENTRES):
+        x1 = train_x[train_y == label, 0]
+        for m, c in enumerate(centres):  # 1,000 points per mode, N(c, 1)
+            mode = x1[m * 1000: (m + 1) * 1000]
+            assert abs(mode.mean().item() - c) < 0.15 and 0.9 < mode.std().item() < 1.1
+    assert torch.equal(toy_data.make_toy(seed=0)[0], train_x) and not torch.equal(toy_data.make_toy(seed=1)[0], train_x)
+
+
+def test_toy_ground_truth_on_a_hand_made_case():
+    train_x = torch.tensor([[0.0, 0.0], [1.0, 2.0], [5.0, 10.0], [-3.0, -6.0]])
+    train_y = torch.tensor([0, 0, 1, 1])
+    targets = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
+    g = toy_data.toy_ground_truth(train_x, targets, train_x, train_y, exclude_self=True)
+    expected_nn = torch.tensor([[1, 3], [0, 2], [1, 3], [0, 2]])  # never the point itself
+    assert torch.equal(g, train_x[expected_nn] - train_x[:, None])
+
+
+def test_toy_bench_runs_through_the_scripts(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--out-dir", str(tmp_path), "--epochs", "3"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(m) >= {"vanilla", "pag", "attack"}
+    for name in ("vanilla", "pag"):
+        accs = [m[name]["robust_acc"][e] for e in ("1", "2", "5", "10", "15", "20", "30")]
+        assert all(0 <= a <= m[name]["clean_acc"] <= 1 for a in accs)
+        assert accs == sorted(accs, reverse=True)  # nested balls: never more robust at a larger radius
+    assert os.path.getsize(tmp_path / "toy.png") > 1000

@@ -2,7 +2,7 @@
 
     python train_pag.py --dataset stl                      # ResNet-18, class-mean targets, paper settings
     python train_pag.py --dataset cifar10 --source sbg --sbg-file cifar10_sbg.pt
-    python train_pag.py --dataset toy                      # the 2-D toy: MLP, NN targets, lambda 5
+    python train_pag.py --dataset toy                      # the 2-D toy: MLP, NN targets, lambda 2.5 (x C = 5)
 
     L(x, y) = CE(f(x), y) + lambda * C * mean_j [1 - cos(grad_x log softmax(f(x))_{t_j}, g(x, t_j))]
 
@@ -18,7 +18,10 @@ import torch.nn.functional as F
 import data as D
 from train_baseline import add_common_args, train
 
-PAG_COEFF = {"resnet18": 1.5, "vit": 3.0, "cnn": 1.5, "mlp": 5.0}  # official configs; toy from a public re-run
+# lambda: official configs (resnet18, vit); cnn as resnet18. Toy: a public re-run used 5 on the *mean*
+# over the two classes, i.e. lambda * C = 5 here; lambda * C = 10 left one mode misclassified
+# (83.3% clean on seeds 0 and 1) where 2.5 gave 100%.
+PAG_COEFF = {"resnet18": 1.5, "vit": 3.0, "cnn": 1.5, "mlp": 2.5}
 DEFAULT_SOURCE = {"toy": "nn"}  # images: "cm" (sbg, the paper's best, needs a precomputed file)
 
 
@@ -98,7 +101,7 @@ def add_pag_args(p):
     p.add_argument("--source", choices=D.SOURCES,
                    help="ground-truth PAG: oi, cm, nn, sbg (default: sbg with --sbg-file, nn for the toy, else cm)")
     p.add_argument("--sbg-file", help="precomputed score-based fields (sbg.py export, or the official release)")
-    p.add_argument("--pag-coeff", type=float, help="lambda (default 1.5 resnet18/cnn, 3.0 vit, 5.0 toy mlp)")
+    p.add_argument("--pag-coeff", type=float, help="lambda (default 1.5 resnet18/cnn, 3.0 vit, 2.5 toy mlp)")
     p.add_argument("--pag-first-half-scale", type=float,
                    help="lambda is multiplied by this in the first half of training (default 2/3 for vit, else 1)")
     p.add_argument("--targets-per-image", type=int, help="k target classes per image (default: all classes, at most 10)")

@@ -1,0 +1,104 @@
+"""The paper's 2-D toy experiment in one command (well under a minute on a laptop CPU).
+
+    python bench/toy.py                     # writes results/toy/metrics.json and results/toy/toy.png
+
+It only orchestrates the ordinary scripts, so the toy exercises the same code as
+the image experiments:
+    python train_baseline.py --dataset toy --out-dir DIR/vanilla --seed S
+    python train_pag.py      --dataset toy --out-dir DIR/pag     --seed S
+    python attack.py --checkpoint DIR/<model>/model.pt --attacks clean pgd-l2 visualize \
+        --eps-l2 1 2 5 10 15 20 30 --target runner-up --steps 100
+Both models see the same data and the same initialisation (same seed). The attack is
+targeted L2 PGD toward the other class (runner-up of two), normalised-gradient steps,
+projection onto the eps ball, 100 steps of 2.5*eps/100.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPS = (1, 2, 5, 10, 15, 20, 30)
+STEPS = 100
+
+
+def sh(*cmd):
+    print("$ " + " ".join(map(str, cmd)), flush=True)
+    subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, check=True)
+
+
+def line_chart(series, xs, title, size=(420, 420)):
+    """A small robust-accuracy-vs-eps chart drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 50, 15, 30, 45
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    px = lambda e: left + (e - min(xs)) / (max(xs) - min(xs)) * (w - left - right)  # noqa: E731
+    py = lambda a: top + (1 - a) * (h - top - bottom)  # noqa: E731
+    draw.rectangle((left, top, w - right, h - bottom), outline=(0, 0, 0))
+    for a in (0, 0.25, 0.5, 0.75, 1.0):
+        draw.line((left - 4, py(a), left, py(a)), fill=(0, 0, 0))
+        draw.text((8, py(a) - 6), f"{a:.0%}", fill=(0, 0, 0))
+    for e in xs:
+        draw.line((px(e), h - bottom, px(e), h - bottom + 4), fill=(0, 0, 0))
+        draw.text((px(e) - 5, h - bottom + 8), str(e), fill=(0, 0, 0))
+    draw.text((w // 2 - 40, h - 18), "L2 radius eps", fill=(0, 0, 0))
+    draw.text((left, 8), title, fill=(0, 0, 0))
+    for i, (name, (colour, accs)) in enumerate(series.items()):
+        pts = [(px(e), py(a)) for e, a in zip(xs, accs)]
+        draw.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        draw.text((w - right - 90, top + 10 + 14 * i), f"-- {name}", fill=colour)
+    return img
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default=os.path.join("results", "toy"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    out_dir = os.path.abspath(args.out_dir)
+    results = {}
+    for name, script in (("vanilla", "train_baseline.py"), ("pag", "train_pag.py")):
+        run_dir = os.path.join(out_dir, name)
+        if os.path.exists(os.path.join(run_dir, "model.pt")):
+            os.remove(os.path.join(run_dir, "model.pt"))  # a fresh experiment every time
+        sh(script, "--dataset", "toy", "--seed", args.seed, "--epochs", args.epochs, "--out-dir", run_dir,
+           "--device", args.device, "--log-every", 1000)
+        sh("attack.py", "--checkpoint", os.path.join(run_dir, "model.pt"), "--attacks", "clean", "pgd-l2", "visualize",
+           "--eps-l2", *EPS, "--target", "runner-up", "--steps", STEPS, "--n-samples", 600, "--device", args.device)
+        with open(os.path.join(run_dir, "attack.json")) as f:
+            res = json.load(f)
+        results[name] = {"clean_acc": res["clean_acc"], "robust_acc": {str(e): res["pgd_l2"][f"{e:g}"] for e in EPS}}
+    results["attack"] = (f"targeted L2 PGD toward the other class, {STEPS} normalised-gradient steps of 2.5*eps/{STEPS}, "
+                         "projection onto the eps ball, random start, margin loss; 600 balanced test points")
+    results["config"] = {"seed": args.seed, "epochs": args.epochs}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+    from PIL import Image
+    panels = [Image.open(os.path.join(out_dir, n, "regions.png")) for n in ("vanilla", "pag")]
+    chart = line_chart({"vanilla": ((31, 119, 180), [results["vanilla"]["robust_acc"][str(e)] for e in EPS]),
+                        "PAG": ((214, 39, 40), [results["pag"]["robust_acc"][str(e)] for e in EPS])},
+                       EPS, "robust accuracy, targeted L2 PGD", size=(420, panels[0].height))
+    canvas = Image.new("RGB", (sum(im.width for im in panels) + chart.width + 20, panels[0].height), (255, 255, 255))
+    x = 0
+    for im in (*panels, chart):
+        canvas.paste(im, (x, 0))
+        x += im.width + 10
+    canvas.save(os.path.join(out_dir, "toy.png"))
+    print(f"{'eps':>5} {'vanilla':>8} {'PAG':>8}")
+    for e in EPS:
+        print(f"{e:>5} {results['vanilla']['robust_acc'][str(e)]:>8.1%} {results['pag']['robust_acc'][str(e)]:>8.1%}")
+    print(f"clean {results['vanilla']['clean_acc']:>8.1%} {results['pag']['clean_acc']:>8.1%}")
+    print(f"wrote {out_dir}/metrics.json and {out_dir}/toy.png")
+
+
+if __name__ == "__main__":
+    main()
