@@ -48,8 +48,11 @@ def random_in_ball(shape, eps, norm, generator=None):
 
 
 def attack_loss(logits, y, loss="ce"):
-    """Summed per-sample loss that an untargeted attack ascends: "ce", or "margin"
-    (max_{j != y} z_j - z_y, Carlini-Wagner), whose gradient never saturates."""
+    """Summed per-sample loss that an untargeted attack ascends: "ce", "margin"
+    (max_{j != y} z_j - z_y, Carlini-Wagner), whose gradient never saturates, or
+    a function loss(logits, y) -> scalar (TRADES passes its KL to the clean prediction)."""
+    if callable(loss):
+        return loss(logits, y)
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="sum")
     z_y = logits.gather(1, y[:, None]).squeeze(1)

@@ -387,3 +387,103 @@ def test_toy_bench_runs_through_the_scripts(tmp_path):
         assert all(0 <= a <= m[name]["clean_acc"] <= 1 for a in accs)
         assert accs == sorted(accs, reverse=True)  # nested balls: never more robust at a larger radius
     assert os.path.getsize(tmp_path / "toy.png") > 1000
+
+
+# ----------------------------------------------------------------------------- adversarial training
+def adv_args(**kw):
+    import argparse
+    from train_baseline import add_common_args
+    args = add_common_args(argparse.ArgumentParser()).parse_args(["--dataset", "synthetic"])
+    for k, v in {"adv_eps": 0.1, "adv_steps": 3, "adv_step_size": None, **kw}.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_trades_with_beta_zero_is_clean_cross_entropy():
+    from train_baseline import adversarial_loss
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 3, 16).train()
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    logits = model(x)
+    loss, _ = adversarial_loss(model, x, y, logits, adv_args(adv="trades", trades_beta=0.0), (0.0, 1.0), None)
+    assert torch.allclose(loss, F.cross_entropy(logits, y))
+    loss6, _ = adversarial_loss(model, x, y, logits, adv_args(adv="trades", trades_beta=6.0), (0.0, 1.0), None)
+    assert loss6 > loss  # the KL term is positive once the attack moved the prediction
+
+
+@pytest.mark.parametrize("mode,norm", [("pgd", "linf"), ("pgd", "l2"), ("trades", "linf")])
+def test_training_attack_stays_in_its_ball_and_leaves_the_model_in_train_mode(monkeypatch, mode, norm):
+    import train_baseline
+    seen = []
+    real_pgd = train_baseline.pgd
+
+    def spy(model, x, y, eps, **kw):
+        assert not model.training  # crafted in eval mode
+        x_adv = real_pgd(model, x, y, eps, **kw)
+        seen.append((x, x_adv, eps))
+        return x_adv
+    monkeypatch.setattr(train_baseline, "pgd", spy)
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 3, 16).train()
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    loss, adv_logits = train_baseline.adversarial_loss(model, x, y, model(x), adv_args(adv=mode, adv_norm=norm),
+                                                       (0.0, 1.0), None)
+    (x0, x_adv, eps), = seen
+    dist = (x_adv - x0).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x0).flatten(1).norm(dim=1)
+    assert (dist <= eps + 1e-6).all() and (dist > 0).any() and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert model.training and loss.requires_grad and adv_logits.shape == (8, 10)
+
+
+@pytest.mark.parametrize("script,extra", [("train_baseline.py", ["--adv", "pgd"]),
+                                          ("train_baseline.py", ["--adv", "trades", "--adv-norm", "l2"]),
+                                          ("train_pag.py", ["--adv", "pgd", "--source", "cm", "--targets-per-image", "3"])])
+def test_adversarial_training_cli_one_epoch(tmp_path, script, extra):
+    run(script, *TINY, "--epochs", "1", "--adv-steps", "2", *extra, "--out-dir", tmp_path / "r")
+    line = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
+    assert 0 <= line["adv_train_acc"] <= 1 and 0 <= line[f"pgd_l2_0.5_acc"] <= line["test_acc"]
+    assert ("pag" in line) == (script == "train_pag.py")
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun, gloo)
+def torchrun(*args, nproc=2, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_torchrun_two_processes_step_equals_one_process_over_the_same_global_batch(tmp_path):
+    # One SGD step on 16 images: 2 processes x batch 8 vs 1 process x batch 16. No augmentation and
+    # k = C = 10 targets make the batch loss independent of sampling order; cnn has no batch-norm.
+    common = ["--dataset", "synthetic", "--arch", "cnn", "--image-size", "16", "--train-samples", "16",
+              "--eval-samples", "16", "--eval-steps", "1", "--epochs", "1", "--no-augment", "--source", "cm",
+              "--targets-per-image", "10", "--lr", "0.5", "--log-every", "1"]
+    run("train_pag.py", *common, "--batch-size", "16", "--out-dir", tmp_path / "one")
+    proc = torchrun("train_pag.py", *common, "--batch-size", "8", "--out-dir", tmp_path / "two")
+    assert "x 2 processes (global batch 16)" in proc.stdout
+    one = torch.load(tmp_path / "one" / "model.pt", weights_only=False)
+    two = torch.load(tmp_path / "two" / "model.pt", weights_only=False)
+    torch.manual_seed(3407)
+    init = build_model("cnn", 10, 3, 16).state_dict()
+    moved = max((one["model"][k] - init[k]).abs().max().item() for k in init)
+    diff = max((one["model"][k] - two["model"][k]).abs().max().item() for k in init)
+    assert moved > 1e-3 and diff < 1e-6 * max(1.0, moved) * 10
+    lines = [json.loads((tmp_path / d / "metrics.jsonl").read_text()) for d in ("one", "two")]
+    assert lines[0]["loss"] == pytest.approx(lines[1]["loss"], rel=1e-5)  # epoch means reduced over ranks
+    assert len(two["sample_generators"]) == 2
+
+
+def test_torchrun_resume_and_refusals(tmp_path):
+    args = [*TINY, "--epochs", "2", "--source", "cm", "--targets-per-image", "3"]
+    torchrun("train_pag.py", *args, "--out-dir", tmp_path / "full")
+    torchrun("train_pag.py", *args, "--out-dir", tmp_path / "cut", "--stop-after-epoch", "1")
+    torchrun("train_pag.py", *args, "--out-dir", tmp_path / "cut", "--resume")
+    full = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["model"]
+    cut = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)["model"]
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert_one_line_error(run("train_pag.py", *args, "--out-dir", tmp_path / "cut", "--epochs", "2", "--resume",
+                              check=False), "2 process(es)")
+    proc = torchrun("train_pag.py", *args, "--pag-chunk", "1", "--out-dir", tmp_path / "chunk", check=False)
+    assert proc.returncode != 0 and "error: --pag-chunk" in proc.stderr

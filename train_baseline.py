@@ -14,10 +14,12 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import data as D
-from attack import pick_device, predict, robust_accuracy
+from attack import check_perturbation, pgd, pick_device, predict, robust_accuracy
 from models import ARCHS, build_model
 
 # Flags that may differ between a run and its --resume (everything else must match).
@@ -42,6 +44,13 @@ def add_common_args(p):
     p.add_argument("--eval-samples", type=int, default=1000, help="per-epoch evaluation on the first N test images")
     p.add_argument("--eval-eps", type=float, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
     p.add_argument("--eval-steps", type=int, default=7, help="per-epoch PGD-L2 steps (step 1.5*eps/steps, as the official code)")
+    p.add_argument("--adv", default="none", choices=("none", "pgd", "trades"),
+                   help="adversarial training: Madry PGD-AT or TRADES (default none)")
+    p.add_argument("--adv-norm", default="linf", choices=("linf", "l2"))
+    p.add_argument("--adv-eps", type=float, help="default: the dataset's eps (8/255 L-inf, 0.5 L2 for CIFAR; 0.1, 1.5 Fashion-MNIST)")
+    p.add_argument("--adv-steps", type=int, default=10)
+    p.add_argument("--adv-step-size", type=float, help="default 2.5*eps/steps (2/255 for 8/255 and 10 steps)")
+    p.add_argument("--trades-beta", type=float, default=6.0)
     p.add_argument("--image-size", type=int, help="resize folder images / size of synthetic images")
     p.add_argument("--no-augment", action="store_true", help="turn off random crop + flip")
     p.add_argument("--out-dir", help="default runs/<script>_<dataset>_<arch>")
@@ -68,11 +77,32 @@ def resolve_defaults(args, run_name):
         args.lr_drops = defaults["lr_drops"]
     if args.eval_eps is None:
         args.eval_eps = defaults["eps_l2"]
+    if args.adv_eps is None:
+        args.adv_eps = defaults[f"eps_{args.adv_norm}"]
+    if args.adv != "none":
+        run_name += f"_{args.adv}at" if args.adv == "pgd" else f"_{args.adv}"
     args.out_dir = args.out_dir or os.path.join("runs", f"{run_name}_{args.dataset}_{args.arch}")
     for flag in ("epochs", "batch_size", "eval_samples", "log_every"):
         if getattr(args, flag) < 1:
             raise D.UserError(f"--{flag.replace('_', '-')} must be at least 1")
     return args
+
+
+def setup_distributed(args):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group:
+    NCCL with one GPU per process (LOCAL_RANK), gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(args.device)
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
+    if args.device == "cuda" and not use_cuda:
+        raise D.UserError("--device cuda asked for, but no CUDA device is available")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world, device
 
 
 def make_optimizer(model, args):
@@ -82,6 +112,40 @@ def make_optimizer(model, args):
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     drops = [round(float(f) * args.epochs) for f in args.lr_drops.split(",") if f.strip()]
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=drops, gamma=0.1)
+
+
+def trades_kl(logits, p_clean):
+    """Summed KL(p_clean || softmax(logits)): the TRADES regulariser and its attack's objective."""
+    return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+
+
+def adversarial_loss(model, x, y, logits, args, box, generator, forward=None):
+    """The adversarial-training loss for a batch (x clean, logits = model(x) or None).
+
+    pgd:    CE(f(x_adv), y), x_adv = PGD on the CE (Madry et al.).
+    trades: CE(f(x), y) + beta * KL(f(x) || f(x_adv)) / B, x_adv = PGD on that KL (Zhang et al.).
+    The attack runs with the model in eval mode (batch-norm statistics neither used
+    from nor written by the attack's batches) and is checked to stay in its eps ball.
+    `forward` (default model) runs the training forward of x_adv: the DDP wrapper under
+    torchrun, so that only training passes, never the attack's, synchronise gradients.
+    Returns (loss, adversarial logits).
+    """
+    kw = dict(norm=args.adv_norm, steps=args.adv_steps, step_size=args.adv_step_size, box=box, generator=generator)
+    was_training = model.training
+    model.eval()
+    if args.adv == "pgd":
+        x_adv = pgd(model, x, y, args.adv_eps, loss="ce", **kw)
+    else:
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), dim=1)
+        x_adv = pgd(model, x, p_clean, args.adv_eps, loss=trades_kl, **kw)
+    model.train(was_training)
+    check_perturbation(x_adv, x, args.adv_eps, args.adv_norm, box, f"training attack ({args.adv})")
+    adv_logits = (forward or model)(x_adv)
+    if args.adv == "pgd":
+        return F.cross_entropy(adv_logits, y), adv_logits
+    kl = trades_kl(adv_logits, F.softmax(logits, dim=1)) / len(x)
+    return F.cross_entropy(logits, y) + args.trades_beta * kl, adv_logits
 
 
 def progress(epoch, epochs, done, total, seen, epoch_start, loss):
@@ -105,10 +169,11 @@ def evaluate(model, data, args, epoch):
     return clean, robust
 
 
-def save_checkpoint(path, model, opt, sched, gen, args, data, epoch):
+def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args, data, epoch):
     D.atomic_save({
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+        "generator": order_gen.get_state(), "sample_generators": sample_gen_states,
+        "torch_rng": torch.get_rng_state(), "epoch": epoch,
         "arch": args.arch, "dataset": args.dataset, "num_classes": data.num_classes,
         "input_shape": data.input_shape, "args": vars(args),
     }, path)
@@ -138,55 +203,75 @@ def train(args, make_extra_loss=None, run_name="baseline"):
     parts of itself (to bound memory) and return them detached.
     """
     args = resolve_defaults(args, run_name)
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args)
+    if world > 1 and getattr(args, "pag_chunk", None):
+        raise D.UserError("--pag-chunk back-propagates several times per step, which DDP does not allow; "
+                          "use more processes or a smaller --batch-size instead")
     data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
                       args.image_size).to(device)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device)
     opt, sched = make_optimizer(model, args)
-    gen = torch.Generator().manual_seed(args.seed)  # shuffling, crops/flips, PAG targets: one stream, resumable
+    # Training forwards go through the DDP wrapper (gradient all-reduce in backward); attacks,
+    # evaluation and checkpoints use the plain module.
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    # Two random streams, both resumable: the data order (identical on every rank, which then
+    # takes its own shard) and per-sample draws (crops/flips, PAG targets; one per rank).
+    order_gen = torch.Generator().manual_seed(args.seed)
+    sample_gen = torch.Generator().manual_seed(args.seed * 1000 + 1 + rank)
     extra = make_extra_loss(args, data) if make_extra_loss else None
     augment = data.is_image and not args.no_augment
+    log = print if rank == 0 else (lambda *a, **k: None)
 
     ckpt_path = os.path.join(args.out_dir, "model.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     start_epoch = 0
     if args.resume:
         ckpt = resume_state(ckpt_path, args)
+        if len(ckpt["sample_generators"]) != world:
+            raise D.UserError(f"--resume: {ckpt_path} was written by {len(ckpt['sample_generators'])} process(es), "
+                              f"this run has {world}")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["generator"])
+        order_gen.set_state(ckpt["generator"])
+        sample_gen.set_state(ckpt["sample_generators"][rank])
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch = ckpt["epoch"]
         # Drop metric lines of epochs after the checkpoint (written before a crash).
-        if os.path.exists(metrics_path):
+        if rank == 0 and os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 kept = [line for line in f if json.loads(line)["epoch"] <= start_epoch]
             with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(metrics_path + ".tmp", metrics_path)
-        print(f"resuming {ckpt_path} after epoch {start_epoch}")
+        log(f"resuming {ckpt_path} after epoch {start_epoch}")
     elif os.path.exists(ckpt_path):
         raise D.UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out-dir")
-    os.makedirs(args.out_dir, exist_ok=True)
-    if not args.resume and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if not args.resume and os.path.exists(metrics_path):
+            os.remove(metrics_path)
 
     n = len(data.train_y)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{run_name}: {args.arch} ({n_params / 1e6:.2f}M params) on {data.name}, {n} train images, "
-          f"{args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {args.lr}, device {device}", flush=True)
+    adv = "" if args.adv == "none" else f", {args.adv} adversarial training ({args.adv_norm} eps {args.adv_eps:g})"
+    procs = "" if world == 1 else f" x {world} processes (global batch {args.batch_size * world})"
+    log(f"{run_name}: {args.arch} ({n_params / 1e6:.2f}M params) on {data.name}, {n} train images, "
+        f"{args.epochs} epochs, batch {args.batch_size}{procs}, {args.optimizer} lr {args.lr}, device {device}{adv}", flush=True)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         epoch_start = time.time()
         sums, seen = {}, 0
-        batches = [b for b in torch.randperm(n, generator=gen).split(args.batch_size) if len(b) > 1]  # BN needs 2
+        order = torch.randperm(n, generator=order_gen)
+        shard = order[: n - n % world][rank::world]  # equal shards: every rank takes the same number of steps
+        batches = [b for b in shard.split(args.batch_size) if len(b) > 1]  # batch-norm needs 2
         for i, idx in enumerate(batches):
             idx = idx.to(device)
             x_clean, y = D.to_float(data.train_x[idx]), data.train_y[idx]
             if augment:
-                offsets, flips = D.draw_crop_flip(len(idx), 4, gen)
+                offsets, flips = D.draw_crop_flip(len(idx), 4, sample_gen)
                 aug = lambda t, o=offsets, f=flips: D.crop_flip(t, o, f)  # noqa: E731
             else:
                 aug = lambda t: t  # noqa: E731
@@ -194,38 +279,59 @@ def train(args, make_extra_loss=None, run_name="baseline"):
             opt.zero_grad(set_to_none=True)
             if extra:
                 x.requires_grad_(True)  # the extra term differentiates w.r.t. the input
-            logits = model(x)
-            ce = F.cross_entropy(logits, y)
-            loss, logs = ce, {}
+            # Madry AT needs no clean forward unless an extra term (PAG, at the clean image) does.
+            logits = train_model(x) if (args.adv != "pgd" or extra) else None
+            if args.adv == "none":
+                class_loss = F.cross_entropy(logits, y)
+                logs = {}
+            else:
+                class_loss, adv_logits = adversarial_loss(model, x.detach(), y, logits, args, data.box, sample_gen,
+                                                          forward=train_model)
+                logs = {"adv_train_acc": (adv_logits.argmax(1) == y).float().mean().item()}
+            loss = class_loss
             if extra:
-                term, logs = extra(model=model, x=x, logits=logits, y=y, idx=idx, x_clean=x_clean, augment=aug,
-                                   epoch=epoch, generator=gen)
-                loss = ce + term
+                term, term_logs = extra(model=model, x=x, logits=logits, y=y, idx=idx, x_clean=x_clean, augment=aug,
+                                        epoch=epoch, generator=sample_gen)
+                loss, logs = class_loss + term, {**logs, **term_logs}
             loss.backward()
             opt.step()
             b = len(idx)
             seen += b
-            for k, v in {"loss": loss.item(), "ce": ce.item(), "train_acc": (logits.argmax(1) == y).float().mean().item(), **logs}.items():
+            if logits is not None:
+                logs["train_acc"] = (logits.argmax(1) == y).float().mean().item()
+            for k, v in {"loss": loss.item(), "class_loss": class_loss.item(), **logs}.items():
                 sums[k] = sums.get(k, 0.0) + v * b
-            if (i + 1) % args.log_every == 0 or i + 1 == len(batches):
-                progress(epoch, args.epochs, i + 1, len(batches), seen, epoch_start, sums["loss"] / seen)
+            if rank == 0 and ((i + 1) % args.log_every == 0 or i + 1 == len(batches)):
+                progress(epoch, args.epochs, i + 1, len(batches), seen * world, epoch_start, sums["loss"] / seen)
         sched.step()
         train_seconds = time.time() - epoch_start
-        clean, robust = evaluate(model, data, args, epoch)
-        line = {"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "test_acc": clean,
-                f"pgd_l2_{args.eval_eps:g}_acc": robust, "lr": opt.param_groups[0]["lr"],
-                "train_seconds": train_seconds, "seconds": time.time() - epoch_start}
-        print(f"epoch {epoch + 1}: loss {line['loss']:.4f} test acc {clean:.2%} PGD-L2({args.eval_eps:g}) acc {robust:.2%} "
-              f"[{line['seconds']:.0f}s]", flush=True)
-        # Metrics line first, then the checkpoint: a crash in between leaves a line that --resume drops.
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
-        save_checkpoint(ckpt_path, model, opt, sched, gen, args, data, epoch + 1)
+        sample_states = [sample_gen.get_state()]
+        if world > 1:  # epoch means over all ranks' samples, and every rank's random state for --resume
+            totals = torch.tensor([seen, *sums.values()], dtype=torch.float64)
+            dist.all_reduce(totals)
+            seen, sums = totals[0].item(), dict(zip(sums, totals[1:].tolist()))
+            sample_states = [None] * world
+            dist.all_gather_object(sample_states, sample_gen.get_state())
+        if rank == 0:  # evaluation, metrics and checkpoint on rank 0 only; the others wait below
+            clean, robust = evaluate(model, data, args, epoch)
+            line = {"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "test_acc": clean,
+                    f"pgd_l2_{args.eval_eps:g}_acc": robust, "lr": opt.param_groups[0]["lr"],
+                    "train_seconds": train_seconds, "seconds": time.time() - epoch_start}
+            print(f"epoch {epoch + 1}: loss {line['loss']:.4f} test acc {clean:.2%} PGD-L2({args.eval_eps:g}) acc {robust:.2%} "
+                  f"[{line['seconds']:.0f}s]", flush=True)
+            # Metrics line first, then the checkpoint: a crash in between leaves a line that --resume drops.
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            save_checkpoint(ckpt_path, model, opt, sched, order_gen, sample_states, args, data, epoch + 1)
+        if world > 1:
+            dist.barrier()
         if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
-            print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+            log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
             break
     if start_epoch >= args.epochs:
-        print(f"{ckpt_path} already finished {args.epochs} epochs")
+        log(f"{ckpt_path} already finished {args.epochs} epochs")
+    if world > 1:
+        dist.destroy_process_group()
     return model, data
 
 
