@@ -200,12 +200,13 @@ def autoattack_accuracy(model, x, y, eps, norm, box, version="standard", seed=0,
     return (clean & (predict(model, x_adv) == y)).float().mean().item()
 
 
-def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_size=100, seed=0):
+def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_size=100, seed=0, indices=None):
     """Mean cosine between grad_x log softmax(f(x))_t and the source's g(x, t).
 
     Over all classes (or k sampled per image), on the given (test) images: the
     paper's measure linking PAG to robustness, comparable across models because
-    the targets depend only on the source, not on the model.
+    the targets depend only on the source, not on the model. gt_grad_fn(x, t, idx)
+    gets the images' dataset indices when `indices` is given (training images).
     """
     from train_pag import pag_loss, sample_targets  # the method's own definition of the gradient term
 
@@ -215,7 +216,7 @@ def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_s
     for i in range(0, len(x), batch_size):
         xb = x[i: i + batch_size]
         target_classes = sample_targets(len(xb), num_classes, k, gen).to(x.device)
-        gt = gt_grad_fn(xb, target_classes)
+        gt = gt_grad_fn(xb, target_classes, None if indices is None else indices[i: i + batch_size])
         total += (1 - pag_loss(model, xb, gt, target_classes, create_graph=False)).item() * len(xb)
     return total / len(x)
 
@@ -312,6 +313,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--align-source", default="nn", choices=D.SOURCES)
     p.add_argument("--align-targets", type=int, help="classes per image for align (default all)")
+    p.add_argument("--align-split", default="test", choices=("test", "train"),
+                   help="images for align (sbg fields exist for training images only)")
     p.add_argument("--sbg-file")
     p.add_argument("--vis-images", type=int, default=8)
     p.add_argument("--vis-eps", type=float, help="L2 radius of the pictures' targeted attack (default 10x the dataset's eps)")
@@ -368,8 +371,13 @@ def main(argv=None):
             results["autoattack_version"] = args.aa_version
     if "align" in args.attacks:
         gt_fn = D.make_source(args.align_source, data, args.cache_dir, seed=targs.get("seed", 0), sbg_file=args.sbg_file)
-        results["alignment"] = {"source": args.align_source, "cos": alignment(
-            model, x, lambda xb, t: gt_fn(xb, t), data.num_classes, args.align_targets, seed=args.seed)}
+        if args.align_split == "train":  # the first N training images, with their indices
+            n = min(args.n_samples, len(data.train_y))
+            xa, idx = D.to_float(data.train_x[:n]), torch.arange(n, device=device)
+        else:
+            xa, idx = x, None
+        results["alignment"] = {"source": args.align_source, "split": args.align_split, "cos": alignment(
+            model, xa, gt_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx)}
     if "visualize" in args.attacks:
         vis_path = args.vis_out or os.path.join(out_dir, "pag_grid.png" if data.is_image else "regions.png")
         visualize(model, ckpt, data, x, args, vis_path)

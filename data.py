@@ -343,22 +343,42 @@ def make_source(name, data, cache_dir="cache", seed=0, sbg_file=None):
         def gt_sbg(x, target_classes, idx=None):
             if idx is None:
                 raise UserError("the sbg source has fields for training images only")
-            return fields[idx.cpu()[:, None], target_classes.cpu()].to(x.device, torch.float32)
+            return fields[idx.cpu()[:, None], target_classes.cpu()].to(target_classes.device, torch.float32)
         return gt_sbg
     raise UserError(f"unknown source {name!r}; choose from {', '.join(SOURCES)}")
 
 
 def load_sbg_file(path, data):
-    """Precomputed score-based fields [N, C, *input_shape] for exactly data's training set."""
+    """Score-based fields [N, C, *input_shape] for exactly data's training set (float16 is fine).
+
+    Reads `sbg.py export` files (checked by dataset, count and labels) and the official
+    PAG-ROB release: a tensor (N, 1+C, channels, H, W) holding each image (in [-1, 1])
+    and then one field per class, alone or as (tensor, labels). For the latter, the
+    images themselves are compared with ours, so another order or subset is refused.
+    """
     if not os.path.exists(path):
         raise UserError(f"sbg file {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
         raise UserError(f"{path} is not a readable torch file ({type(e).__name__})") from None
-    fields = obj.get("fields") if isinstance(obj, dict) else None
-    expected = (len(data.train_y), data.num_classes, *data.input_shape)
-    if fields is None or tuple(fields.shape) != expected:
-        got = None if fields is None else tuple(fields.shape)
-        raise UserError(f"{path}: expected fields of shape {expected} for {data.name}, got {got}")
+    n, c = len(data.train_y), data.num_classes
+    expected = (n, c, *data.input_shape)
+    if isinstance(obj, dict) and obj.get("kind") == "sbg-fields":  # ours
+        if obj["dataset"] != data.name or obj["n"] != n or not torch.equal(obj["labels"], data.train_y.cpu()):
+            raise UserError(f"{path} was exported for {obj['dataset']} ({obj['n']} images, train-samples "
+                            f"{obj.get('train_samples')}), not for these {n} {data.name} training images")
+        fields = obj["fields"]
+    else:  # the official release
+        images_and_fields, labels = (obj[0], obj[1]) if isinstance(obj, (tuple, list)) else (obj, None)
+        if not torch.is_tensor(images_and_fields) or tuple(images_and_fields.shape) != (n, 1 + c, *data.input_shape):
+            got = tuple(images_and_fields.shape) if torch.is_tensor(images_and_fields) else type(obj).__name__
+            raise UserError(f"{path}: expected an sbg.py export or an official tensor of shape {(n, 1 + c, *data.input_shape)}, got {got}")
+        images = (images_and_fields[:, 0].float() + 1) / 2
+        if (images - to_float(data.train_x.cpu())).abs().amax() > 1.5 / 255 or \
+                (labels is not None and not torch.equal(torch.as_tensor(labels).long(), data.train_y.cpu())):
+            raise UserError(f"{path}: its images or labels are not this run's {n} {data.name} training images in order")
+        fields = images_and_fields[:, 1:]
+    if tuple(fields.shape) != expected:
+        raise UserError(f"{path}: expected fields of shape {expected}, got {tuple(fields.shape)}")
     return fields

@@ -287,9 +287,9 @@ def test_alignment_is_one_for_the_models_own_gradients(tiny_model):
     # which makes its true-class gradients exactly 0 (cosine 0).
     torch.manual_seed(0)
     model, x = build_model("cnn", 10, 3, 16).double().eval(), tiny_model[1].double()
-    own = lambda xb, t: input_gradients(model, xb, t, create_graph=False)  # noqa: E731
+    own = lambda xb, t, idx=None: input_gradients(model, xb, t, create_graph=False)  # noqa: E731
     assert attack.alignment(model, x[:16], own, 10) == pytest.approx(1.0, abs=1e-5)
-    neg = lambda xb, t: -own(xb, t)  # noqa: E731
+    neg = lambda xb, t, idx=None: -own(xb, t)  # noqa: E731
     assert attack.alignment(model, x[:16], neg, 10, targets_per_image=3) == pytest.approx(-1.0, abs=1e-5)
 
 
@@ -487,3 +487,71 @@ def test_torchrun_resume_and_refusals(tmp_path):
                               check=False), "2 process(es)")
     proc = torchrun("train_pag.py", *args, "--pag-chunk", "1", "--out-dir", tmp_path / "chunk", check=False)
     assert proc.returncode != 0 and "error: --pag-chunk" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- score-based gradients
+def test_sbg_field_equals_the_analytic_gradient_of_log_posterior_for_gaussian_classes():
+    import sbg
+    torch.manual_seed(0)
+    c, d, sigma, abar = 3, 5, 0.7, 0.6
+    mu = torch.randn(c, d, dtype=torch.float64)
+
+    def log_lik(x_t):  # log N(x_t; sqrt(abar) mu_c, v I) per class, up to a shared constant
+        v = abar * sigma ** 2 + 1 - abar
+        return -((x_t[:, None] - abar ** 0.5 * mu) ** 2).sum(-1) / (2 * v)
+
+    def oracle(x_t, timestep, cls):  # exact eps prediction = -sqrt(1 - abar) * score
+        x_t = x_t.detach().requires_grad_(True)
+        ll = log_lik(x_t)
+        logp = torch.where(cls[:, None] == c, torch.logsumexp(ll, 1, keepdim=True), ll.gather(1, cls.clamp(max=c - 1)[:, None]))
+        (score,) = torch.autograd.grad(logp.sum(), x_t)
+        return -(1 - abar) ** 0.5 * score
+
+    x = torch.randn(4, d, dtype=torch.float64)
+    noise = torch.randn(4, d, dtype=torch.float64)
+    targets = torch.tensor([[0, 1, 2]] * 4)
+    ours = sbg.sbg_field(oracle, x, targets, abar, noise, c, 300)
+    x_t = (abar ** 0.5 * x + (1 - abar) ** 0.5 * noise).requires_grad_(True)
+    for j in range(3):  # independent: autograd of log p(t | x_t) = log N_t - logsumexp_c log N_c
+        log_post = log_lik(x_t)[:, j] - torch.logsumexp(log_lik(x_t), 1)
+        (expected,) = torch.autograd.grad(log_post.sum(), x_t)
+        assert torch.allclose(ours[:, j], expected, atol=1e-10)
+
+
+def test_sbg_train_export_and_train_pag_with_the_file(tmp_path):
+    data_args = ["--dataset", "synthetic", "--image-size", "16", "--train-samples", "32"]
+    run("sbg.py", "train", *data_args, "--epochs", "1", "--width", "16", "--batch-size", "16", "--out-dir", tmp_path / "dn")
+    run("sbg.py", "export", *data_args, "--checkpoint", tmp_path / "dn" / "denoiser.pt", "--noise-draws", "2",
+        "--batch-size", "8", "--out", tmp_path / "f.pt")
+    obj = torch.load(tmp_path / "f.pt", weights_only=True)
+    assert obj["fields"].shape == (32, 10, 3, 16, 16) and obj["fields"].dtype == torch.float16
+    assert torch.isfinite(obj["fields"].float()).all() and obj["fields"].float().abs().sum() > 0
+    run("train_pag.py", *TINY[:6], "--train-samples", "32", "--eval-samples", "16", "--batch-size", "16", "--eval-steps", "1",
+        "--epochs", "1", "--sbg-file", tmp_path / "f.pt", "--targets-per-image", "2", "--out-dir", tmp_path / "p")
+    ckpt = torch.load(tmp_path / "p" / "model.pt", weights_only=False)
+    assert ckpt["args"]["source"] == "sbg"
+    proc = run("train_pag.py", *TINY, "--epochs", "1", "--sbg-file", tmp_path / "f.pt", "--out-dir", tmp_path / "q", check=False)
+    assert_one_line_error(proc, "exported for synthetic (32 images")  # TINY uses 96 images: refused
+    assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align",
+                              "--align-source", "sbg", "--sbg-file", tmp_path / "f.pt", "--n-samples", "8", check=False),
+                          "training images only")
+    proc = run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align", "--align-source", "sbg",
+               "--sbg-file", tmp_path / "f.pt", "--align-split", "train", "--n-samples", "8", "--out", tmp_path / "a.json")
+    assert -1 <= json.loads((tmp_path / "a.json").read_text())["alignment"]["cos"] <= 1
+
+
+def test_sbg_reads_the_official_release_format_and_refuses_other_images(tmp_path):
+    d = D.get_data("synthetic", train_samples=12, image_size=8)
+    fields = torch.randn(12, 10, 3, 8, 8)
+    official = torch.cat([(D.to_float(d.train_x) * 2 - 1)[:, None], fields], dim=1)  # (N, 1+C, 3, H, W)
+    torch.save((official, d.train_y), tmp_path / "official.pt")
+    gt = D.make_source("sbg", d, sbg_file=str(tmp_path / "official.pt"))
+    idx, t = torch.tensor([3, 7]), torch.tensor([[1, 4], [9, 0]])
+    assert torch.equal(gt(None, t, idx), fields[idx[:, None], t])
+    torch.save(official, tmp_path / "bare.pt")  # a bare tensor works too
+    assert torch.equal(D.make_source("sbg", d, sbg_file=str(tmp_path / "bare.pt"))(None, t, idx), fields[idx[:, None], t])
+    torch.save((official[torch.randperm(12)], d.train_y), tmp_path / "shuffled.pt")
+    with pytest.raises(D.UserError, match="not this run's"):
+        D.make_source("sbg", d, sbg_file=str(tmp_path / "shuffled.pt"))
+    with pytest.raises(D.UserError, match="shape"):
+        D.make_source("sbg", D.get_data("synthetic", train_samples=10, image_size=8), sbg_file=str(tmp_path / "official.pt"))

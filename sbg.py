@@ -1,0 +1,275 @@
+"""Score-based ground-truth PAG (SBG) from a class-conditional diffusion model we train ourselves.
+
+    python sbg.py train  --dataset fashion-mnist --out-dir runs/sbg_fmnist            # denoiser
+    python sbg.py sweep  --checkpoint runs/sbg_fmnist/denoiser.pt                      # pick the noise level
+    python sbg.py export --checkpoint runs/sbg_fmnist/denoiser.pt --out fmnist_sbg.pt  # fields for train_pag.py
+    python train_pag.py --dataset fashion-mnist --source sbg --sbg-file fmnist_sbg.pt
+
+The denoiser eps(x_t, c) is one network for every class c and for "no class" (index C):
+the label is dropped with probability --p-uncond during training. With
+x_t = sqrt(a) x + sqrt(1 - a) eps and the score s = -eps_hat / sqrt(1 - a), the field is
+
+    g(x, t) = s(x_t, t) - s(x_t, null) = (eps_hat(x_t, null) - eps_hat(x_t, t)) / sqrt(1 - a),
+
+the gradient of log p(t | x_t), averaged over --noise-draws draws of eps at timestep
+--timestep. Pixels live in [-1, 1] inside the diffusion model, so g is a direction in
+pixel space (cosines are unchanged by the factor 2 to [0, 1] pixels).
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data as D
+from attack import pick_device
+
+
+# ----------------------------------------------------------------------------- the denoiser
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, emb_dim):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class Denoiser(nn.Module):
+    """A small U-Net (two resolutions down) with timestep and class embeddings; class C = no class."""
+
+    def __init__(self, in_channels, num_classes, width=32):
+        super().__init__()
+        w, e = width, 4 * width
+        self.num_classes = num_classes
+        self.time_mlp = nn.Sequential(nn.Linear(w, e), nn.SiLU(), nn.Linear(e, e))
+        self.class_emb = nn.Embedding(num_classes + 1, e)
+        self.inp = nn.Conv2d(in_channels, w, 3, padding=1)
+        self.down1, self.down2 = ResBlock(w, w, e), ResBlock(w, 2 * w, e)
+        self.mid = ResBlock(2 * w, 2 * w, e)
+        self.up2, self.up1 = ResBlock(4 * w, w, e), ResBlock(2 * w, w, e)
+        self.out = nn.Sequential(nn.GroupNorm(8, w), nn.SiLU(), nn.Conv2d(w, in_channels, 3, padding=1))
+        self.width = w
+
+    def forward(self, x, t, c):
+        half = self.width // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / half)
+        temb = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], dim=1)
+        emb = self.time_mlp(temb) + self.class_emb(c)
+        h0 = self.down1(self.inp(x), emb)                          # H
+        h1 = self.down2(F.avg_pool2d(h0, 2), emb)                  # H/2
+        h = self.mid(F.avg_pool2d(h1, 2), emb)                     # H/4
+        h = self.up2(torch.cat([F.interpolate(h, size=h1.shape[-2:]), h1], 1), emb)
+        h = self.up1(torch.cat([F.interpolate(h, size=h0.shape[-2:]), h0], 1), emb)
+        return self.out(h)
+
+
+def alpha_bars(timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    """Cumulative products of (1 - beta) of the linear DDPM schedule (Ho et al. 2020)."""
+    return torch.cumprod(1 - torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64), 0).float()
+
+
+# ----------------------------------------------------------------------------- the field (torch only)
+def sbg_field(denoiser, x, target_classes, alpha_bar, noise, null_class, timestep):
+    """g(x, t) = s(x_t, t) - s(x_t, null) for x [B, ...] in [-1, 1], target_classes [B, k] -> [B, k, ...].
+
+    noise: [B, ...] standard normal draw; alpha_bar: float in (0, 1); the denoiser is
+    called as denoiser(x_t, timestep [B], class [B]) and predicts the added noise.
+    """
+    b, k = target_classes.shape
+    x_t = math.sqrt(alpha_bar) * x + math.sqrt(1 - alpha_bar) * noise
+    ts = torch.full((b,), float(timestep), device=x.device)
+    eps_null = denoiser(x_t, ts, torch.full((b,), null_class, device=x.device, dtype=torch.long))
+    x_rep = x_t.repeat_interleave(k, 0)
+    eps_cond = denoiser(x_rep, ts.repeat_interleave(k), target_classes.reshape(-1)).view(b, k, *x.shape[1:])
+    return (eps_null[:, None] - eps_cond) / math.sqrt(1 - alpha_bar)
+
+
+# ----------------------------------------------------------------------------- jobs
+def load_denoiser(path, device):
+    if not os.path.isfile(path):
+        raise D.UserError(f"denoiser checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "sbg-denoiser":
+        raise D.UserError(f"{path} is not a checkpoint of sbg.py train")
+    net = Denoiser(ckpt["input_shape"][0], ckpt["num_classes"], ckpt["args"]["width"]).to(device)
+    net.load_state_dict(ckpt["model"])
+    return net.eval(), ckpt
+
+
+def get_images(args):
+    data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, None, args.image_size)
+    if not data.is_image:
+        raise D.UserError("sbg works on image datasets")
+    return data
+
+
+def train(args):
+    device = pick_device(args.device)
+    data = get_images(args)
+    x_all = data.train_x.to(device)
+    y_all = data.train_y.to(device)
+    torch.manual_seed(args.seed)
+    net = Denoiser(data.input_shape[0], data.num_classes, args.width).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    abar = alpha_bars(args.timesteps).to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    path = os.path.join(args.out_dir, "denoiser.pt")
+    start = 0
+    if args.resume:
+        if not os.path.isfile(path):
+            raise D.UserError(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["generator"])
+        start = ckpt["epoch"]
+    elif os.path.exists(path):
+        raise D.UserError(f"{path} exists; pass --resume to continue it or choose another --out-dir")
+    os.makedirs(args.out_dir, exist_ok=True)
+    n = len(y_all)
+    print(f"denoiser: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {n} images of {data.name}, "
+          f"{args.epochs} epochs, device {device}", flush=True)
+    for epoch in range(start, args.epochs):
+        t0, total, batches = time.time(), 0.0, 0
+        for idx in torch.randperm(n, generator=gen).split(args.batch_size):
+            x0 = D.to_float(x_all[idx.to(device)]) * 2 - 1
+            c = y_all[idx.to(device)].clone()
+            drop = torch.rand(len(idx), generator=gen).to(device) < args.p_uncond
+            c[drop] = data.num_classes  # the "no class" token: the same net learns the unconditional score
+            t = torch.randint(0, args.timesteps, (len(idx),), generator=gen).to(device)
+            eps = torch.randn(x0.shape, generator=gen).to(device)
+            a = abar[t].view(-1, *[1] * (x0.dim() - 1))
+            loss = F.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), c), eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, batches = total + loss.item(), batches + 1
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / batches:.4f} [{time.time() - t0:.0f}s, "
+              f"ETA {(time.time() - t0) * (args.epochs - epoch - 1) / 60:.1f} min]", flush=True)
+        D.atomic_save({"kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
+                       "generator": gen.get_state(), "epoch": epoch + 1, "args": vars(args), "dataset": data.name,
+                       "num_classes": data.num_classes, "input_shape": data.input_shape}, path)
+
+
+@torch.no_grad()
+def export(args):
+    device = pick_device(args.device)
+    net, ckpt = load_denoiser(args.checkpoint, device)
+    data = get_images(args)
+    if data.name != ckpt["dataset"] or data.input_shape != tuple(ckpt["input_shape"]):
+        raise D.UserError(f"denoiser was trained on {ckpt['dataset']} {tuple(ckpt['input_shape'])}, "
+                          f"not {data.name} {data.input_shape}")
+    x_all, c = D.to_float(data.train_x) * 2 - 1, data.num_classes
+    abar = alpha_bars(ckpt["args"]["timesteps"])[args.timestep].item()
+    gen = torch.Generator().manual_seed(args.seed)
+    fields = torch.empty(len(x_all), c, *data.input_shape, dtype=torch.float16)
+    all_classes = torch.arange(c).expand(args.batch_size, c)
+    t0 = time.time()
+    for s in range(0, len(x_all), args.batch_size):
+        xb = x_all[s: s + args.batch_size].to(device)
+        acc = torch.zeros(len(xb), c, *data.input_shape, device=device)
+        for _ in range(args.noise_draws):
+            noise = torch.randn(xb.shape, generator=gen).to(device)
+            acc += sbg_field(net, xb, all_classes[: len(xb)].to(device), abar, noise, c, args.timestep)
+        fields[s: s + len(xb)] = (acc / args.noise_draws).half().cpu()
+        done = s + len(xb)
+        if (s // args.batch_size) % 20 == 0 or done == len(x_all):
+            rate = done / (time.time() - t0)
+            print(f"export: {done}/{len(x_all)} images, {rate:.0f} img/s, ETA {(len(x_all) - done) / rate:.0f}s", flush=True)
+    D.atomic_save({"kind": "sbg-fields", "fields": fields, "dataset": data.name, "n": len(x_all),
+                   "train_samples": args.train_samples, "labels": data.train_y.clone(), "timestep": args.timestep,
+                   "alpha_bar": abar, "noise_draws": args.noise_draws, "denoiser": args.checkpoint}, args.out)
+    print(f"wrote {args.out}: fields {tuple(fields.shape)} float16")
+
+
+@torch.no_grad()
+def sweep(args):
+    """Measure, per timestep, how much the field depends on the image and how stable it is.
+
+    consistency: mean cos between fields from two independent noise draws (same x, t);
+    cross-image: mean cos between fields of different images for the same class t.
+    Too little noise: fields are noisy (low consistency); too much: fields stop
+    depending on x (cross-image approaches consistency). We pick the timestep with the
+    largest gap consistency - cross-image.
+    """
+    device = pick_device(args.device)
+    net, ckpt = load_denoiser(args.checkpoint, device)
+    args.train_samples = args.sweep_images
+    data = get_images(args)
+    x = (D.to_float(data.train_x) * 2 - 1).to(device)
+    c = data.num_classes
+    classes = torch.arange(c).expand(len(x), c).to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    table = []
+    for step in args.sweep_timesteps:
+        abar = alpha_bars(ckpt["args"]["timesteps"])[step].item()
+        f1, f2 = (sbg_field(net, x, classes, abar, torch.randn(x.shape, generator=gen).to(device), c, step).flatten(2)
+                  for _ in range(2))
+        consistency = F.cosine_similarity(f1, f2, dim=2).mean().item()
+        unit = F.normalize(f1, dim=2)  # [B, C, D]
+        gram = torch.einsum("icd,jcd->cij", unit, unit)  # per class, image x image cosines
+        n = len(x)
+        cross = ((gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))).mean().item()
+        table.append({"timestep": step, "alpha_bar": abar, "consistency": consistency, "cross_image": cross,
+                      "gap": consistency - cross})
+        print(f"t={step:4d} alpha_bar={abar:.3f} consistency={consistency:.3f} cross-image={cross:.3f} gap={consistency - cross:.3f}",
+              flush=True)
+    best = max(table, key=lambda r: r["gap"])
+    print(f"largest gap at timestep {best['timestep']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": table, "best_timestep": best["timestep"], "images": len(x)}, f, indent=2)
+    return table
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", choices=("train", "export", "sweep"))
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--train-samples", type=int, help="the first N training images (must match train_pag.py's)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    # train
+    p.add_argument("--out-dir", default=os.path.join("runs", "sbg"))
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--width", type=int, default=32, help="U-Net base channels (64 or more for CIFAR on a GPU)")
+    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the class label")
+    p.add_argument("--resume", action="store_true")
+    # export / sweep
+    p.add_argument("--checkpoint", help="denoiser.pt from `sbg.py train`")
+    p.add_argument("--timestep", type=int, default=300, help="noise level of the fields (see `sweep`)")
+    p.add_argument("--noise-draws", type=int, default=4)
+    p.add_argument("--out", help="export: the fields file; sweep: a JSON of the measurements")
+    p.add_argument("--sweep-timesteps", type=int, nargs="+", default=[50, 100, 200, 300, 400, 600, 800])
+    p.add_argument("--sweep-images", type=int, default=64)
+    args = p.parse_args()
+    if args.job == "train":
+        train(args)
+        return
+    if not args.checkpoint:
+        raise D.UserError(f"sbg.py {args.job} needs --checkpoint (a denoiser.pt from `sbg.py train`)")
+    if args.job == "export":
+        if not args.out:
+            raise D.UserError("sbg.py export needs --out FILE")
+        export(args)
+    else:
+        sweep(args)
+
+
+if __name__ == "__main__":
+    D.run_cli(main)
