@@ -196,10 +196,12 @@ def sweep(args):
     """Measure, per timestep, how much the field depends on the image and how stable it is.
 
     consistency: mean cos between fields from two independent noise draws (same x, t);
-    cross-image: mean cos between fields of different images for the same class t.
-    Too little noise: fields are noisy (low consistency); too much: fields stop
-    depending on x (cross-image approaches consistency). We pick the timestep with the
-    largest gap consistency - cross-image.
+    cross-image: mean cos between fields of different images for the same class t;
+    cross-class: mean cos between one image's fields for different classes t != t'.
+    Too much noise: fields stop depending on x (cross-image approaches consistency).
+    Too little: conditional ~ unconditional, and what is left is the same for every
+    class (high cross-class). We pick the timestep with the largest
+    consistency - max(cross-image, cross-class). --png draws the fields.
     """
     device = pick_device(args.device)
     net, ckpt = load_denoiser(args.checkpoint, device)
@@ -209,7 +211,7 @@ def sweep(args):
     c = data.num_classes
     classes = torch.arange(c).expand(len(x), c).to(device)
     gen = torch.Generator().manual_seed(args.seed)
-    table = []
+    table, pictures = [], []
     for step in args.sweep_timesteps:
         abar = alpha_bars(ckpt["args"]["timesteps"])[step].item()
         f1, f2 = (sbg_field(net, x, classes, abar, torch.randn(x.shape, generator=gen).to(device), c, step).flatten(2)
@@ -219,12 +221,22 @@ def sweep(args):
         gram = torch.einsum("icd,jcd->cij", unit, unit)  # per class, image x image cosines
         n = len(x)
         cross = ((gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))).mean().item()
+        by_class = torch.einsum("icd,ied->ice", unit, unit)  # per image, class x class cosines
+        cross_class = ((by_class.sum((1, 2)) - c) / (c * (c - 1))).mean().item()
+        gap = consistency - max(cross, cross_class)
         table.append({"timestep": step, "alpha_bar": abar, "consistency": consistency, "cross_image": cross,
-                      "gap": consistency - cross})
-        print(f"t={step:4d} alpha_bar={abar:.3f} consistency={consistency:.3f} cross-image={cross:.3f} gap={consistency - cross:.3f}",
-              flush=True)
+                      "cross_class": cross_class, "gap": gap})
+        print(f"t={step:4d} alpha_bar={abar:.3f} consistency={consistency:.3f} cross-image={cross:.3f} "
+              f"cross-class={cross_class:.3f} gap={gap:.3f}", flush=True)
+        pictures.append(torch.cat([x[:4, None], f1[:4].view(4, c, *x.shape[1:])], 1))
     best = max(table, key=lambda r: r["gap"])
     print(f"largest gap at timestep {best['timestep']}")
+    if args.png:  # rows: 4 images per timestep; columns: the image, then its field toward each class
+        from torchvision.utils import save_image
+        grid = torch.cat(pictures).flatten(0, 1)
+        scale = grid.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, *[1] * (grid.dim() - 1))
+        save_image(grid / scale * 0.5 + 0.5, args.png, nrow=c + 1, padding=1, pad_value=1.0)
+        print(f"wrote {args.png} (rows: 4 images x timesteps {args.sweep_timesteps})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rows": table, "best_timestep": best["timestep"], "images": len(x)}, f, indent=2)
@@ -257,6 +269,7 @@ def main():
     p.add_argument("--out", help="export: the fields file; sweep: a JSON of the measurements")
     p.add_argument("--sweep-timesteps", type=int, nargs="+", default=[50, 100, 200, 300, 400, 600, 800])
     p.add_argument("--sweep-images", type=int, default=64)
+    p.add_argument("--png", help="sweep: draw the fields of 4 images at every timestep")
     args = p.parse_args()
     if args.job == "train":
         train(args)

@@ -57,6 +57,8 @@ def main():
     p.add_argument("--out-dir", default=os.path.join("runs", "fashion_mnist_bench"))
     p.add_argument("--sbg-epochs", type=int, default=15, help="denoiser epochs for the pag-sbg row")
     p.add_argument("--sbg-timestep", type=int, default=300, help="noise level of the SBG fields (see sbg.py sweep)")
+    p.add_argument("--sbg-noise-draws", type=int, default=1,
+                   help="noise draws averaged per field (4 takes ~45 min for 10k images on one core)")
     p.add_argument("--quick", action="store_true", help="smoke run: 512 images, 1 epoch, 50 test images")
     args = p.parse_args()
     if args.quick:
@@ -69,7 +71,7 @@ def main():
             sh("sbg.py", "train", *data_flags, "--epochs", args.sbg_epochs, "--seed", args.seed, "--out-dir", sbg_dir,
                *(["--resume"] if os.path.exists(os.path.join(sbg_dir, "denoiser.pt")) else []))
         sh("sbg.py", "export", *data_flags, "--checkpoint", os.path.join(sbg_dir, "denoiser.pt"),
-           "--timestep", args.sbg_timestep, "--out", sbg_file)
+           "--timestep", args.sbg_timestep, "--noise-draws", args.sbg_noise_draws, "--out", sbg_file)
     ROWS["pag-sbg"] = ("train_pag.py", ["--source", "sbg", "--sbg-file", sbg_file])
     # Adam 1e-3: SGD 0.01 (the CIFAR setting) reaches only ~75% in this few-step CPU budget.
     common = ["--dataset", "fashion-mnist", "--arch", "cnn", "--optimizer", "adam", "--lr", "1e-3", "--seed", args.seed, "--epochs", args.epochs,
