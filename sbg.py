@@ -1,6 +1,7 @@
 """Score-based ground-truth PAG (SBG) from a class-conditional diffusion model we train ourselves.
 
     python sbg.py train  --dataset fashion-mnist --out-dir runs/sbg_fmnist            # denoiser
+    torchrun --nproc_per_node 2 sbg.py train --dataset cifar10 --width 64            # several GPUs
     python sbg.py sweep  --checkpoint runs/sbg_fmnist/denoiser.pt                      # pick the noise level
     python sbg.py export --checkpoint runs/sbg_fmnist/denoiser.pt --out fmnist_sbg.pt  # fields for train_pag.py
     python train_pag.py --dataset fashion-mnist --source sbg --sbg-file fmnist_sbg.pt
@@ -22,11 +23,14 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import data as D
 from attack import pick_device
+from train_baseline import setup_distributed
 
 
 # ----------------------------------------------------------------------------- the denoiser
@@ -113,51 +117,71 @@ def get_images(args):
 
 
 def train(args):
-    device = pick_device(args.device)
+    """Fit the denoiser; under torchrun every process takes a shard of each epoch (DDP)."""
+    rank, world, device = setup_distributed(args)
     data = get_images(args)
     x_all = data.train_x.to(device)
     y_all = data.train_y.to(device)
     torch.manual_seed(args.seed)
     net = Denoiser(data.input_shape[0], data.num_classes, args.width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    train_net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else net
     abar = alpha_bars(args.timesteps).to(device)
-    gen = torch.Generator().manual_seed(args.seed)
+    order_gen = torch.Generator().manual_seed(args.seed)  # the same permutation on every rank
+    sample_gen = torch.Generator().manual_seed(args.seed * 1000 + 1 + rank)  # noise, timesteps, label drops
     path = os.path.join(args.out_dir, "denoiser.pt")
     start = 0
     if args.resume:
         if not os.path.isfile(path):
             raise D.UserError(f"--resume: no checkpoint at {path}")
         ckpt = torch.load(path, map_location=device, weights_only=False)
+        if len(ckpt["sample_generators"]) != world:
+            raise D.UserError(f"--resume: {path} was written by {len(ckpt['sample_generators'])} process(es), this run has {world}")
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
+        order_gen.set_state(ckpt["generator"])
+        sample_gen.set_state(ckpt["sample_generators"][rank])
         start = ckpt["epoch"]
     elif os.path.exists(path):
         raise D.UserError(f"{path} exists; pass --resume to continue it or choose another --out-dir")
-    os.makedirs(args.out_dir, exist_ok=True)
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
     n = len(y_all)
-    print(f"denoiser: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {n} images of {data.name}, "
-          f"{args.epochs} epochs, device {device}", flush=True)
+    if rank == 0:
+        print(f"denoiser: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {n} images of {data.name}, "
+              f"{args.epochs} epochs, batch {args.batch_size} x {world} process(es), device {device}", flush=True)
     for epoch in range(start, args.epochs):
         t0, total, batches = time.time(), 0.0, 0
-        for idx in torch.randperm(n, generator=gen).split(args.batch_size):
+        order = torch.randperm(n, generator=order_gen)
+        for idx in order[: n - n % world][rank::world].split(args.batch_size):
             x0 = D.to_float(x_all[idx.to(device)]) * 2 - 1
             c = y_all[idx.to(device)].clone()
-            drop = torch.rand(len(idx), generator=gen).to(device) < args.p_uncond
+            drop = torch.rand(len(idx), generator=sample_gen).to(device) < args.p_uncond
             c[drop] = data.num_classes  # the "no class" token: the same net learns the unconditional score
-            t = torch.randint(0, args.timesteps, (len(idx),), generator=gen).to(device)
-            eps = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, args.timesteps, (len(idx),), generator=sample_gen).to(device)
+            eps = torch.randn(x0.shape, generator=sample_gen).to(device)
             a = abar[t].view(-1, *[1] * (x0.dim() - 1))
-            loss = F.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), c), eps)
+            loss = F.mse_loss(train_net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), c), eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total, batches = total + loss.item(), batches + 1
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / batches:.4f} [{time.time() - t0:.0f}s, "
-              f"ETA {(time.time() - t0) * (args.epochs - epoch - 1) / 60:.1f} min]", flush=True)
-        D.atomic_save({"kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
-                       "generator": gen.get_state(), "epoch": epoch + 1, "args": vars(args), "dataset": data.name,
-                       "num_classes": data.num_classes, "input_shape": data.input_shape}, path)
+        states = [sample_gen.get_state()]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, sample_gen.get_state())
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {total / batches:.4f} (rank 0) [{time.time() - t0:.0f}s, "
+                  f"ETA {(time.time() - t0) * (args.epochs - epoch - 1) / 60:.1f} min]", flush=True)
+            D.atomic_save({"kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
+                           "generator": order_gen.get_state(), "sample_generators": states, "epoch": epoch + 1,
+                           "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
+                           "input_shape": data.input_shape}, path)
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        dist.destroy_process_group()
 
 
 @torch.no_grad()

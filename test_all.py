@@ -540,6 +540,17 @@ def test_sbg_train_export_and_train_pag_with_the_file(tmp_path):
     assert -1 <= json.loads((tmp_path / "a.json").read_text())["alignment"]["cos"] <= 1
 
 
+def test_sbg_train_under_torchrun_and_resume(tmp_path):
+    common = ["--dataset", "synthetic", "--image-size", "16", "--train-samples", "32", "--width", "16", "--batch-size", "8"]
+    torchrun("sbg.py", "train", *common, "--epochs", "2", "--out-dir", tmp_path / "full")
+    torchrun("sbg.py", "train", *common, "--epochs", "1", "--out-dir", tmp_path / "cut")
+    torchrun("sbg.py", "train", *common, "--epochs", "2", "--out-dir", tmp_path / "cut", "--resume")
+    full = torch.load(tmp_path / "full" / "denoiser.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "denoiser.pt", weights_only=False)
+    assert full["epoch"] == cut["epoch"] == 2 and len(full["sample_generators"]) == 2
+    assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
+
+
 def test_sbg_reads_the_official_release_format_and_refuses_other_images(tmp_path):
     d = D.get_data("synthetic", train_samples=12, image_size=8)
     fields = torch.randn(12, 10, 3, 8, 8)
