@@ -566,3 +566,12 @@ def test_sbg_reads_the_official_release_format_and_refuses_other_images(tmp_path
         D.make_source("sbg", d, sbg_file=str(tmp_path / "shuffled.pt"))
     with pytest.raises(D.UserError, match="shape"):
         D.make_source("sbg", D.get_data("synthetic", train_samples=10, image_size=8), sbg_file=str(tmp_path / "official.pt"))
+
+
+@pytest.mark.parametrize("script,extra", [("train_baseline.py", ["--adv", "trades"]),
+                                          ("train_pag.py", ["--adv", "pgd", "--source", "cm", "--targets-per-image", "2"])])
+def test_torchrun_with_two_forwards_per_step(tmp_path, script, extra):
+    # TRADES and PAG + PGD-AT forward the clean and the adversarial batch through DDP before one backward.
+    torchrun(script, *TINY, "--epochs", "1", "--adv-steps", "2", *extra, "--out-dir", tmp_path / "r")
+    line = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
+    assert line["epoch"] == 1 and 0 <= line["adv_train_acc"] <= 1
