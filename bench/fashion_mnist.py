@@ -1,6 +1,6 @@
 """The paper's comparison at CPU scale on real data (Fashion-MNIST), end to end.
 
-    python bench/fashion_mnist.py                  # about 45 min on one CPU core
+    python bench/fashion_mnist.py                  # hours of CPU: see below
     python bench/fashion_mnist.py --quick          # smoke run: tiny subset, 1 epoch, 50 test images
 
 First makes the SBG ground truth (sbg.py train + export, reused if present), then
@@ -11,7 +11,11 @@ AutoAttack L2 eps 1.5 and L-inf eps 0.1 on the same first N test images,
 alignment to the NN ground truth on those test images and to the SBG fields on the
 first N training images), and writes bench/results/fashion_mnist.json
 plus a markdown table (bench/results/fashion_mnist.md) for the README.
-Finished rows are reused (delete OUT_DIR/<row> to redo one).
+Finished rows are reused (delete OUT_DIR/<row> to redo one), so independent rows can
+run as separate processes (`--rows ...`) on separate cores. Measured on one core per
+job, two to three jobs on a 2-core machine: vanilla 2 min; each PAG or adversarial-
+training row 20-25 min (PAG + AT about twice that); the denoiser 35 min; the SBG
+export (10k images, one noise draw) 17 min; each evaluation 1-4 min.
 """
 import argparse
 import json
