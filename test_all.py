@@ -440,7 +440,7 @@ def test_training_attack_stays_in_its_ball_and_leaves_the_model_in_train_mode(mo
 def test_adversarial_training_cli_one_epoch(tmp_path, script, extra):
     run(script, *TINY, "--epochs", "1", "--adv-steps", "2", *extra, "--out-dir", tmp_path / "r")
     line = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
-    assert 0 <= line["adv_train_acc"] <= 1 and 0 <= line[f"pgd_l2_0.5_acc"] <= line["test_acc"]
+    assert 0 <= line["adv_train_acc"] <= 1 and 0 <= line["pgd_l2_0.5_acc"] <= line["test_acc"]
     assert ("pag" in line) == (script == "train_pag.py")
 
 
