@@ -457,8 +457,10 @@ def torchrun(*args, nproc=2, check=True):
 def test_torchrun_two_processes_step_equals_one_process_over_the_same_global_batch(tmp_path):
     # One SGD step on 16 images: 2 processes x batch 8 vs 1 process x batch 16. No augmentation and
     # k = C = 10 targets make the batch loss independent of sampling order; cnn has no batch-norm.
+    # NN targets are looked up by dataset index, so this also checks per-sample indexing under sharding.
     common = ["--dataset", "synthetic", "--arch", "cnn", "--image-size", "16", "--train-samples", "16",
-              "--eval-samples", "16", "--eval-steps", "1", "--epochs", "1", "--no-augment", "--source", "cm",
+              "--eval-samples", "16", "--eval-steps", "1", "--epochs", "1", "--no-augment", "--source", "nn",
+              "--cache-dir", tmp_path / "cache",
               "--targets-per-image", "10", "--lr", "0.5", "--log-every", "1"]
     run("train_pag.py", *common, "--batch-size", "16", "--out-dir", tmp_path / "one")
     proc = torchrun("train_pag.py", *common, "--batch-size", "8", "--out-dir", tmp_path / "two")
