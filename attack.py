@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import data as D
 from models import build_model
 
-ATTACKS = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "align", "visualize")
+ATTACKS = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "exact-l2", "align", "visualize")
 
 
 # ----------------------------------------------------------------------------- PGD
@@ -138,6 +138,27 @@ def robust_mask(model, x, y, eps, norm, box, batch_size=250, target="none", prog
         if progress:
             progress(min(i + batch_size, len(x)), len(x), start)
     return torch.cat(masks)
+
+
+@torch.no_grad()
+def boundary_distance_2d(model, x, y, max_radius, directions=720, radial_step=0.05):
+    """Per 2-D point: L2 distance to the nearest input the model does not label y (0 if x itself
+    is wrong, inf if none within max_radius), by scanning `directions` rays at `radial_step`.
+
+    Attack-free, so it checks what PGD reports: in 2-D the whole eps ball can be searched.
+    Exact up to the grid (a region thinner than the ray spacing, 2*pi*r/directions, can be missed).
+    """
+    angles = torch.arange(directions, device=x.device) * (2 * math.pi / directions)
+    rays = torch.stack([angles.cos(), angles.sin()], dim=1)  # [D, 2]
+    radii = torch.arange(int(math.ceil(max_radius / radial_step)) + 1, device=x.device) * radial_step  # [R], from 0
+    dist = torch.full((len(x),), float("inf"), device=x.device)
+    for i in range(len(x)):
+        points = x[i] + radii[None, :, None] * rays[:, None, :]  # [D, R, 2]
+        wrong = model(points.reshape(-1, 2)).argmax(1).view(directions, len(radii)) != y[i]
+        if wrong.any():
+            first = wrong.float().argmax(1)  # index of the first wrong radius on each ray
+            dist[i] = radii[first[wrong.any(1)]].min()
+    return dist
 
 
 def robust_accuracy(*args, **kwargs):
@@ -359,6 +380,12 @@ def main(argv=None):
             results["pgd"] = {"steps": args.steps, "step_size": args.step_size or "2.5*eps/steps", "target": args.target,
                               "loss": args.pgd_loss, "random_start": True,
                               "nested": "robust at eps = survives every radius <= eps that was run"}
+    if "exact-l2" in args.attacks:
+        if data.is_image:
+            raise D.UserError("exact-l2 searches the whole eps ball and needs 2-D inputs (the toy); use pgd-l2 or aa-l2")
+        print(f"exact L2 robustness by ray search up to eps={max(eps_l2):g}", flush=True)
+        dist = boundary_distance_2d(model, x, y, max(eps_l2))
+        results["exact_l2"] = {f"{eps:g}": (dist > eps).float().mean().item() for eps in sorted(eps_l2)}
     for norm, eps_list in (("l2", eps_l2), ("linf", eps_linf)):
         if f"aa-{norm}" in args.attacks:
             logging.basicConfig(format="  %(name)s: %(message)s")
@@ -387,7 +414,7 @@ def main(argv=None):
     write_json(results, out)
     print(f"\n{'measure':<28}{'accuracy':>10}")
     print(f"{'clean':<28}{results['clean_acc']:>10.2%}")
-    for key in ("pgd_l2", "pgd_linf", "autoattack_l2", "autoattack_linf"):
+    for key in ("pgd_l2", "pgd_linf", "exact_l2", "autoattack_l2", "autoattack_linf"):
         for eps, acc in results.get(key, {}).items():
             print(f"{key + ' eps=' + eps:<28}{acc:>10.2%}")
     if "alignment" in results:

@@ -376,17 +376,76 @@ def test_toy_ground_truth_on_a_hand_made_case():
     assert torch.equal(g, train_x[expected_nn] - train_x[:, None])
 
 
+EPS_TOY = ("1", "2", "5", "10", "15", "20", "30")
+
+
 def test_toy_bench_runs_through_the_scripts(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--out-dir", str(tmp_path), "--epochs", "3"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(m) >= {"vanilla", "pag", "attack"}
+    assert set(m) == {"vanilla", "pag", "attack"} and set(m["pag"]) == {"clean_acc", "robust_acc"}  # the shape
+    exact = json.loads((tmp_path / "exact.json").read_text())["exact_robust_acc"]
     for name in ("vanilla", "pag"):
-        accs = [m[name]["robust_acc"][e] for e in ("1", "2", "5", "10", "15", "20", "30")]
-        assert all(0 <= a <= m[name]["clean_acc"] <= 1 for a in accs)
-        assert accs == sorted(accs, reverse=True)  # nested balls: never more robust at a larger radius
+        for accs in ([m[name]["robust_acc"][e] for e in EPS_TOY], [exact[name][e] for e in EPS_TOY]):
+            assert all(0 <= a <= m[name]["clean_acc"] <= 1 for a in accs)
+            assert accs == sorted(accs, reverse=True)  # nested balls: never more robust at a larger radius
     assert os.path.getsize(tmp_path / "toy.png") > 1000
+
+
+def test_boundary_distance_2d_matches_the_analytic_distance_to_a_line():
+    # logits [0, w.x + b]: class 1 where w.x + b > 0; the boundary is a line at |w.x + b| / |w|.
+    w, b = torch.tensor([3.0, -4.0]), 2.0
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.stack([torch.zeros(2), w]))
+        model.bias.copy_(torch.tensor([0.0, b]))
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0)) * 5
+    y = (x @ w + b > 0).long()
+    truth = (x @ w + b).abs() / w.norm()
+    y[:5] = 1 - y[:5]  # misclassified points are at distance 0
+    truth[:5] = 0
+    dist = attack.boundary_distance_2d(model, x, y, max_radius=20.0, directions=720, radial_step=0.01)
+    far = truth > 20
+    assert torch.isinf(dist[far]).all()
+    assert torch.allclose(dist[~far], truth[~far], atol=0.02)  # radial step + angular grid
+    assert (dist[~far] >= truth[~far] - 1e-4).all()  # never closer than the true boundary
+
+
+def load_bench(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_scheduler_respects_dependencies_and_fails_loudly():
+    import threading
+    run_jobs = load_bench("fashion_mnist").run_jobs
+    log, lock = [], threading.Lock()
+
+    def job(name):
+        def fn():
+            with lock:
+                log.append(("start", name))
+            with lock:
+                log.append(("end", name))
+        return fn
+
+    jobs = {n: job(n) for n in ("sbg", "a", "pag-sbg", "b", "align a")}
+    needs = {"pag-sbg": {"sbg"}, "align a": {"sbg", "a"}}
+    run_jobs(jobs, needs, workers=2)
+    ends = {n: log.index(("end", n)) for n in jobs}
+    assert sorted(n for _, n in log if _ == "start") == sorted(jobs)  # each job ran once
+    for name, deps in needs.items():
+        assert all(ends[d] < log.index(("start", name)) for d in deps)
+
+    def boom():
+        raise RuntimeError("failed: x (log: y)")
+    with pytest.raises(RuntimeError, match="failed: x"):
+        run_jobs({"sbg": boom, "pag-sbg": job("pag-sbg")}, {"pag-sbg": {"sbg"}}, workers=2)
+    assert ("start", "pag-sbg") not in log[len(jobs) * 2:]  # nothing that needed the failed job started
 
 
 # ----------------------------------------------------------------------------- adversarial training
@@ -537,6 +596,8 @@ def test_sbg_train_export_and_train_pag_with_the_file(tmp_path):
     assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align",
                               "--align-source", "sbg", "--sbg-file", tmp_path / "f.pt", "--n-samples", "8", check=False),
                           "training images only")
+    assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "exact-l2",
+                              "--n-samples", "8", check=False), "needs 2-D inputs")
     proc = run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align", "--align-source", "sbg",
                "--sbg-file", tmp_path / "f.pt", "--align-split", "train", "--n-samples", "8", "--out", tmp_path / "a.json")
     assert -1 <= json.loads((tmp_path / "a.json").read_text())["alignment"]["cos"] <= 1

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 import data as D
 from train_baseline import add_common_args, train
 
-# lambda: official configs (resnet18, vit). cnn (no paper value): 0.5, because 1.5 kept it at 19.8%
-# test accuracy after 2 Fashion-MNIST epochs where 0.5 reached 65% (Adam 1e-3, 10k images; README).
+# lambda: official configs (resnet18, vit). cnn (no paper value): 0.25, the largest value at which every
+# source learned to classify Fashion-MNIST (at 0.5 the NN source stayed at 17% clean; README).
 # Toy: a public re-run used 5 on the *mean*
 # over the two classes, i.e. lambda * C = 5 here; lambda * C = 10 left one mode misclassified
 # (83.3% clean on seeds 0 and 1) where 2.5 gave 100%.
-PAG_COEFF = {"resnet18": 1.5, "vit": 3.0, "cnn": 0.5, "mlp": 2.5}
+PAG_COEFF = {"resnet18": 1.5, "vit": 3.0, "cnn": 0.25, "mlp": 2.5}
 DEFAULT_SOURCE = {"toy": "nn"}  # images: "cm" (sbg, the paper's best, needs a precomputed file)
 
 
@@ -103,7 +103,7 @@ def add_pag_args(p):
     p.add_argument("--source", choices=D.SOURCES,
                    help="ground-truth PAG: oi, cm, nn, sbg (default: sbg with --sbg-file, nn for the toy, else cm)")
     p.add_argument("--sbg-file", help="precomputed score-based fields (sbg.py export, or the official release)")
-    p.add_argument("--pag-coeff", type=float, help="lambda (default 1.5 resnet18, 3.0 vit, 0.5 cnn, 2.5 toy mlp)")
+    p.add_argument("--pag-coeff", type=float, help="lambda (default 1.5 resnet18, 3.0 vit, 0.25 cnn, 2.5 toy mlp)")
     p.add_argument("--pag-first-half-scale", type=float,
                    help="lambda is multiplied by this in the first half of training (default 2/3 for vit, else 1)")
     p.add_argument("--targets-per-image", type=int, help="k target classes per image (default: all classes, at most 10)")
