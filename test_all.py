@@ -390,6 +390,12 @@ def test_toy_bench_runs_through_the_scripts(tmp_path):
         for accs in ([m[name]["robust_acc"][e] for e in EPS_TOY], [exact[name][e] for e in EPS_TOY]):
             assert all(0 <= a <= m[name]["clean_acc"] <= 1 for a in accs)
             assert accs == sorted(accs, reverse=True)  # nested balls: never more robust at a larger radius
+    boundaries = json.loads((tmp_path / "exact.json").read_text())["boundaries"]
+    for name in ("vanilla", "pag"):
+        modes = boundaries[name]["modes"]
+        assert sorted(m["x1"] for m in modes) == [-50, -30, -10, 10, 30, 50]
+        for e in EPS_TOY:  # per-mode distances and attack.py's exact-l2 agree: all robust iff every mode is far
+            assert (exact[name][e] == 1.0) == all(m["min_dist"] > float(e) for m in modes)
     assert os.path.getsize(tmp_path / "toy.png") > 1000
 
 
@@ -405,7 +411,7 @@ def test_boundary_distance_2d_matches_the_analytic_distance_to_a_line():
     truth = (x @ w + b).abs() / w.norm()
     y[:5] = 1 - y[:5]  # misclassified points are at distance 0
     truth[:5] = 0
-    dist = attack.boundary_distance_2d(model, x, y, max_radius=20.0, directions=720, radial_step=0.01)
+    dist = attack.boundary_distance_2d(model, x, y, max_radius=20.0, directions=720)
     far = truth > 20
     assert torch.isinf(dist[far]).all()
     assert torch.allclose(dist[~far], truth[~far], atol=0.02)  # radial step + angular grid

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import data as D
 from train_baseline import add_common_args, train
 
-# lambda: official configs (resnet18, vit). cnn (no paper value): 0.25, the largest value at which every
-# source learned to classify Fashion-MNIST (at 0.5 the NN source stayed at 17% clean; README).
+# lambda: official configs (resnet18, vit). cnn (no paper value): 0.25, which trained every source on
+# Fashion-MNIST; at 0.5 the NN source stayed at 17% clean with crop/flip and lr drops (README).
 # Toy: a public re-run used 5 on the *mean*
 # over the two classes, i.e. lambda * C = 5 here; lambda * C = 10 left one mode misclassified
 # (83.3% clean on seeds 0 and 1) where 2.5 gave 100%.

@@ -58,6 +58,28 @@ def line_chart(series, xs, title, size=(420, 420)):
     return img
 
 
+def boundary_report(checkpoint, max_radius=max(EPS)):
+    """Where each model's boundaries are: per test mode, the distance from its points to the decision
+    boundary (any direction), and the x1 where the prediction changes along the data line x2 = 2*x1
+    (midpoints between modes: -40, -20, 0, 20, 40)."""
+    sys.path.insert(0, ROOT)
+    import torch
+    from attack import boundary_distance_2d, load_checkpoint
+    from toy_data import CENTRES, SLOPE, make_toy
+
+    model, ckpt = load_checkpoint(checkpoint)
+    _, _, test_x, test_y = make_toy(seed=ckpt["args"]["seed"])  # 100 test points per mode, in CENTRES order
+    dist = boundary_distance_2d(model, test_x, test_y, max_radius).view(-1, 100)
+    modes = [{"class": label, "x1": c} for label, centres in enumerate(CENTRES) for c in centres]
+    for m, d in zip(modes, dist):
+        m["min_dist"], m["median_dist"] = round(d.min().item(), 2), round(d.median().item(), 2)
+    x1 = torch.arange(-70, 70, 0.01)
+    with torch.no_grad():
+        pred = model(torch.stack([x1, SLOPE * x1], 1)).argmax(1)
+    crossings = x1[1:][pred[1:] != pred[:-1]]
+    return {"modes": modes, "line_crossings_x1": [round(v, 2) for v in crossings.tolist()]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=os.path.join("results", "toy"))
@@ -66,7 +88,7 @@ def main():
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     out_dir = os.path.abspath(args.out_dir)
-    results, exact = {}, {}
+    results, exact, boundaries = {}, {}, {}
     for name, script in (("vanilla", "train_baseline.py"), ("pag", "train_pag.py")):
         run_dir = os.path.join(out_dir, name)
         if os.path.exists(os.path.join(run_dir, "model.pt")):
@@ -79,13 +101,15 @@ def main():
             res = json.load(f)
         results[name] = {"clean_acc": res["clean_acc"], "robust_acc": {str(e): res["pgd_l2"][f"{e:g}"] for e in EPS}}
         exact[name] = {str(e): res["exact_l2"][f"{e:g}"] for e in EPS}
+        boundaries[name] = boundary_report(os.path.join(run_dir, "model.pt"))
     results["attack"] = (f"targeted L2 PGD toward the other class, {STEPS} normalised-gradient steps of 2.5*eps/{STEPS}, "
                          "projection onto the eps ball, random start, margin loss; 600 balanced test points")
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:  # exactly the shape tools read
         json.dump(results, f, indent=2)
     with open(os.path.join(out_dir, "exact.json"), "w") as f:
         json.dump({"exact_robust_acc": exact, "how": "distance to the decision boundary by ray search "
-                   "(720 rays, radial step 0.05): attack-free", "config": {"seed": args.seed, "epochs": args.epochs}}, f, indent=2)
+                   "(360 rays, samples every 0.25 refined by bisection): attack-free", "boundaries": boundaries,
+                   "config": {"seed": args.seed, "epochs": args.epochs}}, f, indent=2)
 
     from PIL import Image
     panels = [Image.open(os.path.join(out_dir, n, "regions.png")) for n in ("vanilla", "pag")]
@@ -103,6 +127,11 @@ def main():
         print(f"{e:>5} {results['vanilla']['robust_acc'][str(e)]:>12.1%} {exact['vanilla'][str(e)]:>8.1%} "
               f"{results['pag']['robust_acc'][str(e)]:>8.1%} {exact['pag'][str(e)]:>8.1%}")
     print(f"clean {results['vanilla']['clean_acc']:>12.1%} {'':>8} {results['pag']['clean_acc']:>8.1%}")
+    for name in ("vanilla", "pag"):
+        b = boundaries[name]
+        print(f"{name}: nearest boundary per mode (x1 centre: min distance) "
+              + ", ".join(f"{m['x1']:+.0f}: {m['min_dist']:.1f}" for m in sorted(b["modes"], key=lambda m: m["x1"]))
+              + f"; crosses the data line at x1 = {', '.join(f'{v:.1f}' for v in b['line_crossings_x1'])}")
     print(f"wrote {out_dir}/metrics.json, exact.json and toy.png")
 
 
