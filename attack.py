@@ -395,6 +395,8 @@ def main(argv=None):
         print(f"exact L2 robustness by ray search up to eps={max(eps_l2):g}", flush=True)
         dist = boundary_distance_2d(model, x, y, max(eps_l2))
         results["exact_l2"] = {f"{eps:g}": (dist > eps).float().mean().item() for eps in sorted(eps_l2)}
+        # per test point, for analyses of where the boundary is (null: farther than the largest eps)
+        results["exact_l2_distance"] = [None if d == float("inf") else round(d, 4) for d in dist.tolist()]
     for norm, eps_list in (("l2", eps_l2), ("linf", eps_linf)):
         if f"aa-{norm}" in args.attacks:
             logging.basicConfig(format="  %(name)s: %(message)s")

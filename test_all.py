@@ -396,6 +396,11 @@ def test_toy_bench_runs_through_the_scripts(tmp_path):
         assert sorted(m["x1"] for m in modes) == [-50, -30, -10, 10, 30, 50]
         for e in EPS_TOY:  # per-mode distances and attack.py's exact-l2 agree: all robust iff every mode is far
             assert (exact[name][e] == 1.0) == all(m["min_dist"] > float(e) for m in modes)
+        dist = json.loads((tmp_path / name / "attack.json").read_text())["exact_l2_distance"]
+        assert len(dist) == 600
+        for e in EPS_TOY:  # the accuracies are the fraction of points farther than eps
+            far = sum(d is None or d > float(e) for d in dist) / 600
+            assert abs(exact[name][e] - far) < 1e-6
     assert os.path.getsize(tmp_path / "toy.png") > 1000
 
 

@@ -28,19 +28,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 PAG_COEFF = 0.25  # lambda of every PAG row (cnn); see the README for the sweep that chose it
-ROWS = {  # name -> (script, extra flags)
-    "vanilla": ("train_baseline.py", []),
-    "pag-cm": ("train_pag.py", ["--source", "cm"]),
-    "pag-nn": ("train_pag.py", ["--source", "nn"]),
-    "pag-oi": ("train_pag.py", ["--source", "oi"]),
-    "pag-sbg": ("train_pag.py", ["--source", "sbg"]),  # + --sbg-file, made by sbg.py first
-    "pgd-at": ("train_baseline.py", ["--adv", "pgd", "--adv-norm", "l2"]),
-    "trades": ("train_baseline.py", ["--adv", "trades", "--adv-norm", "l2"]),
-    "pag-cm+pgd-at": ("train_pag.py", ["--source", "cm", "--adv", "pgd", "--adv-norm", "l2"]),
+ROWS = {  # name -> (script, extra flags, relative training cost: the longest jobs are scheduled first)
+    "vanilla": ("train_baseline.py", [], 1),
+    "pag-cm": ("train_pag.py", ["--source", "cm"], 10),
+    "pag-nn": ("train_pag.py", ["--source", "nn"], 11),
+    "pag-oi": ("train_pag.py", ["--source", "oi"], 10),
+    "pag-sbg": ("train_pag.py", ["--source", "sbg"], 10),  # + --sbg-file, made by sbg.py first
+    "pgd-at": ("train_baseline.py", ["--adv", "pgd", "--adv-norm", "l2"], 11),
+    "trades": ("train_baseline.py", ["--adv", "trades", "--adv-norm", "l2"], 12),
+    "pag-cm+pgd-at": ("train_pag.py", ["--source", "cm", "--adv", "pgd", "--adv-norm", "l2"], 18),
 }
-
-COST = {"vanilla": 1, "pag-cm": 10, "pag-nn": 11, "pag-oi": 10, "pag-sbg": 10, "pgd-at": 11, "trades": 12,
-        "pag-cm+pgd-at": 18}  # relative training cost, measured: schedules the longest jobs first
 
 
 def torch_load_epoch(path):
@@ -102,7 +99,7 @@ def main():
     data_flags = ["--dataset", "fashion-mnist", "--train-samples", args.train_samples]
     sbg_dir = os.path.join(out_dir, "sbg")
     sbg_file = os.path.join(sbg_dir, "fields.pt")
-    ROWS["pag-sbg"] = ("train_pag.py", ["--source", "sbg", "--sbg-file", sbg_file])
+    ROWS["pag-sbg"] = ("train_pag.py", ["--source", "sbg", "--sbg-file", sbg_file], ROWS["pag-sbg"][2])
     # Adam 1e-3 with a constant lr and no augmentation: in this few-step CPU budget SGD 0.01 (the CIFAR
     # setting) reached 77.2% clean, and crop + flip or the lr drops cost vanilla 4-9 points (README).
     common = ["--dataset", "fashion-mnist", "--arch", "cnn", "--optimizer", "adam", "--lr", "1e-3", "--lr-drops=",
@@ -120,7 +117,7 @@ def main():
            "--noise-draws", args.sbg_noise_draws, "--out", sbg_file)
 
     def train_and_attack(name):
-        script, extra = ROWS[name]
+        script, extra, _ = ROWS[name]
         run_dir = os.path.join(out_dir, name)
         ckpt, log = os.path.join(run_dir, "model.pt"), os.path.join(run_dir, "run.log")
         pag = ["--pag-coeff", args.pag_coeff] if script == "train_pag.py" else []
@@ -149,7 +146,7 @@ def main():
 
     # Longest jobs first, so the two workers finish close together.
     jobs, needs = {"sbg": make_sbg}, {}
-    for name in sorted(args.rows, key=lambda n: -COST[n]):
+    for name in sorted(args.rows, key=lambda n: -ROWS[n][2]):
         jobs[name] = lambda n=name: train_and_attack(n)
         jobs["align-sbg " + name] = lambda n=name: align_sbg(n)
         needs["align-sbg " + name] = {"sbg", name}

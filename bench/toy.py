@@ -58,21 +58,22 @@ def line_chart(series, xs, title, size=(420, 420)):
     return img
 
 
-def boundary_report(checkpoint, max_radius=max(EPS)):
-    """Where each model's boundaries are: per test mode, the distance from its points to the decision
-    boundary (any direction), and the x1 where the prediction changes along the data line x2 = 2*x1
-    (midpoints between modes: -40, -20, 0, 20, 40)."""
+def boundary_report(checkpoint, distances):
+    """Where a model's boundaries are: per test mode, the distance from its points to the decision
+    boundary (any direction; `distances` from attack.py's exact-l2, None = beyond the largest eps),
+    and the x1 where the prediction changes along the data line x2 = 2*x1 (midpoints between
+    modes: -40, -20, 0, 20, 40)."""
     sys.path.insert(0, ROOT)
     import torch
-    from attack import boundary_distance_2d, load_checkpoint
-    from toy_data import CENTRES, SLOPE, make_toy
+    from attack import load_checkpoint
+    from toy_data import CENTRES, SLOPE
 
-    model, ckpt = load_checkpoint(checkpoint)
-    _, _, test_x, test_y = make_toy(seed=ckpt["args"]["seed"])  # 100 test points per mode, in CENTRES order
-    dist = boundary_distance_2d(model, test_x, test_y, max_radius).view(-1, 100)
+    # make_toy's test set: 100 points per mode, in CENTRES order
+    dist = torch.tensor([float("inf") if d is None else d for d in distances]).view(-1, 100)
     modes = [{"class": label, "x1": c} for label, centres in enumerate(CENTRES) for c in centres]
     for m, d in zip(modes, dist):
-        m["min_dist"], m["median_dist"] = round(d.min().item(), 2), round(d.median().item(), 2)
+        m["min_dist"], m["median_dist"] = round(d.min().item(), 4), round(d.median().item(), 4)
+    model, _ = load_checkpoint(checkpoint)
     x1 = torch.arange(-70, 70, 0.01)
     with torch.no_grad():
         pred = model(torch.stack([x1, SLOPE * x1], 1)).argmax(1)
@@ -101,7 +102,7 @@ def main():
             res = json.load(f)
         results[name] = {"clean_acc": res["clean_acc"], "robust_acc": {str(e): res["pgd_l2"][f"{e:g}"] for e in EPS}}
         exact[name] = {str(e): res["exact_l2"][f"{e:g}"] for e in EPS}
-        boundaries[name] = boundary_report(os.path.join(run_dir, "model.pt"))
+        boundaries[name] = boundary_report(os.path.join(run_dir, "model.pt"), res["exact_l2_distance"])
     results["attack"] = (f"targeted L2 PGD toward the other class, {STEPS} normalised-gradient steps of 2.5*eps/{STEPS}, "
                          "projection onto the eps ball, random start, margin loss; 600 balanced test points")
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:  # exactly the shape tools read
