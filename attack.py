@@ -363,7 +363,7 @@ def main(argv=None):
     model.requires_grad_(False)  # attacks need input gradients only
     targs = ckpt["args"]
     data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download or targs.get("download", False),
-                      targs.get("train_samples"), args.n_samples, targs.get("image_size")).to(device)
+                      targs.get("train_samples"), args.n_samples, targs.get("image_size"), targs.get("data_seed")).to(device)
     x, y = D.to_float(data.test_x), data.test_y
     defaults = D.DATASETS[data.name]
     eps_l2 = args.eps_l2 or [defaults["eps_l2"]]

@@ -92,16 +92,20 @@ def to_float(x):
 
 
 # ----------------------------------------------------------------------------- loading
-def get_data(name, data_dir="data", download=False, train_samples=None, test_samples=None, image_size=None):
+def get_data(name, data_dir="data", download=False, train_samples=None, test_samples=None, image_size=None,
+             data_seed=None):
     """Load a dataset as a `Data` of in-memory tensors.
 
     train_samples / test_samples keep the *first* N images of each split (the
     files' own order, which is shuffled for CIFAR, STL and Fashion-MNIST), so a
     subset is the same for every seed and every script.
+    data_seed: which draw of the toy (default 0); the toy is the only dataset that is drawn.
     """
     name = canonical_dataset(name)
+    if data_seed is not None and name != "toy":
+        raise UserError(f"--data-seed picks a draw of the toy; {name} is not drawn")
     if name == "toy":
-        train_x, train_y, test_x, test_y = toy_data.make_toy(seed=0)
+        train_x, train_y, test_x, test_y = toy_data.make_toy(seed=data_seed or 0)
         num_classes = 2
     elif name == "synthetic":
         train_x, train_y, test_x, test_y = make_synthetic(image_size or 32)

@@ -404,6 +404,48 @@ def test_toy_bench_runs_through_the_scripts(tmp_path):
     assert os.path.getsize(tmp_path / "toy.png") > 1000
 
 
+def test_toy_data_seed_reaches_training_and_the_attack(tmp_path):
+    assert torch.equal(D.get_data("toy").train_x, toy_data.make_toy(0)[0])
+    assert torch.equal(D.get_data("toy", data_seed=3).test_x, toy_data.make_toy(3)[2])
+    run("train_baseline.py", "--dataset", "toy", "--seed", 1, "--data-seed", 3, "--epochs", 1, "--out-dir", tmp_path)
+    run("attack.py", "--checkpoint", tmp_path / "model.pt", "--attacks", "exact-l2", "--eps-l2", 2)
+    model, ckpt = attack.load_checkpoint(str(tmp_path / "model.pt"))
+    assert ckpt["args"]["data_seed"] == 3
+    reported = torch.tensor([float("inf") if d is None else d for d in
+                             json.loads((tmp_path / "attack.json").read_text())["exact_l2_distance"]])
+    assert reported.isfinite().sum() > 50  # enough points near a boundary to tell the draws apart
+    with torch.no_grad():  # the attack measured the points of draw 3, not those of the default draw
+        for seed, same in ((3, True), (0, False)):
+            _, _, test_x, test_y = toy_data.make_toy(seed)
+            expected = attack.boundary_distance_2d(model, test_x, test_y, 2.0)
+            assert torch.allclose(reported, expected, atol=1e-4, rtol=0) == same  # attack.json rounds to 4 places
+
+
+def test_data_seed_is_refused_for_data_that_is_not_drawn():
+    assert_one_line_error(run("train_baseline.py", *TINY, "--data-seed", 1, check=False), "--data-seed", "synthetic")
+
+
+def test_toy_bench_summarises_several_seeds(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--out-dir", str(tmp_path), "--epochs", "1",
+                           "--seed", "3", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [3, 1]
+    for name in ("vanilla", "pag"):
+        per_seed = [json.loads((tmp_path / f"seed{s}" / "exact.json").read_text()) for s in (3, 1)]
+        assert [p["config"]["data_seed"] for p in per_seed] == [3, 1]
+        for e in EPS_TOY:
+            values = [p["exact_robust_acc"][name][e] for p in per_seed]
+            st = summary[name]["exact_robust_acc"][e]
+            assert st["per_seed"] == values and st["min"] == min(values) and st["max"] == max(values)
+            assert st["median"] == pytest.approx(sum(values) / 2)  # two seeds: the median is their mean
+        clean = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())[name]["clean_acc"] for s in (3, 1)]
+        assert summary[name]["clean_acc"]["per_seed"] == clean
+    dup = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--out-dir", str(tmp_path / "dup"),
+                          "--seed", "1", "1"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert dup.returncode == 2 and "twice" in dup.stderr and not (tmp_path / "dup").exists()
+
+
 def test_boundary_distance_2d_matches_the_analytic_distance_to_a_line():
     # logits [0, w.x + b]: class 1 where w.x + b > 0; the boundary is a line at |w.x + b| / |w|.
     w, b = torch.tensor([3.0, -4.0]), 2.0

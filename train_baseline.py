@@ -40,6 +40,7 @@ def add_common_args(p):
     p.add_argument("--weight-decay", type=float, help="default 1e-4 with SGD, 0 with Adam")
     p.add_argument("--lr-drops", help="fractions of training at which lr is divided by 10 (default 0.5,0.75; toy none)")
     p.add_argument("--seed", type=int, default=3407, help="the official configs' seed")
+    p.add_argument("--data-seed", type=int, help="toy only: which draw of the data (default 0)")
     p.add_argument("--train-samples", type=int, help="train on the first N training images")
     p.add_argument("--eval-samples", type=int, default=1000, help="per-epoch evaluation on the first N test images")
     p.add_argument("--eval-eps", type=float, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
@@ -208,7 +209,7 @@ def train(args, make_extra_loss=None, run_name="baseline"):
         raise D.UserError("--pag-chunk back-propagates several times per step, which DDP does not allow; "
                           "use more processes or a smaller --batch-size instead")
     data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
-                      args.image_size).to(device)
+                      args.image_size, args.data_seed).to(device)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device)
     opt, sched = make_optimizer(model, args)
