@@ -18,11 +18,20 @@ searched exhaustively: exact.json holds the robust accuracy from each point's di
 the decision boundary (attack.py's exact-l2, a ray search), which checks the PGD numbers.
 """
 import argparse
+import importlib
 import json
 import os
+import statistics
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data as D  # noqa: E402 - ours, found through ROOT
+from attack import load_checkpoint, write_json  # noqa: E402
+from toy_data import CENTRES, SLOPE  # noqa: E402
+
 EPS = (1, 2, 5, 10, 15, 20, 30)
 STEPS = 100
 
@@ -30,8 +39,6 @@ STEPS = 100
 def run_script(script, *args):
     """Run one of our scripts' main() in this process: the same code as `python script args`,
     without paying torch's import (seconds) once per script."""
-    import importlib
-    sys.path.insert(0, ROOT)
     argv = [str(a) for a in args]
     print(f"$ python {script} " + " ".join(argv), flush=True)
     importlib.import_module(script.removesuffix(".py")).main(argv)
@@ -70,11 +77,6 @@ def boundary_report(checkpoint, distances):
     boundary (any direction; `distances` from attack.py's exact-l2, None = beyond the largest eps),
     and the x1 where the prediction changes along the data line x2 = 2*x1 (midpoints between
     modes: -40, -20, 0, 20, 40)."""
-    sys.path.insert(0, ROOT)
-    import torch
-    from attack import load_checkpoint
-    from toy_data import CENTRES, SLOPE
-
     # make_toy's test set: 100 points per mode, in CENTRES order
     dist = torch.tensor([float("inf") if d is None else d for d in distances]).view(-1, 100)
     modes = [{"class": label, "x1": c} for label, centres in enumerate(CENTRES) for c in centres]
@@ -86,13 +88,6 @@ def boundary_report(checkpoint, distances):
         pred = model(torch.stack([x1, SLOPE * x1], 1)).argmax(1)
     crossings = x1[1:][pred[1:] != pred[:-1]]
     return {"modes": modes, "line_crossings_x1": [round(v, 2) for v in crossings.tolist()]}
-
-
-def write_json(path, obj):
-    """Write via a temporary file and rename: a reader never sees half a results file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def run_seed(seed, out_dir, epochs, device):
@@ -114,11 +109,10 @@ def run_seed(seed, out_dir, epochs, device):
         boundaries[name] = boundary_report(os.path.join(run_dir, "model.pt"), res["exact_l2_distance"])
     results["attack"] = (f"targeted L2 PGD toward the other class, {STEPS} normalised-gradient steps of 2.5*eps/{STEPS}, "
                          "projection onto the eps ball, random start, margin loss; 600 balanced test points")
-    write_json(os.path.join(out_dir, "metrics.json"), results)  # exactly the shape tools read
-    write_json(os.path.join(out_dir, "exact.json"), {
-        "exact_robust_acc": exact, "how": "distance to the decision boundary by ray search "
-        "(360 rays, samples every 0.25 refined by bisection): attack-free", "boundaries": boundaries,
-        "config": {"seed": seed, "data_seed": seed, "epochs": epochs}})
+    write_json(results, os.path.join(out_dir, "metrics.json"))  # exactly the shape tools read (atomic)
+    write_json({"exact_robust_acc": exact, "how": "distance to the decision boundary by ray search "
+                "(360 rays, samples every 0.25 refined by bisection): attack-free", "boundaries": boundaries,
+                "config": {"seed": seed, "data_seed": seed, "epochs": epochs}}, os.path.join(out_dir, "exact.json"))
 
     from PIL import Image
     panels = [Image.open(os.path.join(out_dir, n, "regions.png")) for n in ("vanilla", "pag")]
@@ -150,10 +144,7 @@ def summarise(per_seed):
     """Across seeds: per model, clean accuracy and exact / PGD robust accuracy per eps, as
     {"per_seed": [...], "median": m, "min": a, "max": b}."""
     def stats(values):
-        v = sorted(values)
-        mid = len(v) // 2
-        median = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
-        return {"per_seed": values, "median": median, "min": v[0], "max": v[-1]}
+        return {"per_seed": values, "median": statistics.median(values), "min": min(values), "max": max(values)}
 
     out = {"seeds": [s for s, _ in per_seed]}
     for name in ("vanilla", "pag"):
@@ -183,7 +174,7 @@ def main():
     per_seed = [(s, run_seed(s, os.path.join(out_dir, f"seed{s}"), args.epochs, args.device)) for s in args.seed]
     summary = summarise(per_seed)
     summary["config"] = {"epochs": args.epochs}
-    write_json(os.path.join(out_dir, "seeds.json"), summary)
+    write_json(summary, os.path.join(out_dir, "seeds.json"))
     print(f"\nover seeds {args.seed}: exact robust accuracy, median [min, max]")
     print(f"{'eps':>5} {'vanilla':>22} {'PAG':>22}")
     for key, label in (("clean_acc", "clean"), *((e, str(e)) for e in EPS)):
@@ -196,6 +187,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
-    import data  # noqa: E402 - ours, found through ROOT
-    data.run_cli(main)  # a bad input in any script: one `error:` line, exit status 1
+    D.run_cli(main)  # a bad input in any script: one `error:` line, exit status 1
