@@ -1,145 +1,28 @@
 """Evaluate a checkpoint: clean accuracy, PGD, AutoAttack, gradient alignment, pictures.
 
-    python attack.py --checkpoint runs/pag_cifar10/model.pt --attacks clean pgd-l2 aa-l2 aa-linf align visualize
+    python attack.py --checkpoint runs/pag_cm_cifar10_resnet18/model.pt --attacks clean pgd-l2 aa-l2 aa-linf align visualize
 
 The checkpoint alone rebuilds the model and its test data (the same first N test
 images for every attack). Every adversarial example is checked to lie in its
 eps ball and in the input box before it is counted, and robust accuracy counts
 a point only if it is classified correctly both clean and attacked.
-`pgd` here is the one PGD of the project: training scripts import it too.
+The PGD is train_baseline.py's (the project's one, which adversarial training uses too).
 """
-import argparse
-import json
 import logging
 import math
 import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 import data as D
-from models import build_model
+from train_baseline import check_perturbation, load_checkpoint, pgd, pick_device, predict, robust_mask
+from train_pag import pag_loss, sample_targets
 
 ATTACKS = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "exact-l2", "align", "visualize")
 
 
-# ----------------------------------------------------------------------------- PGD
-def per_sample_norm(t):
-    return t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))
-
-
-def project(delta, eps, norm):
-    """Project perturbations onto the eps ball of `norm` ("l2" or "linf")."""
-    if norm == "linf":
-        return delta.clamp(-eps, eps)
-    return delta * (eps / per_sample_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
-
-
-def random_in_ball(shape, eps, norm, generator=None):
-    """Uniform sample from the eps ball (L-inf: a cube; L2: direction x eps*u^(1/d))."""
-    if norm == "linf":
-        return (torch.rand(shape, generator=generator) * 2 - 1) * eps
-    direction = torch.randn(shape, generator=generator)
-    direction = direction / per_sample_norm(direction).clamp_min(1e-12)
-    d = math.prod(shape[1:])
-    radius = eps * torch.rand(shape[0], generator=generator) ** (1.0 / d)
-    return direction * radius.view(-1, *[1] * (len(shape) - 1))
-
-
-def attack_loss(logits, y, loss="ce"):
-    """Summed per-sample loss that an untargeted attack ascends: "ce", "margin"
-    (max_{j != y} z_j - z_y, Carlini-Wagner), whose gradient never saturates, or
-    a function loss(logits, y) -> scalar (TRADES passes its KL to the clean prediction)."""
-    if callable(loss):
-        return loss(logits, y)
-    if loss == "ce":
-        return F.cross_entropy(logits, y, reduction="sum")
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    return (logits.scatter(1, y[:, None], float("-inf")).amax(1) - z_y).sum()
-
-
-def pgd(model, x, y, eps, norm="l2", steps=10, step_size=None, targeted=False, random_start=True,
-        box=(0.0, 1.0), generator=None, loss="ce"):
-    """Projected gradient descent; returns x_adv (detached).
-
-    Untargeted: ascend the loss (CE or margin, see attack_loss) at label y.
-    Targeted: y holds the target classes and PGD descends it toward them. On a
-    very confident model CE saturates (softmax == 1 in float32) and its
-    gradient is rounding noise: measured on a tiny synthetic model, CE-PGD left
-    33% robust at L2 eps 8 where margin-PGD left 0%. L2 steps follow the per-sample normalised
-    gradient, L-inf steps its sign; every iterate is projected onto the eps
-    ball around x and clipped to `box` (None: unbounded, e.g. the 2-D toy).
-    step_size defaults to 2.5 * eps / steps (Madry et al.). The caller chooses
-    the model's mode (eval for evaluation and for crafting training attacks).
-    Depends only on torch.
-    """
-    step_size = 2.5 * eps / steps if step_size is None else step_size
-    x = x.detach()
-    clip = (lambda t: t.clamp(*box)) if box is not None else (lambda t: t)
-    delta = torch.zeros_like(x)
-    if random_start and eps > 0:
-        delta = random_in_ball(x.shape, eps, norm, generator).to(x)
-    x_adv = clip(x + delta)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        # Summed per-sample losses: each sample's gradient is its own (model in eval mode).
-        (grad,) = torch.autograd.grad(attack_loss(model(x_adv), y, loss), x_adv)
-        if targeted:
-            grad = -grad
-        if norm == "linf":
-            step = step_size * grad.sign()
-        else:
-            step = step_size * grad / per_sample_norm(grad).clamp_min(1e-12)
-        x_adv = clip(x + project(x_adv.detach() + step - x, eps, norm))
-    return x_adv.detach()
-
-
-def check_perturbation(x_adv, x, eps, norm, box, name):
-    """Refuse to count adversarial examples outside their eps ball or the input box."""
-    dist = (x_adv - x).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
-    if (dist > eps * (1 + 1e-4) + 1e-6).any():
-        raise RuntimeError(f"{name}: perturbation of {dist.max().item():.6g} exceeds eps {eps:g} ({norm})")
-    if box is not None and ((x_adv < box[0] - 1e-6).any() or (x_adv > box[1] + 1e-6).any()):
-        raise RuntimeError(f"{name}: adversarial example leaves the input box {box}")
-
-
 # ----------------------------------------------------------------------------- evaluation helpers
-@torch.no_grad()
-def predict(model, x, batch_size=500):
-    return torch.cat([model(x[i: i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
-
-def runner_up(model, x, y):
-    """The most likely wrong class for each point (the target of a 'runner-up' attack)."""
-    with torch.no_grad():
-        logits = model(x)
-    return logits.scatter(1, y[:, None], float("-inf")).argmax(1)
-
-
-def robust_mask(model, x, y, eps, norm, box, batch_size=250, target="none", progress=None, **pgd_kwargs):
-    """Per point: classified right both clean and under PGD (adversarial examples checked in the eps ball).
-
-    target: "none" (untargeted PGD), "runner-up" (targeted toward each point's
-    most likely wrong class) or a class index. Either way a point counts as
-    robust only if the attacked input still gets its true label.
-    """
-    masks, start = [], time.time()
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i: i + batch_size], y[i: i + batch_size]
-        if target == "none":
-            x_adv = pgd(model, xb, yb, eps, norm, box=box, **pgd_kwargs)
-        else:
-            tb = runner_up(model, xb, yb) if target == "runner-up" else torch.full_like(yb, int(target))
-            x_adv = pgd(model, xb, tb, eps, norm, targeted=True, box=box, **pgd_kwargs)
-        check_perturbation(x_adv, xb, eps, norm, box, f"pgd-{norm}")
-        with torch.no_grad():
-            masks.append((model(xb).argmax(1) == yb) & (model(x_adv).argmax(1) == yb))
-        if progress:
-            progress(min(i + batch_size, len(x)), len(x), start)
-    return torch.cat(masks)
-
-
 @torch.no_grad()
 def boundary_distance_2d(model, x, y, max_radius, directions=360, radial_step=0.25, refine_steps=12, batch=32):
     """Per 2-D point: L2 distance to the nearest input the model does not label y (0 if x itself
@@ -168,11 +51,6 @@ def boundary_distance_2d(model, x, y, max_radius, directions=360, radial_step=0.
         dist = torch.where(hit, torch.where(first == 0, torch.zeros_like(hi), hi), torch.full_like(hi, float("inf")))
         out.append(dist.amin(1))
     return torch.cat(out)
-
-
-def robust_accuracy(*args, **kwargs):
-    """Fraction of points that robust_mask counts as robust."""
-    return robust_mask(*args, **kwargs).float().mean().item()
 
 
 def print_progress(what):
@@ -238,8 +116,6 @@ def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_s
     the targets depend only on the source, not on the model. gt_grad_fn(x, t, idx)
     gets the images' dataset indices when `indices` is given (training images).
     """
-    from train_pag import pag_loss, sample_targets  # the method's own definition of the gradient term
-
     gen = torch.Generator().manual_seed(seed)
     k = targets_per_image or num_classes
     total = 0.0
@@ -251,48 +127,6 @@ def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_s
     return total / len(x)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def load_checkpoint(path, device="cpu"):
-    """Rebuild the model of a checkpoint written by train_baseline.py / train_pag.py.
-
-    Returns (model in eval mode, checkpoint dict). Bad paths and files that are
-    not our checkpoints raise UserError with a one-line reason.
-    """
-    if not os.path.isfile(path):
-        raise D.UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise D.UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    needed = ("model", "arch", "num_classes", "input_shape", "args")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        raise D.UserError(f"{path} is not a checkpoint of train_baseline.py / train_pag.py")
-    shape = ckpt["input_shape"]
-    model = build_model(ckpt["arch"], ckpt["num_classes"], shape[0], shape[-1] if len(shape) == 3 else None)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise D.UserError(f"{path}: weights do not fit a {ckpt['arch']} model") from None
-    return model.to(device).eval(), ckpt
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise D.UserError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def write_json(obj, path):
-    """Write JSON atomically (temporary file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- pictures
 def visualize(model, ckpt, data, x, args, path):
     """Images: rows of test images, one column per target class, each the result of a
@@ -301,7 +135,7 @@ def visualize(model, ckpt, data, x, args, path):
         import toy_data
 
         arrows = None
-        if ckpt["args"].get("source"):  # a PAG model: show the field it was trained to follow
+        if ckpt["pag_source"]:  # a PAG model: show the field it was trained to follow
             pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(0))[:60]
             g = toy_data.toy_ground_truth(data.train_x.cpu(), (1 - data.train_y.cpu())[:, None],
                                           data.train_x.cpu(), data.train_y.cpu(), exclude_self=True)
@@ -327,33 +161,34 @@ def visualize(model, ckpt, data, x, args, path):
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="model.pt written by a training script")
     p.add_argument("--attacks", nargs="+", default=["clean", "pgd-l2", "pgd-linf"], choices=ATTACKS)
-    p.add_argument("--eps-l2", type=float, nargs="+", help="L2 radii (default: the dataset's, e.g. 0.5 for CIFAR)")
-    p.add_argument("--eps-linf", type=float, nargs="+", help="L-inf radii (default: 8/255 for CIFAR/STL, 0.1 Fashion-MNIST)")
-    p.add_argument("--steps", type=int, default=20, help="PGD iterations")
-    p.add_argument("--step-size", type=float, help="PGD step (default 2.5*eps/steps)")
+    p.add_argument("--eps-l2", type=D.nonneg_float, nargs="+", help="L2 radii (default: the dataset's, e.g. 0.5 for CIFAR)")
+    p.add_argument("--eps-linf", type=D.nonneg_float, nargs="+", help="L-inf radii (default: 8/255 for CIFAR/STL, 0.1 Fashion-MNIST)")
+    p.add_argument("--steps", type=D.positive_int, default=20, help="PGD iterations")
+    p.add_argument("--step-size", type=D.positive_float, help="PGD step (default: 2.5*eps/steps)")
     p.add_argument("--pgd-loss", default="margin", choices=("margin", "ce"),
                    help="margin (default: does not saturate on confident models) or ce")
     p.add_argument("--target", default="none", help="PGD target: none (untargeted), runner-up, or a class index")
     p.add_argument("--aa-version", default="standard", choices=("standard", "apgd"),
                    help="standard AutoAttack, or its APGD-CE + APGD-T subset")
-    p.add_argument("--n-samples", type=int, default=1000, help="the first N test images")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--align-source", default="nn", choices=D.SOURCES)
-    p.add_argument("--align-targets", type=int, help="classes per image for align (default all)")
+    p.add_argument("--n-samples", type=D.positive_int, default=1000, help="the first N test images")
+    p.add_argument("--batch-size", type=D.positive_int, default=250)
+    p.add_argument("--align-source", choices=D.SOURCES,
+                   help="ground truth for align (default: the model's own PAG source, else nn)")
+    p.add_argument("--align-targets", type=D.positive_int, help="classes per image for align (default: all)")
     p.add_argument("--align-split", default="test", choices=("test", "train"),
                    help="images for align (sbg fields exist for training images only)")
-    p.add_argument("--sbg-file")
-    p.add_argument("--vis-images", type=int, default=8)
-    p.add_argument("--vis-eps", type=float, help="L2 radius of the pictures' targeted attack (default 10x the dataset's eps)")
-    p.add_argument("--vis-steps", type=int, default=60)
+    p.add_argument("--sbg-file", help="fields for --align-source sbg (sbg.py export)")
+    p.add_argument("--vis-images", type=D.positive_int, default=8)
+    p.add_argument("--vis-eps", type=D.nonneg_float, help="L2 radius of the pictures' targeted attack (default: 10x the dataset's eps)")
+    p.add_argument("--vis-steps", type=D.positive_int, default=60)
     p.add_argument("--vis-out", help="PNG path (default: next to the checkpoint)")
     p.add_argument("--out", help="results JSON (default: attack.json next to the checkpoint)")
     p.add_argument("--data-dir", help="override the checkpoint's --data-dir")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--cache-dir", default="cache")
+    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--cache-dir", default="cache", help="where nearest-neighbour tables are cached")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = p.parse_args(argv)
@@ -365,10 +200,15 @@ def main(argv=None):
     data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download or targs.get("download", False),
                       targs.get("train_samples"), args.n_samples, targs.get("image_size"), targs.get("data_seed")).to(device)
     x, y = D.to_float(data.test_x), data.test_y
+    if args.target not in ("none", "runner-up") and not (args.target.isdigit() and int(args.target) < data.num_classes):
+        raise D.UserError(f"--target must be none, runner-up or a class in 0..{data.num_classes - 1}, got {args.target!r}")
+    if args.align_targets is not None and args.align_targets > data.num_classes:
+        raise D.UserError(f"--align-targets must be in 1..{data.num_classes}, got {args.align_targets}")
+    args.align_source = args.align_source or (ckpt["pag_source"] if ckpt["pag_source"] in ("oi", "cm", "nn") else "nn")
     defaults = D.DATASETS[data.name]
     eps_l2 = args.eps_l2 or [defaults["eps_l2"]]
     eps_linf = args.eps_linf or [defaults["eps_linf"]]
-    out_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    out_dir = os.path.dirname(args.checkpoint)  # paths are written as given
     results = {"checkpoint": args.checkpoint, "dataset": data.name, "arch": ckpt["arch"], "n_samples": len(y)}
     pgd_settings = dict(steps=args.steps, step_size=args.step_size, loss=args.pgd_loss)
     torch.manual_seed(args.seed)
@@ -420,9 +260,10 @@ def main(argv=None):
         vis_path = args.vis_out or os.path.join(out_dir, "pag_grid.png" if data.is_image else "regions.png")
         visualize(model, ckpt, data, x, args, vis_path)
         results["visualization"] = vis_path
+        print(f"wrote {vis_path}")
 
     out = args.out or os.path.join(out_dir, "attack.json")
-    write_json(results, out)
+    D.write_json(results, out)
     print(f"\n{'measure':<28}{'accuracy':>10}")
     print(f"{'clean':<28}{results['clean_acc']:>10.2%}")
     for key in ("pgd_l2", "pgd_linf", "exact_l2", "autoattack_l2", "autoattack_linf"):

@@ -16,11 +16,10 @@ the gradient of log p(t | x_t), averaged over --noise-draws draws of eps at time
 --timestep. Pixels live in [-1, 1] inside the diffusion model, so g is a direction in
 pixel space (cosines are unchanged by the factor 2 to [0, 1] pixels).
 """
-import argparse
-import json
 import math
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -29,8 +28,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data as D
-from attack import pick_device
-from train_baseline import setup_distributed
+from train_baseline import CHECKPOINT_FORMAT, pick_device, read_checkpoint, resume_checkpoint, setup_distributed
+
+# Flags that may differ between `sbg.py train` and its --resume: more --epochs continue a finished run.
+RESUME_MAY_CHANGE = {"job", "resume", "device", "out_dir", "data_dir", "download", "epochs", "checkpoint", "timestep",
+                     "noise_draws", "out", "sweep_timesteps", "sweep_images", "png"}
 
 
 # ----------------------------------------------------------------------------- the denoiser
@@ -99,14 +101,18 @@ def sbg_field(denoiser, x, target_classes, alpha_bar, noise, null_class, timeste
 
 # ----------------------------------------------------------------------------- jobs
 def load_denoiser(path, device):
-    if not os.path.isfile(path):
-        raise D.UserError(f"denoiser checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "sbg-denoiser":
-        raise D.UserError(f"{path} is not a checkpoint of sbg.py train")
-    net = Denoiser(ckpt["input_shape"][0], ckpt["num_classes"], ckpt["args"]["width"]).to(device)
-    net.load_state_dict(ckpt["model"])
-    return net.eval(), ckpt
+    ckpt = read_checkpoint(path, "sbg-denoiser", "denoiser checkpoint of sbg.py train")
+    try:
+        net = Denoiser(ckpt["input_shape"][0], ckpt["num_classes"], ckpt["args"]["width"])
+        net.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError):
+        raise D.UserError(f"{path}: weights do not fit the denoiser it describes") from None
+    return net.to(device).eval(), ckpt
+
+
+def check_timesteps(steps, ckpt):
+    if max(steps) >= ckpt["args"]["timesteps"]:
+        raise D.UserError(f"timestep {max(steps)} is beyond the denoiser's schedule (0..{ckpt['args']['timesteps'] - 1})")
 
 
 def get_images(args):
@@ -119,6 +125,11 @@ def get_images(args):
 def train(args):
     """Fit the denoiser; under torchrun every process takes a shard of each epoch (DDP)."""
     rank, world, device = setup_distributed(args)
+    with D.RunLock(args.out_dir) if rank == 0 else nullcontext():
+        _train(args, rank, world, device)
+
+
+def _train(args, rank, world, device):
     data = get_images(args)
     x_all = data.train_x.to(device)
     y_all = data.train_y.to(device)
@@ -132,12 +143,10 @@ def train(args):
     sample_gen = torch.Generator().manual_seed(args.seed * 1000 + 1 + rank)  # noise, timesteps, label drops
     path = os.path.join(args.out_dir, "denoiser.pt")
     start = 0
+    if rank == 0:
+        D.remove_stale_temporaries(args.out_dir, ("denoiser.pt",))
     if args.resume:
-        if not os.path.isfile(path):
-            raise D.UserError(f"--resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        if len(ckpt["sample_generators"]) != world:
-            raise D.UserError(f"--resume: {path} was written by {len(ckpt['sample_generators'])} process(es), this run has {world}")
+        ckpt = resume_checkpoint(path, args, "sbg-denoiser", "denoiser checkpoint of sbg.py train", RESUME_MAY_CHANGE)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         order_gen.set_state(ckpt["generator"])
@@ -145,8 +154,6 @@ def train(args):
         start = ckpt["epoch"]
     elif os.path.exists(path):
         raise D.UserError(f"{path} exists; pass --resume to continue it or choose another --out-dir")
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
     n = len(y_all)
     if rank == 0:
         print(f"denoiser: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {n} images of {data.name}, "
@@ -174,10 +181,13 @@ def train(args):
         if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {total / batches:.4f} (rank 0) [{time.time() - t0:.0f}s, "
                   f"ETA {(time.time() - t0) * (args.epochs - epoch - 1) / 60:.1f} min]", flush=True)
-            D.atomic_save({"kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
+            if not math.isfinite(total):
+                raise D.UserError(f"denoiser training diverged in epoch {epoch + 1} (loss {total}); "
+                                  f"{path} keeps the last good epoch")
+            D.atomic_write(path, {"format": CHECKPOINT_FORMAT, "kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
                            "generator": order_gen.get_state(), "sample_generators": states, "epoch": epoch + 1,
                            "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
-                           "input_shape": data.input_shape}, path)
+                           "input_shape": tuple(data.input_shape)})
         if world > 1:
             dist.barrier()
     if world > 1:
@@ -193,6 +203,7 @@ def export(args):
         raise D.UserError(f"denoiser was trained on {ckpt['dataset']} {tuple(ckpt['input_shape'])}, "
                           f"not {data.name} {data.input_shape}")
     x_all, c = D.to_float(data.train_x) * 2 - 1, data.num_classes
+    check_timesteps([args.timestep], ckpt)
     abar = alpha_bars(ckpt["args"]["timesteps"])[args.timestep].item()
     gen = torch.Generator().manual_seed(args.seed)
     fields = torch.empty(len(x_all), c, *data.input_shape, dtype=torch.float16)
@@ -209,9 +220,9 @@ def export(args):
         if (s // args.batch_size) % 20 == 0 or done == len(x_all):
             rate = done / (time.time() - t0)
             print(f"export: {done}/{len(x_all)} images, {rate:.0f} img/s, ETA {(len(x_all) - done) / rate:.0f}s", flush=True)
-    D.atomic_save({"kind": "sbg-fields", "fields": fields, "dataset": data.name, "n": len(x_all),
+    D.atomic_write(args.out, {"kind": "sbg-fields", "fields": fields, "dataset": data.name, "n": len(x_all),
                    "train_samples": args.train_samples, "labels": data.train_y.clone(), "timestep": args.timestep,
-                   "alpha_bar": abar, "noise_draws": args.noise_draws, "denoiser": args.checkpoint}, args.out)
+                   "alpha_bar": abar, "noise_draws": args.noise_draws, "denoiser": args.checkpoint})
     print(f"wrote {args.out}: fields {tuple(fields.shape)} float16")
 
 
@@ -229,6 +240,7 @@ def sweep(args):
     """
     device = pick_device(args.device)
     net, ckpt = load_denoiser(args.checkpoint, device)
+    check_timesteps(args.sweep_timesteps, ckpt)
     args.train_samples = args.sweep_images
     data = get_images(args)
     x = (D.to_float(data.train_x) * 2 - 1).to(device)
@@ -262,39 +274,41 @@ def sweep(args):
         save_image(grid / scale * 0.5 + 0.5, args.png, nrow=c + 1, padding=1, pad_value=1.0)
         print(f"wrote {args.png} (rows: 4 images x timesteps {args.sweep_timesteps})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": table, "best_timestep": best["timestep"], "images": len(x)}, f, indent=2)
+        D.write_json({"rows": table, "best_timestep": best["timestep"], "images": len(x)}, args.out)
+        print(f"wrote {args.out}")
     return table
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("job", choices=("train", "export", "sweep"))
+def main(argv=None):
+    p = D.Parser(description=__doc__)
+    p.add_argument("job", choices=("train", "export", "sweep"),
+                   help="train the denoiser, export fields for train_pag.py, or sweep noise levels")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--train-samples", type=int, help="the first N training images (must match train_pag.py's)")
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--train-samples", type=D.positive_int, help="the first N training images (must match train_pag.py's)")
+    p.add_argument("--image-size", type=D.positive_int, help="resize folder images / size of synthetic images")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=D.positive_int, default=128)
     # train
-    p.add_argument("--out-dir", default=os.path.join("runs", "sbg"))
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--width", type=int, default=32, help="U-Net base channels (64 or more for CIFAR on a GPU)")
-    p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the class label")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out-dir", default=os.path.join("runs", "sbg"), help="train: where denoiser.pt goes")
+    p.add_argument("--epochs", type=D.positive_int, default=20, help="train: epochs")
+    p.add_argument("--lr", type=D.positive_float, default=1e-3, help="train: Adam learning rate")
+    p.add_argument("--width", type=D.positive_int, default=32, help="train: U-Net base channels (64 or more for CIFAR on a GPU)")
+    p.add_argument("--timesteps", type=D.positive_int, default=1000, help="train: diffusion steps of the schedule")
+    p.add_argument("--p-uncond", type=D.unit_interval, default=0.1, help="train: probability of dropping the class label")
+    p.add_argument("--resume", action="store_true", help="train: continue OUT_DIR/denoiser.pt (more --epochs allowed)")
     # export / sweep
-    p.add_argument("--checkpoint", help="denoiser.pt from `sbg.py train`")
-    p.add_argument("--timestep", type=int, default=300, help="noise level of the fields (see `sweep`)")
-    p.add_argument("--noise-draws", type=int, default=4)
+    p.add_argument("--checkpoint", help="export, sweep: denoiser.pt from `sbg.py train`")
+    p.add_argument("--timestep", type=D.nonneg_int, default=300, help="export: noise level of the fields (see `sweep`)")
+    p.add_argument("--noise-draws", type=D.positive_int, default=4, help="export: noise draws averaged per field")
     p.add_argument("--out", help="export: the fields file; sweep: a JSON of the measurements")
-    p.add_argument("--sweep-timesteps", type=int, nargs="+", default=[50, 100, 200, 300, 400, 600, 800])
-    p.add_argument("--sweep-images", type=int, default=64)
+    p.add_argument("--sweep-timesteps", type=D.nonneg_int, nargs="+", default=[50, 100, 200, 300, 400, 600, 800],
+                   help="sweep: noise levels to measure")
+    p.add_argument("--sweep-images", type=D.positive_int, default=64, help="sweep: training images to measure on")
     p.add_argument("--png", help="sweep: draw the fields of 4 images at every timestep")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.job == "train":
         train(args)
         return

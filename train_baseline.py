@@ -1,17 +1,25 @@
 """Vanilla training: the project's one training loop (train_pag.py adds its term to it).
 
     python train_baseline.py --dataset cifar10                 # paper settings: ResNet-18, 100 epochs
+    python train_baseline.py --dataset cifar10 --adv pgd       # Madry PGD-AT (L-inf 8/255, 10 steps)
     python train_baseline.py --dataset fashion-mnist --epochs 5 --train-samples 20000
 
 Writes OUT_DIR/model.pt atomically after every epoch (weights, optimiser,
 scheduler, RNG state and everything attack.py needs) and one JSON line per
 epoch to OUT_DIR/metrics.jsonl. `--resume` continues an interrupted run and ends
-exactly where an uninterrupted one would.
+exactly where an uninterrupted one would. One run per OUT_DIR at a time.
+Training stops, keeping the last good checkpoint, if a loss or a weight stops
+being finite. This file also holds the project's one PGD (adversarial training
+uses it, and attack.py evaluates with it).
 """
 import argparse
 import json
+import math
 import os
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -19,63 +27,68 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data as D
-from attack import check_perturbation, pgd, pick_device, predict, robust_accuracy
 from models import ARCHS, build_model
 
 # Flags that may differ between a run and its --resume (everything else must match).
 RESUME_MAY_CHANGE = {"resume", "stop_after_epoch", "device", "out_dir", "log_every", "data_dir", "download", "cache_dir"}
+CHECKPOINT_FORMAT = 2  # bumped when the fields of model.pt change
 
 
 def add_common_args(p):
-    """The flags of the training loop; unset ones take the dataset's paper defaults (data.DATASETS)."""
+    """The flags of the training loop; unset ones take the dataset's defaults (data.DATASETS)."""
     p.add_argument("--dataset", default="cifar10", help=f"{', '.join(D.DATASETS)} (stl = stl10)")
     p.add_argument("--data-dir", default="data", help="where datasets live (folder: holds train/ and test/)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
-    p.add_argument("--arch", help=f"{', '.join(ARCHS)}; default resnet18 (images), cnn (fashion-mnist), mlp (toy)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, help="default 64 (CIFAR), 32 (STL), 128 (toy)")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), help="default sgd (adam for the toy)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD only")
-    p.add_argument("--weight-decay", type=float, help="default 1e-4 with SGD, 0 with Adam")
-    p.add_argument("--lr-drops", help="fractions of training at which lr is divided by 10 (default 0.5,0.75; toy none)")
+    p.add_argument("--arch", help=f"{', '.join(ARCHS)}; default: resnet18 (CIFAR, STL, folder), cnn (fashion-mnist), mlp (toy)")
+    p.add_argument("--epochs", type=D.positive_int, default=100)
+    p.add_argument("--batch-size", type=D.positive_int, help="default: 64 (CIFAR, fashion-mnist, folder), 32 (STL), 128 (toy)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd (paper), adam (fashion-mnist, toy)")
+    p.add_argument("--lr", type=D.positive_float, help="default: 0.01 (paper, toy), 1e-3 (fashion-mnist)")
+    p.add_argument("--momentum", type=D.nonneg_float, default=0.9, help="SGD only")
+    p.add_argument("--weight-decay", type=D.nonneg_float, help="default: 1e-4 with SGD, 0 with Adam")
+    p.add_argument("--lr-drops", type=D.fractions, metavar="F1,F2",
+                   help="fractions of training after which lr is divided by 10; default: 0.5,0.75 (paper), "
+                        "none (fashion-mnist, toy); '--lr-drops=' for none")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop (padding 4) + flip per sample; default: on for CIFAR, STL and folder images "
+                        "of 32 px or more, off for fashion-mnist")
     p.add_argument("--seed", type=int, default=3407, help="the official configs' seed")
     p.add_argument("--data-seed", type=int, help="toy only: which draw of the data (default 0)")
-    p.add_argument("--train-samples", type=int, help="train on the first N training images")
-    p.add_argument("--eval-samples", type=int, default=1000, help="per-epoch evaluation on the first N test images")
-    p.add_argument("--eval-eps", type=float, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
-    p.add_argument("--eval-steps", type=int, default=7, help="per-epoch PGD-L2 steps (step 1.5*eps/steps, as the official code)")
-    p.add_argument("--adv", default="none", choices=("none", "pgd", "trades"),
-                   help="adversarial training: Madry PGD-AT or TRADES (default none)")
+    p.add_argument("--train-samples", type=D.positive_int, help="train on the first N training images (default: all)")
+    p.add_argument("--eval-samples", type=D.positive_int, default=1000, help="per-epoch evaluation on the first N test images")
+    p.add_argument("--eval-eps", type=D.nonneg_float, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
+    p.add_argument("--eval-steps", type=D.positive_int, default=7, help="per-epoch PGD-L2 steps (step 1.5*eps/steps, as the official code)")
+    p.add_argument("--adv", default="none", choices=("none", "pgd", "trades"), help="adversarial training: Madry PGD-AT or TRADES")
     p.add_argument("--adv-norm", default="linf", choices=("linf", "l2"))
-    p.add_argument("--adv-eps", type=float, help="default: the dataset's eps (8/255 L-inf, 0.5 L2 for CIFAR; 0.1, 1.5 Fashion-MNIST)")
-    p.add_argument("--adv-steps", type=int, default=10)
-    p.add_argument("--adv-step-size", type=float, help="default 2.5*eps/steps (2/255 for 8/255 and 10 steps)")
-    p.add_argument("--trades-beta", type=float, default=6.0)
-    p.add_argument("--image-size", type=int, help="resize folder images / size of synthetic images")
-    p.add_argument("--no-augment", action="store_true", help="turn off random crop + flip")
-    p.add_argument("--out-dir", help="default runs/<script>_<dataset>_<arch>")
+    p.add_argument("--adv-eps", type=D.nonneg_float, help="default: the dataset's eps (8/255 L-inf, 0.5 L2 for CIFAR; 0.1, 1.5 fashion-mnist)")
+    p.add_argument("--adv-steps", type=D.positive_int, default=10)
+    p.add_argument("--adv-step-size", type=D.positive_float, help="default: 2.5*eps/steps (2/255 for 8/255 and 10 steps)")
+    p.add_argument("--trades-beta", type=D.nonneg_float, default=6.0)
+    p.add_argument("--amp", default="fp32", choices=("fp32", "bf16"),
+                   help="training precision: fp32 (on a GPU, matmuls and convolutions use TF32 where it has it), "
+                        "or bf16 autocast (losses and cosines stay in fp32)")
+    p.add_argument("--image-size", type=D.positive_int, help="resize folder images / size of synthetic images")
+    p.add_argument("--out-dir", help="default: runs/<baseline|pag_SOURCE>[_pgdat|_trades]_<dataset>_<arch>")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/model.pt")
-    p.add_argument("--stop-after-epoch", type=int, help="exit after this epoch (time-limited jobs; continue with --resume)")
+    p.add_argument("--stop-after-epoch", type=D.positive_int, help="exit after this epoch (time-limited jobs; continue with --resume)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--log-every", type=int, default=50, help="progress line every N batches")
+    p.add_argument("--log-every", type=D.positive_int, default=50, help="progress line every N batches (and at least every 10 s)")
     p.add_argument("--cache-dir", default="cache", help="where nearest-neighbour tables are cached")
     return p
 
 
 def resolve_defaults(args, run_name):
-    """Fill unset flags from the dataset's defaults, in place."""
+    """Fill unset flags from the dataset's row of data.DATASETS, in place."""
     args.dataset = D.canonical_dataset(args.dataset)
     defaults = D.DATASETS[args.dataset]
     args.arch = args.arch or defaults["arch"]
     if args.arch not in ARCHS:
         raise D.UserError(f"unknown arch {args.arch!r}; choose from {', '.join(ARCHS)}")
-    args.batch_size = args.batch_size or defaults["batch_size"]
-    args.optimizer = args.optimizer or defaults["optimizer"]
+    for flag in ("batch_size", "optimizer", "lr", "lr_drops"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, defaults[flag])
     if args.weight_decay is None:
         args.weight_decay = 1e-4 if args.optimizer == "sgd" else 0.0
-    if args.lr_drops is None:
-        args.lr_drops = defaults["lr_drops"]
     if args.eval_eps is None:
         args.eval_eps = defaults["eps_l2"]
     if args.adv_eps is None:
@@ -83,10 +96,16 @@ def resolve_defaults(args, run_name):
     if args.adv != "none":
         run_name += f"_{args.adv}at" if args.adv == "pgd" else f"_{args.adv}"
     args.out_dir = args.out_dir or os.path.join("runs", f"{run_name}_{args.dataset}_{args.arch}")
-    for flag in ("epochs", "batch_size", "eval_samples", "log_every"):
-        if getattr(args, flag) < 1:
-            raise D.UserError(f"--{flag.replace('_', '-')} must be at least 1")
     return args
+
+
+# ----------------------------------------------------------------------------- devices
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise D.UserError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
 
 
 def setup_distributed(args):
@@ -94,30 +113,146 @@ def setup_distributed(args):
     NCCL with one GPU per process (LOCAL_RANK), gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, pick_device(args.device)
-    use_cuda = args.device != "cpu" and torch.cuda.is_available()
-    if args.device == "cuda" and not use_cuda:
-        raise D.UserError("--device cuda asked for, but no CUDA device is available")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), world, device
-
-
-def make_optimizer(model, args):
-    if args.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        device = pick_device(args.device)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    drops = [round(float(f) * args.epochs) for f in args.lr_drops.split(",") if f.strip()]
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=drops, gamma=0.1)
+        use_cuda = args.device != "cpu" and torch.cuda.is_available()
+        if args.device == "cuda" and not use_cuda:
+            raise D.UserError("--device cuda asked for, but no CUDA device is available")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+    if device.type == "cuda":  # fp32 on tensor cores (TF32) for matmuls too; PyTorch does it for convolutions already
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return (dist.get_rank() if world > 1 else 0), world, device
 
 
+# ----------------------------------------------------------------------------- PGD, the project's one
+def per_sample_norm(t):
+    return t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))
+
+
+def project(delta, eps, norm):
+    """Project perturbations onto the eps ball of `norm` ("l2" or "linf")."""
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    return delta * (eps / per_sample_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+
+
+def random_in_ball(shape, eps, norm, generator=None):
+    """Uniform sample from the eps ball (L-inf: a cube; L2: direction x eps*u^(1/d))."""
+    if norm == "linf":
+        return (torch.rand(shape, generator=generator) * 2 - 1) * eps
+    direction = torch.randn(shape, generator=generator)
+    direction = direction / per_sample_norm(direction).clamp_min(1e-12)
+    d = math.prod(shape[1:])
+    radius = eps * torch.rand(shape[0], generator=generator) ** (1.0 / d)
+    return direction * radius.view(-1, *[1] * (len(shape) - 1))
+
+
+def attack_loss(logits, y, loss="ce"):
+    """Summed per-sample loss that an untargeted attack ascends: "ce", "margin"
+    (max_{j != y} z_j - z_y, Carlini-Wagner), whose gradient never saturates, or
+    a function loss(logits, y) -> scalar (TRADES passes its KL to the clean prediction)."""
+    if callable(loss):
+        return loss(logits, y)
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="sum")
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    return (logits.scatter(1, y[:, None], float("-inf")).amax(1) - z_y).sum()
+
+
+def pgd(model, x, y, eps, norm="l2", steps=10, step_size=None, targeted=False, random_start=True,
+        box=(0.0, 1.0), generator=None, loss="ce"):
+    """Projected gradient descent; returns x_adv (detached).
+
+    Untargeted: ascend the loss (CE or margin, see attack_loss) at label y.
+    Targeted: y holds the target classes and PGD descends it toward them. On a
+    very confident model CE saturates (softmax == 1 in float32) and its
+    gradient is rounding noise: measured on a tiny synthetic model, CE-PGD left
+    33% robust at L2 eps 8 where margin-PGD left 0%. L2 steps follow the per-sample normalised
+    gradient, L-inf steps its sign; every iterate is projected onto the eps
+    ball around x and clipped to `box` (None: unbounded, e.g. the 2-D toy).
+    step_size defaults to 2.5 * eps / steps (Madry et al.). The caller chooses
+    the model's mode (eval for evaluation and for crafting training attacks).
+    Needs per_sample_norm, project, random_in_ball and attack_loss (above); torch only.
+    """
+    step_size = 2.5 * eps / steps if step_size is None else step_size
+    x = x.detach()
+    clip = (lambda t: t.clamp(*box)) if box is not None else (lambda t: t)
+    delta = torch.zeros_like(x)
+    if random_start and eps > 0:
+        delta = random_in_ball(x.shape, eps, norm, generator).to(x)
+    x_adv = clip(x + delta)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        # Summed per-sample losses: each sample's gradient is its own (model in eval mode).
+        (grad,) = torch.autograd.grad(attack_loss(model(x_adv), y, loss), x_adv)
+        if targeted:
+            grad = -grad
+        if norm == "linf":
+            step = step_size * grad.sign()
+        else:
+            step = step_size * grad / per_sample_norm(grad).clamp_min(1e-12)
+        x_adv = clip(x + project(x_adv.detach() + step - x, eps, norm))
+    return x_adv.detach()
+
+
+def check_perturbation(x_adv, x, eps, norm, box, name):
+    """Refuse to count adversarial examples outside their eps ball or the input box."""
+    dist_ = (x_adv - x).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
+    if (dist_ > eps * (1 + 1e-4) + 1e-6).any():
+        raise RuntimeError(f"{name}: perturbation of {dist_.max().item():.6g} exceeds eps {eps:g} ({norm})")
+    if box is not None and ((x_adv < box[0] - 1e-6).any() or (x_adv > box[1] + 1e-6).any()):
+        raise RuntimeError(f"{name}: adversarial example leaves the input box {box}")
+
+
+@torch.no_grad()
+def predict(model, x, batch_size=500):
+    return torch.cat([model(x[i: i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def runner_up(model, x, y):
+    """The most likely wrong class for each point (the target of a 'runner-up' attack)."""
+    with torch.no_grad():
+        logits = model(x)
+    return logits.scatter(1, y[:, None], float("-inf")).argmax(1)
+
+
+def robust_mask(model, x, y, eps, norm, box, batch_size=250, target="none", progress=None, **pgd_kwargs):
+    """Per point: classified right both clean and under PGD (adversarial examples checked in the eps ball).
+
+    target: "none" (untargeted PGD), "runner-up" (targeted toward each point's
+    most likely wrong class) or a class index. Either way a point counts as
+    robust only if the attacked input still gets its true label.
+    """
+    masks, start = [], time.time()
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i: i + batch_size], y[i: i + batch_size]
+        if target == "none":
+            x_adv = pgd(model, xb, yb, eps, norm, box=box, **pgd_kwargs)
+        else:
+            tb = runner_up(model, xb, yb) if target == "runner-up" else torch.full_like(yb, int(target))
+            x_adv = pgd(model, xb, tb, eps, norm, targeted=True, box=box, **pgd_kwargs)
+        check_perturbation(x_adv, xb, eps, norm, box, f"pgd-{norm}")
+        with torch.no_grad():
+            masks.append((model(xb).argmax(1) == yb) & (model(x_adv).argmax(1) == yb))
+        if progress:
+            progress(min(i + batch_size, len(x)), len(x), start)
+    return torch.cat(masks)
+
+
+def robust_accuracy(*args, **kwargs):
+    """Fraction of points that robust_mask counts as robust."""
+    return robust_mask(*args, **kwargs).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- losses
 def trades_kl(logits, p_clean):
     """Summed KL(p_clean || softmax(logits)): the TRADES regulariser and its attack's objective."""
-    return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+    return F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean.float(), reduction="sum")
 
 
 def adversarial_loss(model, x, y, logits, args, box, generator, forward=None):
@@ -126,7 +261,7 @@ def adversarial_loss(model, x, y, logits, args, box, generator, forward=None):
     pgd:    CE(f(x_adv), y), x_adv = PGD on the CE (Madry et al.).
     trades: CE(f(x), y) + beta * KL(f(x) || f(x_adv)) / B, x_adv = PGD on that KL (Zhang et al.).
     The attack runs with the model in eval mode (batch-norm statistics neither used
-    from nor written by the attack's batches) and is checked to stay in its eps ball.
+    from nor written by the attack's batches), in fp32, and is checked to stay in its eps ball.
     `forward` (default model) runs the training forward of x_adv: the DDP wrapper under
     torchrun, so that only training passes, never the attack's, synchronise gradients.
     Returns (loss, adversarial logits).
@@ -134,82 +269,229 @@ def adversarial_loss(model, x, y, logits, args, box, generator, forward=None):
     kw = dict(norm=args.adv_norm, steps=args.adv_steps, step_size=args.adv_step_size, box=box, generator=generator)
     was_training = model.training
     model.eval()
-    if args.adv == "pgd":
-        x_adv = pgd(model, x, y, args.adv_eps, loss="ce", **kw)
-    else:
-        with torch.no_grad():
-            p_clean = F.softmax(model(x), dim=1)
-        x_adv = pgd(model, x, p_clean, args.adv_eps, loss=trades_kl, **kw)
+    with torch.autocast(x.device.type, enabled=False):
+        if args.adv == "pgd":
+            x_adv = pgd(model, x, y, args.adv_eps, loss="ce", **kw)
+        else:
+            with torch.no_grad():
+                p_clean = F.softmax(model(x), dim=1)
+            x_adv = pgd(model, x, p_clean, args.adv_eps, loss=trades_kl, **kw)
     model.train(was_training)
     check_perturbation(x_adv, x, args.adv_eps, args.adv_norm, box, f"training attack ({args.adv})")
     adv_logits = (forward or model)(x_adv)
     if args.adv == "pgd":
-        return F.cross_entropy(adv_logits, y), adv_logits
-    kl = trades_kl(adv_logits, F.softmax(logits, dim=1)) / len(x)
-    return F.cross_entropy(logits, y) + args.trades_beta * kl, adv_logits
+        return F.cross_entropy(adv_logits.float(), y), adv_logits
+    kl = trades_kl(adv_logits, F.softmax(logits.float(), dim=1)) / len(x)
+    return F.cross_entropy(logits.float(), y) + args.trades_beta * kl, adv_logits
 
 
-def progress(epoch, epochs, done, total, seen, epoch_start, loss):
-    """One line: where we are, images/s, and the ETA of the epoch and of the run (excluding evaluation)."""
-    elapsed = time.time() - epoch_start
-    rate = seen / max(elapsed, 1e-9)
-    epoch_eta = elapsed * (total - done) / done
-    run_eta = epoch_eta + elapsed * total / done * (epochs - epoch - 1)
-    print(f"epoch {epoch + 1}/{epochs} batch {done}/{total} loss {loss:.4f} | {rate:.0f} img/s | "
-          f"epoch ETA {epoch_eta:.0f}s, run ETA {run_eta / 60:.1f} min", flush=True)
+@dataclass
+class Batch:
+    """One training batch, as every loss function receives it."""
+    x: torch.Tensor            # inputs after this batch's crop/flip, [B, ...]
+    y: torch.Tensor            # labels [B]
+    idx: torch.Tensor          # indices in the training set [B]
+    x_clean: torch.Tensor      # inputs before crop/flip
+    augment: Callable          # this batch's crop/flip, for any [B, ..., H, W] tensor
+    epoch: int                 # from 0
+    step: int                  # batch number within the epoch, from 0
+    generator: torch.Generator  # per-sample random draws (targets, attacks' starts)
 
 
+def classification_loss(model, train_model, batch, logits, args, box):
+    """The loss of a step without PAG: CE, or with --adv Madry's or TRADES' adversarial loss.
+
+    logits: train_model(batch.x) if a caller already has them (PAG does), else None.
+    Returns (loss, logs); logs name each term: `ce` or `adv`, and the training accuracies.
+    """
+    if logits is None and args.adv != "pgd":  # Madry AT needs no clean forward
+        logits = train_model(batch.x)
+    if args.adv == "none":
+        loss = F.cross_entropy(logits.float(), batch.y)
+        logs = {"ce": loss.item()}
+    else:
+        loss, adv_logits = adversarial_loss(model, batch.x.detach(), batch.y, logits, args, box, batch.generator,
+                                            forward=train_model)
+        logs = {"adv": loss.item(), "adv_train_acc": (adv_logits.argmax(1) == batch.y).float().mean().item()}
+    if logits is not None:
+        logs["train_acc"] = (logits.argmax(1) == batch.y).float().mean().item()
+    return loss, logs
+
+
+def make_classification_loss(args, data):
+    """train_baseline.py's loss: loss_fn(model, train_model, batch) -> (loss, logs)."""
+    return lambda model, train_model, batch: classification_loss(model, train_model, batch, None, args, data.box)
+
+
+LOSS_TERMS = {"ce": "CE", "adv": "adversarial", "pag": "PAG"}  # the logged terms a divergence can name
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args, data, epoch):
+    """model.pt: the one schema, read back by load_checkpoint (attack.py) and resume_checkpoint."""
+    D.atomic_write(path, {
+        "format": CHECKPOINT_FORMAT, "kind": "classifier",
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "generator": order_gen.get_state(), "sample_generators": sample_gen_states,
+        "torch_rng": torch.get_rng_state(), "epoch": epoch,
+        "arch": args.arch, "dataset": args.dataset, "num_classes": data.num_classes,
+        "input_shape": tuple(data.input_shape), "args": vars(args),
+        "pag_source": getattr(args, "source", None),  # None: no PAG term (baseline or adversarial training)
+    })
+
+
+def read_checkpoint(path, kind, what):
+    """A checkpoint of `kind`, loaded without running code and checked for its format."""
+    ckpt = D.load_file(path, what)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        raise D.UserError(f"{path} is not a {what}")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise D.UserError(f"{path} has checkpoint format {ckpt.get('format')}, this code reads {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the model of a model.pt: (model in eval mode, checkpoint dict). Refuses, with a
+    one-line UserError, files that are not our checkpoints and weights that are not finite."""
+    ckpt = read_checkpoint(path, "classifier", "checkpoint of train_baseline.py / train_pag.py")
+    shape = ckpt["input_shape"]
+    try:
+        model = build_model(ckpt["arch"], ckpt["num_classes"], shape[0], shape[-1] if len(shape) == 3 else None)
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError, KeyError, TypeError):
+        raise D.UserError(f"{path}: weights do not fit a {ckpt.get('arch')} model") from None
+    if not all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()):
+        raise D.UserError(f"{path} holds weights that are not finite (a diverged run)")
+    return model.to(device).eval(), ckpt
+
+
+def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE):
+    """For --resume: the checkpoint at path, refusing one made with other settings (both trainers)."""
+    if not os.path.isfile(path):
+        raise D.UserError(f"--resume: no checkpoint at {path}")
+    ckpt = read_checkpoint(path, kind, what)
+    old, new = ckpt.get("args", {}), vars(args)
+    changed = sorted(k for k in set(old) | set(new) if k not in may_change and old.get(k) != new.get(k))
+    if changed:
+        k = changed[0]
+        raise D.UserError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {path}, now {new.get(k)!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(ckpt["sample_generators"]) != world:
+        raise D.UserError(f"--resume: {path} was written by {len(ckpt['sample_generators'])} process(es), this run has {world}")
+    return ckpt
+
+
+def read_metrics(path, last_epoch):
+    """metrics.jsonl's lines up to last_epoch (later ones were written before a crash)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise D.UserError(f"{path} line {n} is not a metrics line; repair or delete the file")
+        rows.append(row)
+    return [r for r in rows if r["epoch"] <= last_epoch]
+
+
+def write_metrics(path, rows):
+    """The whole file, atomically (it is small): never a torn line."""
+    D.atomic_write(path, text="".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------- progress
+class Progress:
+    """The project's one progress printer: `what done/total unit [extra] | rate unit/s | ETA`, on
+    every `every`-th call, at the end, and whenever `seconds` have passed (so the first line
+    comes within ~10 s of the start however slow the job)."""
+
+    def __init__(self, what, total, unit="img", every=None, seconds=10.0, print_fn=print):
+        self.what, self.total, self.unit, self.every, self.seconds, self.print = what, total, unit, every, seconds, print_fn
+        self.start = self.last = time.time()
+        self.calls = 0
+
+    def __call__(self, done, extra="", later_seconds=0.0):
+        """done: items finished so far; extra: text to show; later_seconds: time of the work after this job."""
+        self.calls += 1
+        now = time.time()
+        if not (done >= self.total or now - self.last >= self.seconds or (self.every and self.calls % self.every == 0)):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        later = f" (then {later_seconds / 60:.1f} min more)" if later_seconds > 0 else ""
+        self.print(f"{self.what} {done}/{self.total} {self.unit} {extra}| {rate:.{0 if rate >= 10 else 2}f} {self.unit}/s | "
+                   f"ETA {eta:.0f}s{later}", flush=True)
+
+
+# ----------------------------------------------------------------------------- the loop
 def evaluate(model, data, args, epoch):
     """Clean accuracy and PGD-L2 accuracy (the official per-epoch check) on the eval subset."""
     model.eval()
     x, y = D.to_float(data.test_x[: args.eval_samples]), data.test_y[: args.eval_samples]
     clean = (predict(model, x) == y).float().mean().item()
     gen = torch.Generator().manual_seed(args.seed + epoch)  # same noise on every (re)run of this epoch
-    robust = robust_accuracy(model, x, y, args.eval_eps, "l2", data.box, batch_size=250, steps=args.eval_steps,
-                             step_size=1.5 * args.eval_eps / args.eval_steps, generator=gen)
+    pixels = math.prod(data.input_shape[1:]) if data.is_image else 1
+    batch = max(1, min(250, 250 * 32 * 32 // pixels))  # CIFAR's 250 images; as many pixels for bigger images
+    robust = robust_accuracy(model, x, y, args.eval_eps, "l2", data.box, batch_size=batch, steps=args.eval_steps,
+                             step_size=1.5 * args.eval_eps / max(args.eval_steps, 1), generator=gen)
     return clean, robust
 
 
-def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args, data, epoch):
-    D.atomic_save({
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "generator": order_gen.get_state(), "sample_generators": sample_gen_states,
-        "torch_rng": torch.get_rng_state(), "epoch": epoch,
-        "arch": args.arch, "dataset": args.dataset, "num_classes": data.num_classes,
-        "input_shape": data.input_shape, "args": vars(args),
-    }, path)
+def make_optimizer(model, args):
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    # A drop at fraction f happens after epoch round(f * epochs), never before the first epoch ends.
+    drops = [max(1, round(f * args.epochs)) for f in args.lr_drops]
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=drops, gamma=0.1)
 
 
-def resume_state(path, args):
-    """Load OUT_DIR/model.pt for --resume, refusing one made with other settings."""
-    if not os.path.isfile(path):
-        raise D.UserError(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    old, new = ckpt.get("args", {}), vars(args)
-    changed = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
-    if changed:
-        k = changed[0]
-        raise D.UserError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {path}, now {new.get(k)!r}")
-    return ckpt
+def check_finite(loss, logs, epoch, batch):
+    """Stop a diverged run before anything non-finite is stepped into the weights or saved."""
+    if not math.isfinite(loss):
+        bad = [LOSS_TERMS.get(k, k) for k, v in logs.items() if k in LOSS_TERMS and not math.isfinite(v)]
+        raise D.UserError(f"training diverged at epoch {epoch + 1}, batch {batch + 1}: the {' and '.join(bad) or 'total'} "
+                          f"loss is {loss}; nothing of this epoch was saved (lower --lr or the loss weights)")
 
 
-def train(args, make_extra_loss=None, run_name="baseline"):
-    """Train a classifier; make_extra_loss(args, data) may return a term added to the CE.
+def train_step(model, train_model, opt, loss_fn, batch, amp):
+    """One optimisation step; returns (loss, logs) as floats. The loss function may back-propagate
+    parts of itself (PAG does, to bound memory) and returns the rest with its graph."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(batch.x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        loss, logs = loss_fn(model, train_model, batch)
+    check_finite(loss.item(), logs, batch.epoch, batch.step)
+    loss.backward()
+    opt.step()
+    return loss.item(), logs
 
-    The term is called per batch as term(model=, x=, logits=, y=, idx=, x_clean=,
-    augment=, epoch=, generator=) -> (loss tensor, dict of floats to log), where
-    x is the augmented batch (requires grad), logits = model(x), x_clean the
-    un-augmented batch, idx its dataset indices and augment(t) applies this
-    batch's crop/flip to any [B, ..., H, W] tensor. A term may back-propagate
-    parts of itself (to bound memory) and return them detached.
-    """
+
+def train(args, make_loss=make_classification_loss, run_name="baseline"):
+    """Train a classifier with loss_fn = make_loss(args, data), called per batch as
+    loss_fn(model, train_model, batch: Batch) -> (loss tensor, dict of floats to log);
+    model is the plain module, train_model the one to run training forwards through
+    (the DDP wrapper under torchrun)."""
     args = resolve_defaults(args, run_name)
     rank, world, device = setup_distributed(args)
-    if world > 1 and getattr(args, "pag_chunk", None):
-        raise D.UserError("--pag-chunk back-propagates several times per step, which DDP does not allow; "
-                          "use more processes or a smaller --batch-size instead")
+    with D.RunLock(args.out_dir) if rank == 0 else nullcontext():
+        return _train(args, make_loss, run_name, rank, world, device)
+
+
+def _train(args, make_loss, run_name, rank, world, device):
     data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
                       args.image_size, args.data_seed).to(device)
+    n = len(data.train_y)
+    if n // world < 2:
+        raise D.UserError(f"{n} training image(s) for {world} process(es): each process needs at least 2 per batch")
+    if args.augment is None:
+        args.augment = data.is_image and (D.DATASETS[data.name]["augment"] or data.input_shape[-1] >= 32)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device)
     opt, sched = make_optimizer(model, args)
@@ -221,18 +503,16 @@ def train(args, make_extra_loss=None, run_name="baseline"):
     # takes its own shard) and per-sample draws (crops/flips, PAG targets; one per rank).
     order_gen = torch.Generator().manual_seed(args.seed)
     sample_gen = torch.Generator().manual_seed(args.seed * 1000 + 1 + rank)
-    extra = make_extra_loss(args, data) if make_extra_loss else None
-    augment = data.is_image and not args.no_augment
+    loss_fn = make_loss(args, data)
     log = print if rank == 0 else (lambda *a, **k: None)
 
     ckpt_path = os.path.join(args.out_dir, "model.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    start_epoch = 0
+    if rank == 0:
+        D.remove_stale_temporaries(args.out_dir, ("model.pt", "metrics.jsonl"))
+    start_epoch, metrics = 0, []
     if args.resume:
-        ckpt = resume_state(ckpt_path, args)
-        if len(ckpt["sample_generators"]) != world:
-            raise D.UserError(f"--resume: {ckpt_path} was written by {len(ckpt['sample_generators'])} process(es), "
-                              f"this run has {world}")
+        ckpt = resume_checkpoint(ckpt_path, args, "classifier", "checkpoint of train_baseline.py / train_pag.py")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -240,70 +520,35 @@ def train(args, make_extra_loss=None, run_name="baseline"):
         sample_gen.set_state(ckpt["sample_generators"][rank])
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch = ckpt["epoch"]
-        # Drop metric lines of epochs after the checkpoint (written before a crash).
-        if rank == 0 and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["epoch"] <= start_epoch]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(metrics_path + ".tmp", metrics_path)
+        metrics = read_metrics(metrics_path, start_epoch) if rank == 0 else []
         log(f"resuming {ckpt_path} after epoch {start_epoch}")
     elif os.path.exists(ckpt_path):
         raise D.UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out-dir")
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-        if not args.resume and os.path.exists(metrics_path):
-            os.remove(metrics_path)
 
-    n = len(data.train_y)
     n_params = sum(p.numel() for p in model.parameters())
     adv = "" if args.adv == "none" else f", {args.adv} adversarial training ({args.adv_norm} eps {args.adv_eps:g})"
     procs = "" if world == 1 else f" x {world} processes (global batch {args.batch_size * world})"
     log(f"{run_name}: {args.arch} ({n_params / 1e6:.2f}M params) on {data.name}, {n} train images, "
-        f"{args.epochs} epochs, batch {args.batch_size}{procs}, {args.optimizer} lr {args.lr}, device {device}{adv}", flush=True)
+        f"{args.epochs} epochs, batch {args.batch_size}{procs}, {args.optimizer} lr {args.lr:g}, {args.amp}, "
+        f"augment {'on' if args.augment else 'off'}, device {device}{adv}; writing {args.out_dir}/", flush=True)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         epoch_start = time.time()
+        lr = opt.param_groups[0]["lr"]  # the rate used during this epoch
         sums, seen = {}, 0
         order = torch.randperm(n, generator=order_gen)
         shard = order[: n - n % world][rank::world]  # equal shards: every rank takes the same number of steps
         batches = [b for b in shard.split(args.batch_size) if len(b) > 1]  # batch-norm needs 2
+        progress = Progress(f"epoch {epoch + 1}/{args.epochs}:", sum(map(len, batches)) * world, "img", args.log_every,
+                            print_fn=log)
         for i, idx in enumerate(batches):
-            idx = idx.to(device)
-            x_clean, y = D.to_float(data.train_x[idx]), data.train_y[idx]
-            if augment:
-                offsets, flips = D.draw_crop_flip(len(idx), 4, sample_gen)
-                aug = lambda t, o=offsets, f=flips: D.crop_flip(t, o, f)  # noqa: E731
-            else:
-                aug = lambda t: t  # noqa: E731
-            x = aug(x_clean)
-            opt.zero_grad(set_to_none=True)
-            if extra:
-                x.requires_grad_(True)  # the extra term differentiates w.r.t. the input
-            # Madry AT needs no clean forward unless an extra term (PAG, at the clean image) does.
-            logits = train_model(x) if (args.adv != "pgd" or extra) else None
-            if args.adv == "none":
-                class_loss = F.cross_entropy(logits, y)
-                logs = {}
-            else:
-                class_loss, adv_logits = adversarial_loss(model, x.detach(), y, logits, args, data.box, sample_gen,
-                                                          forward=train_model)
-                logs = {"adv_train_acc": (adv_logits.argmax(1) == y).float().mean().item()}
-            loss = class_loss
-            if extra:
-                term, term_logs = extra(model=model, x=x, logits=logits, y=y, idx=idx, x_clean=x_clean, augment=aug,
-                                        epoch=epoch, generator=sample_gen)
-                loss, logs = class_loss + term, {**logs, **term_logs}
-            loss.backward()
-            opt.step()
-            b = len(idx)
-            seen += b
-            if logits is not None:
-                logs["train_acc"] = (logits.argmax(1) == y).float().mean().item()
-            for k, v in {"loss": loss.item(), "class_loss": class_loss.item(), **logs}.items():
-                sums[k] = sums.get(k, 0.0) + v * b
-            if rank == 0 and ((i + 1) % args.log_every == 0 or i + 1 == len(batches)):
-                progress(epoch, args.epochs, i + 1, len(batches), seen * world, epoch_start, sums["loss"] / seen)
+            batch = make_batch(data, idx.to(device), args.augment, epoch, i, sample_gen)
+            loss, logs = train_step(model, train_model, opt, loss_fn, batch, args.amp)
+            seen += len(idx)
+            for k, v in {"loss": loss, **logs}.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            epoch_eta = (time.time() - epoch_start) / (i + 1) * len(batches)
+            progress(seen * world, f"loss {sums['loss'] / seen:.4f} ", later_seconds=epoch_eta * (args.epochs - epoch - 1))
         sched.step()
         train_seconds = time.time() - epoch_start
         sample_states = [sample_gen.get_state()]
@@ -314,16 +559,20 @@ def train(args, make_extra_loss=None, run_name="baseline"):
             sample_states = [None] * world
             dist.all_gather_object(sample_states, sample_gen.get_state())
         if rank == 0:  # evaluation, metrics and checkpoint on rank 0 only; the others wait below
+            if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
+                raise D.UserError(f"training diverged in epoch {epoch + 1}: weights are not finite; "
+                                  f"{ckpt_path} keeps the last good epoch ({epoch})")
             clean, robust = evaluate(model, data, args, epoch)
-            line = {"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "test_acc": clean,
-                    f"pgd_l2_{args.eval_eps:g}_acc": robust, "lr": opt.param_groups[0]["lr"],
-                    "train_seconds": train_seconds, "seconds": time.time() - epoch_start}
-            print(f"epoch {epoch + 1}: loss {line['loss']:.4f} test acc {clean:.2%} PGD-L2({args.eval_eps:g}) acc {robust:.2%} "
-                  f"[{line['seconds']:.0f}s]", flush=True)
-            # Metrics line first, then the checkpoint: a crash in between leaves a line that --resume drops.
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            metrics.append({"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "test_acc": clean,
+                            f"pgd_l2_{args.eval_eps:g}_acc": robust, "lr": lr,
+                            "train_seconds": train_seconds, "seconds": time.time() - epoch_start})
+            print(f"epoch {epoch + 1}: loss {metrics[-1]['loss']:.4f} test acc {clean:.2%} PGD-L2({args.eval_eps:g}) "
+                  f"acc {robust:.2%} [{metrics[-1]['seconds']:.0f}s]", flush=True)
+            # Metrics first, then the checkpoint: a crash in between leaves a line that --resume drops.
+            write_metrics(metrics_path, metrics)
             save_checkpoint(ckpt_path, model, opt, sched, order_gen, sample_states, args, data, epoch + 1)
+            if epoch == start_epoch:
+                print(f"wrote {ckpt_path} and {metrics_path} (updated every epoch)", flush=True)
         if world > 1:
             dist.barrier()
         if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
@@ -336,9 +585,19 @@ def train(args, make_extra_loss=None, run_name="baseline"):
     return model, data
 
 
+def make_batch(data, idx, augment, epoch, step, generator):
+    """The batch of training images idx, with one crop/flip drawn per sample when augmenting."""
+    x_clean, y = D.to_float(data.train_x[idx]), data.train_y[idx]
+    if augment:
+        offsets, flips = D.draw_crop_flip(len(idx), 4, generator)
+        aug = lambda t: D.crop_flip(t, offsets, flips)  # noqa: E731
+    else:
+        aug = lambda t: t  # noqa: E731
+    return Batch(aug(x_clean), y, idx, x_clean, aug, epoch, step, generator)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = add_common_args(D.Parser(description=__doc__))
     train(p.parse_args(argv))
 
 

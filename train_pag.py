@@ -9,14 +9,27 @@
 over k target classes t_j per image, sampled without replacement (k = C up to 10:
 then C * mean is exactly the paper's sum over classes). The training loop is
 train_baseline.py's; this file only adds the term.
+
+How the gradients are taken (`input_gradients`), as the official code does: every image
+is repeated k times and ONE forward of the B*k replicas (train mode) gives every
+gradient, so batch-norm statistics are shared by all replicas of the batch. Exact
+replicas have the plain batch's mean and variance, so the same forward also gives
+the CE logits (read from each image's first replica): one forward per step, and the
+running statistics are updated once per step (the official code's separate CE
+forward updates them twice). Where no layer couples the samples of a batch (no
+batch-norm in train mode) a per-target-column product on the plain batch gives
+identical numbers; it is used there on the CPU, where it measured faster (cnn 2.8x,
+vit 1.8x), and the replicated forward everywhere else.
 """
 import argparse
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import data as D
-from train_baseline import add_common_args, train
+from train_baseline import add_common_args, classification_loss, train
 
 # lambda: official configs (resnet18, vit). cnn (no paper value): 0.25, which trained every source on
 # Fashion-MNIST; at 0.5 the NN source stayed at 17% clean with crop/flip and lr drops (README).
@@ -25,89 +38,160 @@ from train_baseline import add_common_args, train
 # clean on seeds 0 and 1 of the first data draw).
 PAG_COEFF = {"resnet18": 1.5, "vit": 3.0, "cnn": 0.25, "mlp": 2.5}
 DEFAULT_SOURCE = {"toy": "nn"}  # images: "cm" (sbg, the paper's best, needs a precomputed file)
+# Targets per forward pass, by dataset: fixed (never chosen from the GPU at hand), because under
+# batch-norm a pass's replicas share statistics only among themselves, so the chunk is part of the
+# method's result. STL (96 px, batch 32, k 10) all at once needs ~35 GiB; 4 per pass ~14 GiB (README).
+PAG_CHUNK = {"stl10": 4}
+FORMULATIONS = ("auto", "replicated", "per-column")
 
 
+# ----------------------------------------------------------------------------- the method (torch only)
 def sample_targets(batch_size, num_classes, k, generator=None):
     """[B, k] distinct random classes per row (without replacement), vectorised."""
     return torch.rand(batch_size, num_classes, generator=generator).argsort(dim=1)[:, :k]
 
 
-def input_gradients(model, x, target_classes, logits=None, create_graph=True):
-    """grad_x log softmax(model(x))_t for every (i, j): t = target_classes[i, j] -> [B, k, *x.shape[1:]].
+def couples_samples(model):
+    """Whether a layer mixes the samples of a batch: batch-norm in train mode."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
 
-    One forward (reused if `logits` are given, computed from this x), then one
-    vector-Jacobian product per target column j: samples are independent, so
-    the gradient of sum_i log p_i[t_ij] w.r.t. x holds every sample's own
-    gradient. (One batched VJP over all k via is_grads_batched gives the same
-    numbers but measured 1.3-2.7x slower on CPU for cnn, resnet18 and vit.)
-    With create_graph the result is differentiable in the model's parameters
-    (double back-propagation). In train mode, batch-norm couples the samples
-    of a batch, so each gradient carries O(1/B) cross terms, as in the
-    official code.
+
+def _fp32(t):
+    """Losses and cosines in (at least) float32, also under bf16 autocast."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def input_gradients(model, x, target_classes, create_graph=True, formulation="auto"):
+    """(grads [B, k, *x.shape[1:]], logits [B, C]): grads[i, j] = grad_x log softmax(model(x))_t at
+    x_i for t = target_classes[i, j], and the logits of x.
+
+    "replicated" (the official computation): each image repeated k times, one forward of the
+    B*k replicas, one gradient of sum_r log p_r[t_r] w.r.t. the replicas. Under train-mode
+    batch-norm all replicas share the batch statistics (the plain batch's, as replicas are
+    exact), so every gradient carries O(1/(B*k)) cross terms from all of them.
+    "per-column": one forward of x, then one vector-Jacobian product per target column j.
+    Identical where no layer couples samples; "auto" takes "replicated" under train-mode
+    batch-norm or on a GPU (per-column launches k small backward passes and is
+    launch-bound there), else "per-column" (faster on a CPU).
+    With create_graph the grads are differentiable in the weights (double back-propagation).
     """
-    if logits is None:
-        x = x if x.requires_grad else x.detach().requires_grad_(True)
-        logits = model(x)
-    log_probs = F.log_softmax(logits, dim=1)
+    b, k = target_classes.shape
+    if formulation == "auto":
+        formulation = "replicated" if x.is_cuda or couples_samples(model) else "per-column"
+    if formulation == "replicated":
+        replicas = x.detach().repeat_interleave(k, 0).requires_grad_(True)
+        logits = model(replicas)
+        log_probs = F.log_softmax(_fp32(logits), dim=1).gather(1, target_classes.reshape(-1, 1))
+        (grads,) = torch.autograd.grad(log_probs.sum(), replicas, create_graph=create_graph)
+        return grads.view(b, k, *x.shape[1:]), logits.view(b, k, -1)[:, 0]
+    if formulation != "per-column":
+        raise ValueError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATIONS)}")
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    log_probs = F.log_softmax(_fp32(logits), dim=1)
     grads = [torch.autograd.grad(log_probs.gather(1, target_classes[:, j: j + 1]).sum(), x,
-                                 create_graph=create_graph, retain_graph=True)[0]
-             for j in range(target_classes.shape[1])]
-    return torch.stack(grads, dim=1)
+                                 create_graph=create_graph, retain_graph=True)[0] for j in range(k)]
+    return torch.stack(grads, dim=1), logits
 
 
-def pag_loss(model, x, gt_grad, target_classes, logits=None, create_graph=True):
+def pag_loss(model, x, gt_grad, target_classes, create_graph=True, formulation="auto", return_logits=False):
     """Mean over (i, j) of 1 - cos(grad_x log softmax(model(x_i))[t_ij], gt_grad[i, j]).
 
-    x [B, ...]; target_classes [B, k] long; gt_grad [B, k, ...]. Pass `logits`
-    (= model(x), with x requiring grad) to reuse the CE forward. Depends only
-    on torch.
+    x [B, ...]; target_classes [B, k] long; gt_grad [B, k, ...]. With return_logits, also
+    model(x) from the same forward (for the CE). Cosines in float32 under autocast.
+    Depends only on torch.
     """
-    grads = input_gradients(model, x, target_classes, logits, create_graph)
-    cos = F.cosine_similarity(grads.flatten(2), gt_grad.flatten(2).to(grads.dtype), dim=2, eps=1e-12)
-    return (1 - cos).mean()
+    grads, logits = input_gradients(model, x, target_classes, create_graph, formulation)
+    cos = F.cosine_similarity(_fp32(grads).flatten(2), gt_grad.flatten(2).to(_fp32(grads).dtype), dim=2, eps=1e-12)
+    loss = (1 - cos).mean()
+    return (loss, logits) if return_logits else loss
 
 
-def make_pag_term(args, data):
-    """The per-batch PAG term for train_baseline.train: lambda * C * pag_loss."""
-    gt_grad_fn = D.make_source(args.source, data, args.cache_dir, args.seed, args.sbg_file)
+@contextmanager
+def running_stats_frozen(model):
+    """Batch-norm keeps its running statistics (and counters) through the passes inside this block."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def chunked_pag_loss(model, x, gt_grad, target_classes, weight, chunk, formulation="auto", no_sync=nullcontext):
+    """weight * pag_loss over all k targets, `chunk` targets per forward pass, to bound memory.
+
+    Every pass but the last is back-propagated here (its graph freed at once; inside
+    `no_sync()`, so that DDP synchronises gradients once, with the last) and the loss
+    comes back with the last pass's graph only, though its value is the whole term's
+    (the earlier passes enter as a constant). Every pass holds each image, so the
+    last pass's logits are the batch's (for the CE). Running statistics are updated
+    by the last pass only: once per step, however many passes. Under batch-norm a
+    pass's replicas share statistics only among themselves.
+    Returns (weight * mean of 1 - cos over all k, logits, that mean as a float).
+    """
+    k = target_classes.shape[1]
+    starts = list(range(0, k, chunk))
+    done = 0.0
+    for s in starts[:-1]:
+        with no_sync(), running_stats_frozen(model):
+            part = pag_loss(model, x, gt_grad[:, s: s + chunk], target_classes[:, s: s + chunk],
+                            formulation=formulation) * (min(chunk, k - s) / k)
+            (weight * part).backward()
+        done += part.item()
+    s = starts[-1]
+    part, logits = pag_loss(model, x, gt_grad[:, s:], target_classes[:, s:], formulation=formulation,
+                            return_logits=True)
+    part = part * ((k - s) / k) + done
+    return weight * part, logits, part.item()
+
+
+# ----------------------------------------------------------------------------- the script
+def make_pag_loss(args, data):
+    """train_pag.py's loss: the classification loss (CE, or --adv's) + lambda * C * pag_loss."""
+    source = D.make_source(args.source, data, args.cache_dir, args.seed, args.sbg_file)
     num_classes = data.num_classes
     if args.targets_per_image is None:  # resolved here: a folder dataset knows its classes only now
         args.targets_per_image = min(num_classes, 10)
     k = args.targets_per_image
     if not 1 <= k <= num_classes:
         raise D.UserError(f"--targets-per-image must be in 1..{num_classes}, got {k}")
-    chunk = args.pag_chunk or k
+    chunk = min(args.pag_chunk or k, k)
 
-    def term(model, x, logits, idx, x_clean, augment, epoch, generator, **_):
-        target_classes = sample_targets(len(idx), num_classes, k, generator).to(x.device)
+    def loss_fn(model, train_model, batch):
+        target_classes = sample_targets(len(batch.idx), num_classes, k, batch.generator).to(batch.x.device)
         # Targets are made for the clean image, then get the image's own crop/flip.
-        gt_grad = augment(gt_grad_fn(x_clean, target_classes, idx))
-        scale = args.pag_first_half_scale if epoch < args.epochs / 2 else 1.0
-        weight = args.pag_coeff * scale * num_classes
-        if chunk >= k:
-            loss = pag_loss(model, x, gt_grad, target_classes, logits)
-            return weight * loss, {"pag": loss.item()}
-        # Memory bound: back-propagate one chunk of targets at a time, so only one
-        # chunk's double-backward graph is alive; the result comes back detached.
-        total = 0.0
-        for s in range(0, k, chunk):
-            part = pag_loss(model, x, gt_grad[:, s: s + chunk], target_classes[:, s: s + chunk], logits)
-            share = target_classes[:, s: s + chunk].shape[1] / k
-            (weight * share * part).backward(retain_graph=True)
-            total += share * part.item()
-        return torch.tensor(weight * total, device=x.device), {"pag": total}
-    return term
+        gt_grad = batch.augment(source(batch.x_clean, target_classes, batch.idx))
+        scale = args.pag_first_half_scale if batch.epoch < args.epochs / 2 else 1.0
+        term, logits, pag = chunked_pag_loss(train_model, batch.x, gt_grad, target_classes,
+                                             args.pag_coeff * scale * num_classes, chunk, args.pag_formulation,
+                                             getattr(train_model, "no_sync", nullcontext))
+        class_loss, logs = classification_loss(model, train_model, batch, logits, args, data.box)
+        return class_loss + term, {**logs, "pag": pag}
+    return loss_fn
 
 
 def add_pag_args(p):
     p.add_argument("--source", choices=D.SOURCES,
                    help="ground-truth PAG: oi, cm, nn, sbg (default: sbg with --sbg-file, nn for the toy, else cm)")
     p.add_argument("--sbg-file", help="precomputed score-based fields (sbg.py export, or the official release)")
-    p.add_argument("--pag-coeff", type=float, help="lambda (default 1.5 resnet18, 3.0 vit, 0.25 cnn, 2.5 toy mlp)")
-    p.add_argument("--pag-first-half-scale", type=float,
-                   help="lambda is multiplied by this in the first half of training (default 2/3 for vit, else 1)")
-    p.add_argument("--targets-per-image", type=int, help="k target classes per image (default: all classes, at most 10)")
-    p.add_argument("--pag-chunk", type=int, help="process targets in chunks of this many to save memory (default: all at once)")
+    p.add_argument("--pag-coeff", type=D.nonneg_float, help="lambda (default: 1.5 resnet18, 3.0 vit, 0.25 cnn, 2.5 toy mlp)")
+    p.add_argument("--pag-first-half-scale", type=D.nonneg_float,
+                   help="lambda is multiplied by this in the first half of training (default: 2/3 for vit, else 1)")
+    p.add_argument("--targets-per-image", type=D.positive_int,
+                   help="k target classes per image (default: all classes, at most 10)")
+    p.add_argument("--pag-chunk", type=D.positive_int,
+                   help="targets per forward pass, to bound memory (default: all k at once; 4 for STL). Under "
+                        "batch-norm a pass's B*chunk replicas share batch statistics only among themselves, so "
+                        "the chunk is part of the result (README: peak memory per paper setting)")
+    p.add_argument("--pag-formulation", default="auto", choices=FORMULATIONS,
+                   help="how input-gradients are taken: replicated (the official code's one forward of B*k "
+                        "replicas), per-column (one product per target column on the plain batch; identical "
+                        "without batch-norm), auto (replicated on a GPU or under batch-norm)")
     return p
 
 
@@ -119,16 +203,15 @@ def resolve_pag_defaults(args):
         args.pag_coeff = PAG_COEFF.get(args.arch, 1.5)  # an unknown arch is refused by the loop
     if args.pag_first_half_scale is None:
         args.pag_first_half_scale = 2 / 3 if args.arch == "vit" else 1.0
-    if args.pag_chunk is not None and args.pag_chunk < 1:
-        raise D.UserError("--pag-chunk must be at least 1")
+    if args.pag_chunk is None:
+        args.pag_chunk = PAG_CHUNK.get(args.dataset)
     return args
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pag_args(add_common_args(p))
+    p = add_pag_args(add_common_args(D.Parser(description=__doc__)))
     args = resolve_pag_defaults(p.parse_args(argv))
-    train(args, make_pag_term, run_name=f"pag_{args.source}")
+    train(args, make_pag_loss, run_name=f"pag_{args.source}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ ROWS = {  # name -> (script, extra flags, relative training cost: the longest jo
 
 def torch_load_epoch(path):
     import torch
-    return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
 
 
 def sh(log, *cmd):

@@ -1,64 +1,69 @@
-"""Cost of one PAG training step vs a plain CE step and the naive official-style PAG step.
+"""Cost of one PAG training step against a plain CE step and the official code's step.
 
-    python bench/pag_speed.py                       # cnn (28 px) and resnet18 (32 px), batch 64, k = 10, CPU
-    python bench/pag_speed.py --archs cnn --repeats 3 --device cuda
+    python bench/pag_speed.py --device cuda     # the paper's settings on a GPU -> bench/results/speed_gpu.json
+    python bench/pag_speed.py                   # batch-norm-free models on the CPU -> bench/results/speed.json
 
-Each step is forward + backward + SGD update on the same model and batch:
-  ce     cross-entropy only
-  pag    train_pag.py's step: one forward shared by CE and PAG, one batched
-         vector-Jacobian product for all k targets (double back-propagation)
-  naive  the official code's shape: replicate every image k times, forward the
-         B*k copies for the gradients, and a separate forward for the CE
-Medians over --repeats timed steps (after --warmup) go to bench/results/speed.json.
+Each step is forward + backward + SGD update on one batch of synthetic images (the
+cost does not depend on the pixels), model in train mode:
+  ce     train_baseline.py's step with the CE loss alone
+  pag    train_pag.py's step exactly as training runs it (train_baseline.train_step with
+         train_pag.make_pag_loss: one replicated forward for CE and PAG on a GPU or under
+         batch-norm, per-column products on a CPU without it; --pag-chunk passes; --amp)
+  naive  the official code's step: each image repeated k times, one forward of the B*k
+         replicas for the gradients and a separate forward of the batch for the CE, fp32
+         with PyTorch's default precision flags (TF32 for convolutions only)
+Medians over --repeats timed steps (after --warmup). On a GPU also the peak memory of each.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as D  # noqa: E402
+import train_baseline as T  # noqa: E402
+import train_pag as P  # noqa: E402
 from models import build_model  # noqa: E402
-from train_pag import pag_loss, sample_targets  # noqa: E402
 
-SHAPES = {"cnn": (1, 28), "resnet18": (3, 32), "vit": (3, 32)}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# (arch, image size, batch, k, amp, targets per pass): the paper's settings, and STL as
+# `train_pag.py --dataset stl` runs it (4 targets per pass, train_pag.PAG_CHUNK).
+GPU_SETTINGS = [("resnet18", 32, 64, 10, "fp32", None), ("resnet18", 32, 64, 10, "bf16", None),
+                ("vit", 32, 64, 10, "fp32", None), ("vit", 32, 64, 10, "bf16", None),
+                ("resnet18", 96, 32, 10, "fp32", P.PAG_CHUNK["stl10"]), ("resnet18", 96, 32, 10, "bf16", P.PAG_CHUNK["stl10"]),
+                ("cnn", 28, 64, 10, "fp32", None)]
+# A CPU cannot time ResNet-18 PAG steps in minutes; these are the batch-norm-free models.
+CPU_SETTINGS = [("cnn", 28, 64, 10, "fp32", None), ("vit", 32, 8, 10, "fp32", None), ("mlp", None, 128, 2, "fp32", None)]
 
 
-def naive_pag_loss(model, x, gt_grad, target_classes):
-    """Official-code style: B*k replicated copies, gradient of -CE toward each target."""
-    b, k = target_classes.shape
-    xr = x.detach().repeat_interleave(k, 0).requires_grad_(True)
-    loss_t = -F.cross_entropy(model(xr), target_classes.reshape(-1), reduction="sum")
-    (g,) = torch.autograd.grad(loss_t, xr, create_graph=True)
+def official_step(model, opt, batch, num_classes, k, coeff):
+    """The official training step, written out independently of train_pag."""
+    opt.zero_grad(set_to_none=True)
+    b = len(batch.y)
+    target_classes = P.sample_targets(b, num_classes, k).to(batch.x.device)
+    gt_grad = torch.randn(b, k, *batch.x.shape[1:], device=batch.x.device)
+    replicas = batch.x.detach().repeat_interleave(k, 0).requires_grad_(True)
+    loss_t = -F.cross_entropy(model(replicas), target_classes.reshape(-1), reduction="sum")
+    (g,) = torch.autograd.grad(loss_t, replicas, create_graph=True)
     cos = F.cosine_similarity(g.flatten(1), gt_grad.reshape(b * k, -1), dim=1)
-    return (1 - cos).mean()
+    loss = F.cross_entropy(model(batch.x), batch.y) + coeff * k * (1 - cos).mean()
+    loss.backward()
+    opt.step()
 
 
-def make_step(kind, model, opt, x, y, gt_grad, target_classes, coeff=1.5):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        if kind == "ce":
-            loss = F.cross_entropy(model(x), y)
-        elif kind == "pag":
-            xg = x.detach().requires_grad_(True)
-            logits = model(xg)
-            loss = F.cross_entropy(logits, y) + coeff * 10 * pag_loss(model, xg, gt_grad, target_classes, logits)
-        else:
-            loss = F.cross_entropy(model(x), y) + coeff * 10 * naive_pag_loss(model, x, gt_grad, target_classes)
-        loss.backward()
-        opt.step()
-    return step
-
-
-def time_step(step, warmup, repeats, device):
+def time_it(step, warmup, repeats, device):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         sync()
@@ -66,49 +71,82 @@ def time_step(step, warmup, repeats, device):
         step()
         sync()
         times.append(time.perf_counter() - t)
-    return times
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def precision(device, ours):
+    """Our fp32 (TF32 matmuls and convolutions on a GPU, as train_baseline.setup_distributed sets)
+    or PyTorch's defaults (the official code's: TF32 for convolutions only)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = ours
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def bench_row(setting, device, warmup, repeats):
+    arch, size, batch_size, k, amp, chunk = setting
+    dataset = ["--dataset", "toy"] if arch == "mlp" else ["--dataset", "synthetic", "--image-size", size]
+    argv = [*dataset, "--arch", arch, "--batch-size", batch_size, "--targets-per-image", k, "--amp", amp,
+            "--source", "nn" if arch == "mlp" else "cm", "--cache-dir", tempfile.mkdtemp(),
+            *(["--pag-chunk", chunk] if chunk else [])]
+    args = P.resolve_pag_defaults(P.add_pag_args(T.add_common_args(D.Parser())).parse_args(list(map(str, argv))))
+    args = T.resolve_defaults(args, "bench")
+    data = D.get_data(args.dataset, train_samples=None if arch == "mlp" else max(256, batch_size),  # toy: sorted by class
+                      image_size=args.image_size).to(device)
+    torch.manual_seed(0)
+    model = build_model(arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    batch = T.make_batch(data, torch.arange(batch_size, device=device), data.is_image, 0, 0,
+                         torch.Generator().manual_seed(0))
+    pag_fn, ce_fn = P.make_pag_loss(args, data), T.make_classification_loss(args, data)
+    row = {"arch": arch, "image_size": size, "batch_size": batch_size, "k": k, "amp": amp, "pag_chunk": chunk,
+           "formulation": "replicated" if device.type == "cuda" or P.couples_samples(model) else "per-column"}
+    steps = {"ce": lambda: T.train_step(model, model, opt, ce_fn, batch, amp),
+             "pag": lambda: T.train_step(model, model, opt, pag_fn, batch, amp),
+             "naive": lambda: official_step(model, opt, batch, data.num_classes, k, args.pag_coeff)}
+    for kind, step in steps.items():
+        precision(device, ours=kind != "naive")
+        try:
+            row[f"{kind}_seconds"], row[f"{kind}_peak_gib"] = time_it(step, warmup, repeats, device)
+        except torch.cuda.OutOfMemoryError:
+            row[f"{kind}_seconds"], row[f"{kind}_peak_gib"] = None, "out of memory"
+            torch.cuda.empty_cache()
+    if row["pag_seconds"] and row["naive_seconds"]:
+        row["pag_over_naive"] = row["pag_seconds"] / row["naive_seconds"]
+    return row
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["cnn", "resnet18"], choices=sorted(SHAPES))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speed.json"))
+    p = D.Parser(description=__doc__)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--repeats", type=D.positive_int, help="timed steps (default: 10 on a GPU, 3 on a CPU)")
+    p.add_argument("--warmup", type=D.positive_int, help="untimed steps first (default: 3 on a GPU, 1 on a CPU)")
+    p.add_argument("--only", nargs="+", help="settings whose arch is one of these")
+    p.add_argument("--out", help="default: bench/results/speed_gpu.json (cuda) or speed.json (cpu)")
     args = p.parse_args()
-    device = torch.device(args.device)
-    results = {"config": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "machine": platform.processor() or platform.machine(),
-                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}, "rows": []}
-    for arch in args.archs:
-        channels, size = SHAPES[arch]
-        torch.manual_seed(0)
-        model = build_model(arch, 10, channels, size).to(device).train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        x = torch.rand(args.batch_size, channels, size, size, device=device)
-        y = torch.randint(0, 10, (args.batch_size,), device=device)
-        target_classes = sample_targets(args.batch_size, 10, args.k, torch.Generator().manual_seed(0)).to(device)
-        gt_grad = torch.randn(args.batch_size, args.k, channels, size, size, device=device)
-        row = {"arch": arch, "batch_size": args.batch_size, "k": args.k}
-        for kind in ("ce", "pag", "naive"):
-            times = time_step(make_step(kind, model, opt, x, y, gt_grad, target_classes), args.warmup, args.repeats, device)
-            row[f"{kind}_seconds"] = statistics.median(times)
-            print(f"{arch} {kind}: median {row[f'{kind}_seconds'] * 1e3:.1f} ms over {args.repeats}", flush=True)
-        row["pag_over_ce"] = row["pag_seconds"] / row["ce_seconds"]
-        row["naive_over_ce"] = row["naive_seconds"] / row["ce_seconds"]
-        row["naive_over_pag"] = row["naive_seconds"] / row["pag_seconds"]
+    device = T.pick_device(args.device)
+    gpu = device.type == "cuda"
+    repeats, warmup = args.repeats or (10 if gpu else 3), args.warmup or (3 if gpu else 1)
+    settings = [s for s in (GPU_SETTINGS if gpu else CPU_SETTINGS) if not args.only or s[0] in args.only]
+    out = args.out or os.path.join(RESULTS, "speed_gpu.json" if gpu else "speed.json")
+    results = {"config": {"gpu": torch.cuda.get_device_name() if gpu else None, "torch": torch.__version__,
+                          "device": str(device), "threads": torch.get_num_threads(),
+                          "machine": platform.processor() or platform.machine(), "repeats": repeats, "warmup": warmup},
+               "rows": []}
+    print(f"{'arch':>8} {'px':>4} {'B':>3} {'k':>3} {'amp':>5} {'chunk':>5} | {'CE':>8} {'PAG':>9} {'official':>9} "
+          f"{'PAG/off':>7} | {'PAG GiB':>7} {'off GiB':>7}", flush=True)
+    for setting in settings:
+        row = bench_row(setting, device, warmup, repeats)
         results["rows"].append(row)
-        print(f"{arch}: PAG = {row['pag_over_ce']:.1f}x CE, naive = {row['naive_over_ce']:.1f}x CE, "
-              f"PAG is {row['naive_over_pag']:.2f}x faster than naive", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out}")
+        ms = lambda s: f"{s * 1e3:.1f}ms" if s else "OOM"  # noqa: E731
+        gib = lambda g: f"{g:.1f}" if isinstance(g, float) else "-"  # noqa: E731
+        print(f"{row['arch']:>8} {str(row['image_size']):>4} {row['batch_size']:>3} {row['k']:>3} {row['amp']:>5} "
+              f"{str(row['pag_chunk'] or 'all'):>5} | {ms(row['ce_seconds']):>8} {ms(row['pag_seconds']):>9} "
+              f"{ms(row['naive_seconds']):>9} {row.get('pag_over_naive', float('nan')):>7.2f} | "
+              f"{gib(row['pag_peak_gib']):>7} {gib(row['naive_peak_gib']):>7}", flush=True)
+        D.write_json(results, out)  # after every row: a killed run keeps what it measured
+    print(f"wrote {os.path.relpath(out)}")
 
 
 if __name__ == "__main__":
-    main()
+    D.run_cli(main)

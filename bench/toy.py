@@ -29,7 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data as D  # noqa: E402 - ours, found through ROOT
-from attack import load_checkpoint, write_json  # noqa: E402
+from train_baseline import load_checkpoint  # noqa: E402
 from toy_data import CENTRES, SLOPE  # noqa: E402
 
 EPS = (1, 2, 5, 10, 15, 20, 30)
@@ -81,7 +81,8 @@ def boundary_report(checkpoint, distances):
     dist = torch.tensor([float("inf") if d is None else d for d in distances]).view(-1, 100)
     modes = [{"class": label, "x1": c} for label, centres in enumerate(CENTRES) for c in centres]
     for m, d in zip(modes, dist):
-        m["min_dist"], m["median_dist"] = round(d.min().item(), 4), round(d.median().item(), 4)
+        # null in JSON: farther than the largest eps searched
+        m["min_dist"], m["median_dist"] = (None if v == float("inf") else round(v, 4) for v in (d.min().item(), d.median().item()))
     model, _ = load_checkpoint(checkpoint)
     x1 = torch.arange(-70, 70, 0.01)
     with torch.no_grad():
@@ -109,8 +110,8 @@ def run_seed(seed, out_dir, epochs, device):
         boundaries[name] = boundary_report(os.path.join(run_dir, "model.pt"), res["exact_l2_distance"])
     results["attack"] = (f"targeted L2 PGD toward the other class, {STEPS} normalised-gradient steps of 2.5*eps/{STEPS}, "
                          "projection onto the eps ball, random start, margin loss; 600 balanced test points")
-    write_json(results, os.path.join(out_dir, "metrics.json"))  # exactly the shape tools read (atomic)
-    write_json({"exact_robust_acc": exact, "how": "distance to the decision boundary by ray search "
+    D.write_json(results, os.path.join(out_dir, "metrics.json"))  # exactly the shape tools read (atomic)
+    D.write_json({"exact_robust_acc": exact, "how": "distance to the decision boundary by ray search "
                 "(360 rays, samples every 0.25 refined by bisection): attack-free", "boundaries": boundaries,
                 "config": {"seed": seed, "data_seed": seed, "epochs": epochs}}, os.path.join(out_dir, "exact.json"))
 
@@ -134,7 +135,7 @@ def run_seed(seed, out_dir, epochs, device):
     for name in ("vanilla", "pag"):
         b = boundaries[name]
         print(f"{name}: nearest boundary per mode (x1 centre: min distance) "
-              + ", ".join(f"{m['x1']:+.0f}: {m['min_dist']:.1f}" for m in sorted(b["modes"], key=lambda m: m["x1"]))
+              + ", ".join(f"{m['x1']:+.0f}: " + ("far" if m["min_dist"] is None else f"{m['min_dist']:.1f}") for m in sorted(b["modes"], key=lambda m: m["x1"]))
               + f"; crosses the data line at x1 = {', '.join(f'{v:.1f}' for v in b['line_crossings_x1'])}")
     print(f"wrote {out_dir}/metrics.json, exact.json and toy.png")
     return results, exact, boundaries
@@ -174,7 +175,7 @@ def main():
     per_seed = [(s, run_seed(s, os.path.join(out_dir, f"seed{s}"), args.epochs, args.device)) for s in args.seed]
     summary = summarise(per_seed)
     summary["config"] = {"epochs": args.epochs}
-    write_json(summary, os.path.join(out_dir, "seeds.json"))
+    D.write_json(summary, os.path.join(out_dir, "seeds.json"))
     print(f"\nover seeds {args.seed}: exact robust accuracy, median [min, max]")
     print(f"{'eps':>5} {'vanilla':>22} {'PAG':>22}")
     for key, label in (("clean_acc", "clean"), *((e, str(e)) for e in EPS)):
