@@ -11,12 +11,11 @@ The PGD is train_baseline.py's (the project's one, which adversarial training us
 import logging
 import math
 import os
-import time
 
 import torch
 
 import data as D
-from train_baseline import check_perturbation, load_checkpoint, pgd, pick_device, predict, robust_mask
+from train_baseline import Progress, check_perturbation, load_checkpoint, pgd, pick_device, predict, robust_mask
 from train_pag import pag_loss, sample_targets
 
 ATTACKS = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "exact-l2", "align", "visualize")
@@ -51,13 +50,6 @@ def boundary_distance_2d(model, x, y, max_radius, directions=360, radial_step=0.
         dist = torch.where(hit, torch.where(first == 0, torch.zeros_like(hi), hi), torch.full_like(hi, float("inf")))
         out.append(dist.amin(1))
     return torch.cat(out)
-
-
-def print_progress(what):
-    def show(done, total, start):
-        rate = done / max(time.time() - start, 1e-9)
-        print(f"  {what}: {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / rate:.0f}s", flush=True)
-    return show
 
 
 def import_autoattack():
@@ -129,8 +121,14 @@ def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_s
 
 # ----------------------------------------------------------------------------- pictures
 def visualize(model, ckpt, data, x, args, path):
-    """Images: rows of test images, one column per target class, each the result of a
-    large-eps targeted L2 PGD toward that class (paper fig. 1). 2-D: decision regions."""
+    """Images (paper fig. 1): rows of test images, the original first, then one column per target
+    class, each the result of a large-eps targeted L2 PGD toward that class; labelled, eps in the
+    title. 2-D: the decision regions, with the ground-truth field of a PAG model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
     if not data.is_image:
         import toy_data
 
@@ -141,29 +139,39 @@ def visualize(model, ckpt, data, x, args, path):
                                           data.train_x.cpu(), data.train_y.cpu(), exclude_self=True)
             arrows = (data.train_x.cpu()[pick], g[pick, 0])
         dev = next(model.parameters()).device
-        img = toy_data.draw_toy(data.test_x.cpu(), data.test_y.cpu(), predict=lambda p: predict(model, p.to(dev), 65536).cpu(),
-                                arrows=arrows, title=os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))))
-        img.save(path)
+        toy_data.save_toy_figure(path, data.test_x.cpu(), data.test_y.cpu(),
+                                 predict=lambda p: predict(model, p.to(dev), 65536).cpu(), arrows=arrows,
+                                 title=f"{run}: decision regions")
         return
-    from torchvision.utils import save_image
-
-    n, c = args.vis_images, data.num_classes
-    shown = min(c, 10)
+    n, shown = args.vis_images, min(data.num_classes, 10)
     xs = x[:n]
     eps = args.vis_eps if args.vis_eps is not None else 10 * D.DATASETS[data.name]["eps_l2"]
     # [n, shown] grid of (image, target class) pairs, attacked in one batch.
     src = xs.repeat_interleave(shown, 0)
     targets = torch.arange(shown, device=x.device).repeat(len(xs))
     adv = pgd(model, src, targets, eps, "l2", steps=args.vis_steps, targeted=True, random_start=False, box=data.box)
-    grid = torch.cat([xs[:, None], adv.view(len(xs), shown, *xs.shape[1:])], dim=1).flatten(0, 1)
-    save_image(grid, path, nrow=shown + 1, padding=2, pad_value=1.0)
+    grid = torch.cat([xs[:, None], adv.view(len(xs), shown, *xs.shape[1:])], dim=1).cpu()  # [n, 1 + shown, C, H, W]
+    fig, axes = plt.subplots(len(xs), shown + 1, figsize=(1.1 * (shown + 1), 1.15 * len(xs) + 0.9), squeeze=False)
+    for i in range(len(xs)):
+        for j in range(shown + 1):
+            img = grid[i, j].permute(1, 2, 0).numpy()
+            axes[i, j].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                              vmin=0, vmax=1)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title("original" if j == 0 else f"→ {data.class_name(j - 1)}", fontsize=8)
+    fig.suptitle(f"{run}: targeted L2 PGD toward each class, ε = {eps:g}, {args.vis_steps} steps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
     p = D.Parser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="model.pt written by a training script")
-    p.add_argument("--attacks", nargs="+", default=["clean", "pgd-l2", "pgd-linf"], choices=ATTACKS)
+    p.add_argument("--attacks", nargs="+", default=["clean", "pgd-l2", "pgd-linf"], choices=ATTACKS, help="what to measure")
     p.add_argument("--eps-l2", type=D.nonneg_float, nargs="+", help="L2 radii (default: the dataset's, e.g. 0.5 for CIFAR)")
     p.add_argument("--eps-linf", type=D.nonneg_float, nargs="+", help="L-inf radii (default: 8/255 for CIFAR/STL, 0.1 Fashion-MNIST)")
     p.add_argument("--steps", type=D.positive_int, default=20, help="PGD iterations")
@@ -174,23 +182,23 @@ def main(argv=None):
     p.add_argument("--aa-version", default="standard", choices=("standard", "apgd"),
                    help="standard AutoAttack, or its APGD-CE + APGD-T subset")
     p.add_argument("--n-samples", type=D.positive_int, default=1000, help="the first N test images")
-    p.add_argument("--batch-size", type=D.positive_int, default=250)
+    p.add_argument("--batch-size", type=D.positive_int, default=250, help="images per attack batch")
     p.add_argument("--align-source", choices=D.SOURCES,
                    help="ground truth for align (default: the model's own PAG source, else nn)")
     p.add_argument("--align-targets", type=D.positive_int, help="classes per image for align (default: all)")
     p.add_argument("--align-split", default="test", choices=("test", "train"),
                    help="images for align (sbg fields exist for training images only)")
     p.add_argument("--sbg-file", help="fields for --align-source sbg (sbg.py export)")
-    p.add_argument("--vis-images", type=D.positive_int, default=8)
+    p.add_argument("--vis-images", type=D.positive_int, default=8, help="test images in the picture (rows)")
     p.add_argument("--vis-eps", type=D.nonneg_float, help="L2 radius of the pictures' targeted attack (default: 10x the dataset's eps)")
-    p.add_argument("--vis-steps", type=D.positive_int, default=60)
+    p.add_argument("--vis-steps", type=D.positive_int, default=60, help="steps of the picture's targeted attack")
     p.add_argument("--vis-out", help="PNG path (default: next to the checkpoint)")
     p.add_argument("--out", help="results JSON (default: attack.json next to the checkpoint)")
     p.add_argument("--data-dir", help="override the checkpoint's --data-dir")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--cache-dir", default="cache", help="where nearest-neighbour tables are cached")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int, default=0, help="random starts of PGD and AutoAttack, align targets")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
@@ -223,7 +231,8 @@ def main(argv=None):
             for eps in sorted(eps_list):
                 print(f"PGD-{norm} eps={eps:g}, {args.steps} steps, target={args.target}", flush=True)
                 survived &= robust_mask(model, x, y, eps, norm, data.box, args.batch_size, args.target,
-                                        print_progress(f"pgd-{norm}"), generator=torch.Generator().manual_seed(args.seed),
+                                        Progress(f"  pgd-{norm} eps={eps:g}:", len(x), "img"),
+                                        generator=torch.Generator().manual_seed(args.seed),
                                         **pgd_settings)
                 results[f"pgd_{norm}"][f"{eps:g}"] = survived.float().mean().item()
             results["pgd"] = {"steps": args.steps, "step_size": args.step_size or "2.5*eps/steps", "target": args.target,

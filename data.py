@@ -44,8 +44,17 @@ def run_cli(main):
         sys.exit(f"error: {e.strerror or e}{where}")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in its help."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default in its help: the value, or the
+    help's own "default: ..." where it depends on the dataset or architecture."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 class Parser(argparse.ArgumentParser):
@@ -207,6 +216,12 @@ DATASETS = {
 }
 ALIASES = {"stl": "stl10", "cifar-10": "cifar10", "cifar-100": "cifar100", "fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist"}
 SOURCES = ("oi", "cm", "nn", "sbg")
+CLASS_NAMES = {
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "stl10": ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
+    "fashion-mnist": ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                      "ankle boot"),
+}
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # `apt-get install dataset-fashion-mnist`
 
 
@@ -225,6 +240,10 @@ class Data:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    classes: tuple = None  # class names, where known
+
+    def class_name(self, k):
+        return self.classes[k] if self.classes else f"class {k}"
 
     @property
     def is_image(self):
@@ -270,7 +289,8 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
         train_x, train_y, test_x, test_y = make_synthetic(image_size or 32)
         num_classes = 10
     elif name == "folder":
-        train_x, train_y, test_x, test_y, num_classes = load_folder(data_dir, image_size)
+        train_x, train_y, test_x, test_y, classes = load_folder(data_dir, image_size)
+        num_classes = len(classes)
     elif name == "fashion-mnist":
         train_x, train_y, test_x, test_y = load_fashion_mnist(data_dir, download)
         num_classes = 10
@@ -281,7 +301,8 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
         train_x, train_y = train_x[:train_samples], train_y[:train_samples]
     if test_samples is not None:
         test_x, test_y = test_x[:test_samples], test_y[:test_samples]
-    return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes)
+    classes = tuple(classes) if name == "folder" else CLASS_NAMES.get(name)
+    return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes, classes)
 
 
 def load_torchvision(name, root, download):
@@ -374,7 +395,7 @@ def load_folder(root, image_size):
         out += [torch.stack(xs), torch.tensor(ys)]
     if out[0].shape[1:] != out[2].shape[1:]:
         raise UserError(f"train images are {tuple(out[0].shape[1:])} but test images {tuple(out[2].shape[1:])}; pass --image-size N")
-    return (*out, len(splits[0].classes))
+    return (*out, splits[0].classes)
 
 
 def make_synthetic(image_size=32, n_train=1024, n_test=512):
@@ -450,7 +471,7 @@ def nearest_of_class(queries, train_x, train_y, num_classes, query_idx=None, chu
     for t in range(num_classes):
         members = (train_y == t).nonzero().squeeze(1)
         if len(members) == 0:
-            raise UserError(f"class {t} has no training images; the nn source needs at least one (two for itself)")
+            raise ValueError(f"class {t} has no training images; the nn source needs at least one")
         ref = to_float(train_x[members]).flatten(1).to(dtype)
         ref_sq = (ref * ref).sum(1)
         pos_in_class = None
@@ -507,6 +528,9 @@ def make_source(name, data, cache_dir="cache", seed=0, sbg_file=None):
         reps = class_means(data.train_x, data.train_y, data.num_classes)
         return lambda x, target_classes, idx=None: reps[target_classes] - x[:, None]
     if name == "nn":
+        empty = (data.train_y.bincount(minlength=data.num_classes) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise UserError(f"the nn source needs training images of every class; none of class(es) {empty}")
         nn_idx = cached_nearest(data, cache_dir)
 
         def gt_nn(x, target_classes, idx=None):

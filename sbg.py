@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data as D
-from train_baseline import CHECKPOINT_FORMAT, pick_device, read_checkpoint, resume_checkpoint, setup_distributed
+from train_baseline import CHECKPOINT_FORMAT, Progress, pick_device, read_checkpoint, resume_checkpoint, setup_distributed
 
 # Flags that may differ between `sbg.py train` and its --resume: more --epochs continue a finished run.
 RESUME_MAY_CHANGE = {"job", "resume", "device", "out_dir", "data_dir", "download", "epochs", "checkpoint", "timestep",
@@ -161,7 +161,10 @@ def _train(args, rank, world, device):
     for epoch in range(start, args.epochs):
         t0, total, batches = time.time(), 0.0, 0
         order = torch.randperm(n, generator=order_gen)
-        for idx in order[: n - n % world][rank::world].split(args.batch_size):
+        shard = order[: n - n % world][rank::world]
+        progress = Progress(f"epoch {epoch + 1}/{args.epochs}:", len(shard) * world, "img",
+                            print_fn=print if rank == 0 else (lambda *a, **k: None))
+        for idx in shard.split(args.batch_size):
             x0 = D.to_float(x_all[idx.to(device)]) * 2 - 1
             c = y_all[idx.to(device)].clone()
             drop = torch.rand(len(idx), generator=sample_gen).to(device) < args.p_uncond
@@ -174,13 +177,15 @@ def _train(args, rank, world, device):
             loss.backward()
             opt.step()
             total, batches = total + loss.item(), batches + 1
+            epoch_seconds = (time.time() - t0) / (batches * args.batch_size) * len(shard)
+            progress(min(batches * args.batch_size, len(shard)) * world, f"loss {total / batches:.4f} ",
+                     later_seconds=epoch_seconds * (args.epochs - epoch - 1))
         states = [sample_gen.get_state()]
         if world > 1:
             states = [None] * world
             dist.all_gather_object(states, sample_gen.get_state())
         if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {total / batches:.4f} (rank 0) [{time.time() - t0:.0f}s, "
-                  f"ETA {(time.time() - t0) * (args.epochs - epoch - 1) / 60:.1f} min]", flush=True)
+            print(f"epoch {epoch + 1}: loss {total / batches:.4f} (rank 0) [{time.time() - t0:.0f}s]", flush=True)
             if not math.isfinite(total):
                 raise D.UserError(f"denoiser training diverged in epoch {epoch + 1} (loss {total}); "
                                   f"{path} keeps the last good epoch")
@@ -188,6 +193,8 @@ def _train(args, rank, world, device):
                            "generator": order_gen.get_state(), "sample_generators": states, "epoch": epoch + 1,
                            "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
                            "input_shape": tuple(data.input_shape)})
+            if epoch == start:
+                print(f"wrote {path} (updated every epoch)", flush=True)
         if world > 1:
             dist.barrier()
     if world > 1:
@@ -208,7 +215,7 @@ def export(args):
     gen = torch.Generator().manual_seed(args.seed)
     fields = torch.empty(len(x_all), c, *data.input_shape, dtype=torch.float16)
     all_classes = torch.arange(c).expand(args.batch_size, c)
-    t0 = time.time()
+    progress = Progress("export:", len(x_all), "img")
     for s in range(0, len(x_all), args.batch_size):
         xb = x_all[s: s + args.batch_size].to(device)
         acc = torch.zeros(len(xb), c, *data.input_shape, device=device)
@@ -216,10 +223,7 @@ def export(args):
             noise = torch.randn(xb.shape, generator=gen).to(device)
             acc += sbg_field(net, xb, all_classes[: len(xb)].to(device), abar, noise, c, args.timestep)
         fields[s: s + len(xb)] = (acc / args.noise_draws).half().cpu()
-        done = s + len(xb)
-        if (s // args.batch_size) % 20 == 0 or done == len(x_all):
-            rate = done / (time.time() - t0)
-            print(f"export: {done}/{len(x_all)} images, {rate:.0f} img/s, ETA {(len(x_all) - done) / rate:.0f}s", flush=True)
+        progress(s + len(xb))
     D.atomic_write(args.out, {"kind": "sbg-fields", "fields": fields, "dataset": data.name, "n": len(x_all),
                    "train_samples": args.train_samples, "labels": data.train_y.clone(), "timestep": args.timestep,
                    "alpha_bar": abar, "noise_draws": args.noise_draws, "denoiser": args.checkpoint})
@@ -283,14 +287,14 @@ def main(argv=None):
     p = D.Parser(description=__doc__)
     p.add_argument("job", choices=("train", "export", "sweep"),
                    help="train the denoiser, export fields for train_pag.py, or sweep noise levels")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--dataset", default="fashion-mnist", help="an image dataset of train_pag.py")
+    p.add_argument("--data-dir", default="data", help="where datasets live")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--train-samples", type=D.positive_int, help="the first N training images (must match train_pag.py's)")
     p.add_argument("--image-size", type=D.positive_int, help="resize folder images / size of synthetic images")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=D.positive_int, default=128)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data order and noise draws")
+    p.add_argument("--batch-size", type=D.positive_int, default=128, help="images per step (train) or per pass (export)")
     # train
     p.add_argument("--out-dir", default=os.path.join("runs", "sbg"), help="train: where denoiser.pt goes")
     p.add_argument("--epochs", type=D.positive_int, default=20, help="train: epochs")

@@ -654,7 +654,6 @@ def test_failed_writes_leave_nothing_behind_and_say_so(tmp_path, monkeypatch):
 
 
 def test_one_run_per_directory_and_stale_temporaries(tmp_path):
-    import sbg
     out = tmp_path / "r"
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -676,6 +675,112 @@ def test_one_run_per_directory_and_stale_temporaries(tmp_path):
     (out / "notes.txt.tmp1").write_text("not ours")
     T.main(list(map(str, [*TINY, "--epochs", "1", "--out-dir", out])))
     assert sorted(os.listdir(out)) == ["metrics.jsonl", "model.pt", "notes.txt.tmp1"]
+
+
+# ----------------------------------------------------------------------------- a newcomer's first hour
+@pytest.mark.parametrize("epochs,expected", [(1, [0.01]), (2, [0.01, 0.001]), (3, [0.01, 0.01, 0.0001])])
+def test_lr_never_drops_before_the_first_epoch_ends_and_metrics_log_the_rate_used(tmp_path, epochs, expected):
+    T.main(list(map(str, [*TINY, "--epochs", epochs, "--lr", "0.01", "--lr-drops", "0.5,0.75", "--out-dir", tmp_path])))
+    rows = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx(expected)
+
+
+def test_defaults_come_from_one_table_per_dataset():
+    import argparse
+    parser = T.add_common_args(argparse.ArgumentParser())
+    fm = T.resolve_defaults(parser.parse_args(["--dataset", "fashion-mnist"]), "baseline")
+    assert (fm.arch, fm.optimizer, fm.lr, fm.lr_drops, fm.weight_decay) == ("cnn", "adam", 1e-3, [], 0.0)
+    cifar = T.resolve_defaults(parser.parse_args(["--dataset", "cifar10"]), "baseline")
+    assert (cifar.arch, cifar.optimizer, cifar.lr, cifar.lr_drops, cifar.weight_decay, cifar.batch_size) == \
+        ("resnet18", "sgd", 0.01, [0.5, 0.75], 1e-4, 64)
+    assert T.resolve_defaults(parser.parse_args(["--dataset", "stl"]), "b").batch_size == 32
+    image = lambda name, size: D.Data(name, torch.zeros(2, 3, size, size, dtype=torch.uint8), torch.zeros(2), None, None, 2)  # noqa: E731
+    assert T.resolve_augment(None, image("cifar10", 32)) and not T.resolve_augment(None, image("fashion-mnist", 28))
+    assert T.resolve_augment(None, image("folder", 32)) and not T.resolve_augment(None, image("folder", 16))
+    assert T.resolve_augment(True, image("folder", 16)) and not T.resolve_augment(False, image("cifar10", 32))
+    import train_pag
+    assert train_pag.resolve_pag_defaults(parser_pag().parse_args(["--dataset", "stl"])).pag_chunk == 4
+    assert train_pag.resolve_pag_defaults(parser_pag().parse_args(["--dataset", "cifar10"])).pag_chunk is None
+
+
+def parser_pag():
+    import argparse
+    import train_pag
+    return train_pag.add_pag_args(T.add_common_args(argparse.ArgumentParser()))
+
+
+def test_every_help_shows_its_defaults(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # no line wrapping inside a default
+    import contextlib
+    import io
+    import sbg
+    import train_pag
+    expected = {train_pag.main: ["--epochs EPOCHS      training epochs (the paper: 100) (default: 100)", "(default: 3407)",
+                                 "(default: 1000)", "default: 0.01 (paper, toy), 1e-3 (fashion-mnist)",
+                                 "runs/<baseline|pag_SOURCE>"],
+                attack.main: ["(default: clean pgd-l2 pgd-linf)", "PGD iterations (default: 20)", "(default: 1000)",
+                              "default: the model's own PAG"],
+                sbg.main: ["(default: fashion-mnist)", "train: epochs (default: 20)", "(default: 4)", "{train,export,sweep}"]}
+    for main, fragments in expected.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            main(["--help"])
+        text = " ".join(out.getvalue().split())
+        for frag in fragments:
+            assert " ".join(frag.split()) in text, frag
+
+
+# Each piece the README offers for copy-paste, with the same-file helpers it needs (README "Copy-paste pieces").
+COPY_PASTE = {
+    "train_pag.pag_loss": ("train_pag", ["sample_targets", "couples_samples", "_fp32", "input_gradients", "pag_loss"]),
+    "train_pag.chunked_pag_loss": ("train_pag", ["couples_samples", "_fp32", "input_gradients", "pag_loss", "local_pass",
+                                                 "chunked_pag_loss"]),
+    "train_baseline.pgd": ("train_baseline", ["per_sample_norm", "project", "random_in_ball", "attack_loss", "pgd"]),
+    "data sources": ("data", ["to_float", "class_means", "one_image_per_class", "nearest_of_class"]),
+    "data.crop_flip": ("data", ["draw_crop_flip", "crop_flip"]),
+}
+
+
+def test_copy_paste_pieces_run_alone_with_math_and_torch():
+    import importlib
+    import inspect
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("Copy-paste pieces"):].split("\n## ")[0]
+    pasted = {}
+    for piece, (module, names) in COPY_PASTE.items():
+        source = "import math\nimport torch\nimport torch.nn.functional as F\n\n" + "\n\n".join(
+            inspect.getsource(getattr(importlib.import_module(module), n)) for n in names)
+        namespace = {}
+        exec(compile(source, piece, "exec"), namespace)  # a file holding only these, importing math and torch
+        pasted[piece] = namespace
+        assert all(f"`{n}`" in section or f".{n}`" in section for n in names), piece  # the README names each helper
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.manual_seed(0)
+    model, x = build_model("resnet18", 10, 3, 8).double().train(), torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    t = sample_targets(3, 10, 4, gen())
+    gt = torch.randn(3, 4, 3, 8, 8, dtype=torch.float64)
+    p = pasted["train_pag.pag_loss"]
+    assert torch.equal(p["sample_targets"](3, 10, 4, gen()), t)
+    assert torch.allclose(p["pag_loss"](model, x, gt, t), pag_loss(model, x, gt, t), atol=1e-12)
+    c = pasted["train_pag.chunked_pag_loss"]
+    from train_pag import chunked_pag_loss
+    assert abs(c["chunked_pag_loss"](model, x, gt, t, 2.0, 3)[2] - chunked_pag_loss(model, x, gt, t, 2.0, 3)[2]) < 1e-10
+    small = build_model("cnn", 10, 3, 8).eval()
+    xs, ys = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    for norm in ("l2", "linf"):
+        assert torch.equal(pasted["train_baseline.pgd"]["pgd"](small, xs, ys, 0.5, norm, steps=3, generator=gen()),
+                           T.pgd(small, xs, ys, 0.5, norm, steps=3, generator=gen()))
+    d = tiny_data()
+    s = pasted["data sources"]
+    assert torch.equal(s["class_means"](d.train_x, d.train_y, 3), D.class_means(d.train_x, d.train_y, 3))
+    assert torch.equal(s["one_image_per_class"](d.train_y, 3, gen()), D.one_image_per_class(d.train_y, 3, gen()))
+    assert torch.equal(s["nearest_of_class"](d.test_x, d.train_x, d.train_y, 3),
+                       D.nearest_of_class(d.test_x, d.train_x, d.train_y, 3))
+    with pytest.raises(ValueError, match="class 3"):  # a built-in exception when pasted
+        s["nearest_of_class"](d.test_x, d.train_x, d.train_y, 4)
+    cf = pasted["data.crop_flip"]
+    offsets, flips = cf["draw_crop_flip"](4, 4, gen())
+    assert torch.equal(cf["crop_flip"](xs, offsets, flips), D.crop_flip(xs, *D.draw_crop_flip(4, 4, gen())))
 
 
 # ----------------------------------------------------------------------------- the toy

@@ -61,48 +61,54 @@ def toy_ground_truth(points, target_classes, train_x, train_y, exclude_self=Fals
 
 
 # ----------------------------------------------------------------------------- picture
-CLASS_COLOURS = ((31, 119, 180), (255, 127, 14))
-REGION_COLOURS = ((198, 219, 239), (253, 208, 162))
+CLASS_COLOURS = ("#1f77b4", "#ff7f0e")   # points of class 0, class 1
+REGION_COLOURS = ("#c6dbef", "#fdd0a2")  # where the model predicts class 0, class 1
 
 
-def draw_toy(points, labels, predict=None, arrows=None, title="", x1_range=(-70, 70), scale=3):
-    """Draw the toy to a PIL image: decision regions, points, optional arrows.
+def plot_toy(ax, points, labels, predict=None, arrows=None, title="", x1_range=(-70, 70), resolution=400):
+    """Draw the toy on a matplotlib axis: decision regions, points, optional arrows, with axes and a key.
 
     predict: a function [M, 2] -> predicted class [M] (colours the background).
-    arrows:  (starts [A, 2], vectors [A, 2]) drawn as segments with a head dot.
-    The window keeps equal aspect so that margins look like what they are.
+    arrows:  (starts [A, 2], vectors [A, 2]), drawn with heads: the ground-truth PAG.
+    Equal aspect, so that margins look like what they are.
     """
-    from PIL import Image, ImageDraw  # pillow comes with torchvision
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     x1_lo, x1_hi = x1_range
     x2_lo, x2_hi = SLOPE * x1_lo, SLOPE * x1_hi
-    width, height = int((x1_hi - x1_lo) * scale), int((x2_hi - x2_lo) * scale)
-
-    def to_px(p):  # world -> pixel (x2 grows upward)
-        return (p[:, 0] - x1_lo) * scale, (x2_hi - p[:, 1]) * scale
-
-    img = Image.new("RGB", (width, height), (255, 255, 255))
+    handles = []
     if predict is not None:
-        cols = torch.arange(width) + 0.5
-        rows = torch.arange(height) + 0.5
-        grid = torch.stack(torch.meshgrid(x1_lo + cols / scale, x2_hi - rows / scale, indexing="xy"), dim=-1)
+        g1, g2 = torch.meshgrid(torch.linspace(x1_lo, x1_hi, resolution), torch.linspace(x2_lo, x2_hi, 2 * resolution),
+                                indexing="xy")
         with torch.no_grad():
-            pred = predict(grid.reshape(-1, 2)).reshape(height, width)
-        palette = torch.tensor(REGION_COLOURS, dtype=torch.uint8)
-        img = Image.fromarray(palette[pred].numpy())
-    draw = ImageDraw.Draw(img)
-    px, py = to_px(points)
-    for x, y, label in zip(px.tolist(), py.tolist(), labels.tolist()):
-        draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=CLASS_COLOURS[label])
+            pred = predict(torch.stack([g1, g2], -1).reshape(-1, 2)).reshape(g1.shape)
+        ax.imshow(pred.numpy(), origin="lower", extent=(x1_lo, x1_hi, x2_lo, x2_hi), cmap=ListedColormap(REGION_COLOURS),
+                  vmin=0, vmax=1, interpolation="nearest", aspect="equal")
+        handles += [Patch(color=c, label=f"predicted {k}") for k, c in enumerate(REGION_COLOURS)]
+    for k, colour in enumerate(CLASS_COLOURS):
+        sel = labels == k
+        handles.append(ax.scatter(points[sel, 0], points[sel, 1], s=4, color=colour, label=f"class {k}"))
     if arrows is not None:
         starts, vectors = arrows
-        (sx, sy), (ex, ey) = to_px(starts), to_px(starts + vectors)
-        for a, b, c, d in zip(sx.tolist(), sy.tolist(), ex.tolist(), ey.tolist()):
-            draw.line((a, b, c, d), fill=(0, 0, 0), width=1)
-            draw.ellipse((c - 2, d - 2, c + 2, d + 2), fill=(0, 0, 0))
-    if title:
-        draw.text((6, 6), title, fill=(0, 0, 0))
-    return img
+        ax.quiver(starts[:, 0], starts[:, 1], vectors[:, 0], vectors[:, 1], angles="xy", scale_units="xy", scale=1,
+                  width=0.004, color="black")
+        handles.append(ax.plot([], [], color="black", marker=">", label="g(x, other class)")[0])
+    ax.set(xlim=(x1_lo, x1_hi), ylim=(x2_lo, x2_hi), xlabel="x1", ylabel="x2", title=title, aspect="equal")
+    ax.legend(handles=handles, loc="upper left", fontsize=7, framealpha=0.9)
+
+
+def save_toy_figure(path, points, labels, predict=None, arrows=None, title=""):
+    """One panel of plot_toy as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 8))
+    plot_toy(ax, points, labels, predict, arrows, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():
@@ -115,7 +121,7 @@ def main():
     # Arrows toward the *other* class from a random subset: the field PAG learns.
     pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[: args.arrows]
     g = toy_ground_truth(train_x, (1 - train_y)[:, None], train_x, train_y, exclude_self=True)[pick, 0]
-    draw_toy(train_x, train_y, arrows=(train_x[pick], g), title="toy data and g(x, other class)").save(args.out)
+    save_toy_figure(args.out, train_x, train_y, arrows=(train_x[pick], g), title="toy data and g(x, other class)")
     print(f"wrote {args.out}")
 
 

@@ -40,7 +40,7 @@ def add_common_args(p):
     p.add_argument("--data-dir", default="data", help="where datasets live (folder: holds train/ and test/)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--arch", help=f"{', '.join(ARCHS)}; default: resnet18 (CIFAR, STL, folder), cnn (fashion-mnist), mlp (toy)")
-    p.add_argument("--epochs", type=D.positive_int, default=100)
+    p.add_argument("--epochs", type=D.positive_int, default=100, help="training epochs (the paper: 100)")
     p.add_argument("--batch-size", type=D.positive_int, help="default: 64 (CIFAR, fashion-mnist, folder), 32 (STL), 128 (toy)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd (paper), adam (fashion-mnist, toy)")
     p.add_argument("--lr", type=D.positive_float, help="default: 0.01 (paper, toy), 1e-3 (fashion-mnist)")
@@ -59,11 +59,11 @@ def add_common_args(p):
     p.add_argument("--eval-eps", type=D.nonneg_float, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
     p.add_argument("--eval-steps", type=D.positive_int, default=7, help="per-epoch PGD-L2 steps (step 1.5*eps/steps, as the official code)")
     p.add_argument("--adv", default="none", choices=("none", "pgd", "trades"), help="adversarial training: Madry PGD-AT or TRADES")
-    p.add_argument("--adv-norm", default="linf", choices=("linf", "l2"))
+    p.add_argument("--adv-norm", default="linf", choices=("linf", "l2"), help="threat model of --adv")
     p.add_argument("--adv-eps", type=D.nonneg_float, help="default: the dataset's eps (8/255 L-inf, 0.5 L2 for CIFAR; 0.1, 1.5 fashion-mnist)")
-    p.add_argument("--adv-steps", type=D.positive_int, default=10)
+    p.add_argument("--adv-steps", type=D.positive_int, default=10, help="PGD steps of --adv")
     p.add_argument("--adv-step-size", type=D.positive_float, help="default: 2.5*eps/steps (2/255 for 8/255 and 10 steps)")
-    p.add_argument("--trades-beta", type=D.nonneg_float, default=6.0)
+    p.add_argument("--trades-beta", type=D.nonneg_float, default=6.0, help="weight of the TRADES KL term")
     p.add_argument("--amp", default="fp32", choices=("fp32", "bf16"),
                    help="training precision: fp32 (on a GPU, matmuls and convolutions use TF32 where it has it), "
                         "or bf16 autocast (losses and cosines stay in fp32)")
@@ -71,7 +71,7 @@ def add_common_args(p):
     p.add_argument("--out-dir", help="default: runs/<baseline|pag_SOURCE>[_pgdat|_trades]_<dataset>_<arch>")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/model.pt")
     p.add_argument("--stop-after-epoch", type=D.positive_int, help="exit after this epoch (time-limited jobs; continue with --resume)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
     p.add_argument("--log-every", type=D.positive_int, default=50, help="progress line every N batches (and at least every 10 s)")
     p.add_argument("--cache-dir", default="cache", help="where nearest-neighbour tables are cached")
     return p
@@ -97,6 +97,14 @@ def resolve_defaults(args, run_name):
         run_name += f"_{args.adv}at" if args.adv == "pgd" else f"_{args.adv}"
     args.out_dir = args.out_dir or os.path.join("runs", f"{run_name}_{args.dataset}_{args.arch}")
     return args
+
+
+def resolve_augment(flag, data):
+    """--augment/--no-augment, else the table's: "folder" (None there) augments images of 32 px or more."""
+    if flag is not None:
+        return flag and data.is_image
+    default = D.DATASETS[data.name]["augment"]
+    return data.is_image and (default if default is not None else data.input_shape[-1] >= 32)
 
 
 # ----------------------------------------------------------------------------- devices
@@ -228,7 +236,7 @@ def robust_mask(model, x, y, eps, norm, box, batch_size=250, target="none", prog
     most likely wrong class) or a class index. Either way a point counts as
     robust only if the attacked input still gets its true label.
     """
-    masks, start = [], time.time()
+    masks = []
     for i in range(0, len(x), batch_size):
         xb, yb = x[i: i + batch_size], y[i: i + batch_size]
         if target == "none":
@@ -240,7 +248,7 @@ def robust_mask(model, x, y, eps, norm, box, batch_size=250, target="none", prog
         with torch.no_grad():
             masks.append((model(xb).argmax(1) == yb) & (model(x_adv).argmax(1) == yb))
         if progress:
-            progress(min(i + batch_size, len(x)), len(x), start)
+            progress(min(i + batch_size, len(x)))
     return torch.cat(masks)
 
 
@@ -490,8 +498,7 @@ def _train(args, make_loss, run_name, rank, world, device):
     n = len(data.train_y)
     if n // world < 2:
         raise D.UserError(f"{n} training image(s) for {world} process(es): each process needs at least 2 per batch")
-    if args.augment is None:
-        args.augment = data.is_image and (D.DATASETS[data.name]["augment"] or data.input_shape[-1] >= 32)
+    args.augment = resolve_augment(args.augment, data)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device)
     opt, sched = make_optimizer(model, args)

@@ -16,7 +16,6 @@ pag-sbg row and the SBG alignment column wait for it); each writes its log next 
 checkpoint (OUT_DIR/<row>/*.log). Finished steps are reused (delete OUT_DIR/<row> to
 redo one), so an interrupted run continues where it stopped.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -25,6 +24,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data as D  # noqa: E402 - the project's one atomic writer and safe loader
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 PAG_COEFF = 0.25  # lambda of every PAG row (cnn); see the README for the sweep that chose it
@@ -41,8 +42,7 @@ ROWS = {  # name -> (script, extra flags, relative training cost: the longest jo
 
 
 def torch_load_epoch(path):
-    import torch
-    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+    return D.load_file(path, "denoiser checkpoint")["epoch"]
 
 
 def sh(log, *cmd):
@@ -77,7 +77,7 @@ def run_jobs(jobs, needs, workers):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(description=__doc__)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=10)
@@ -87,7 +87,7 @@ def main():
     p.add_argument("--aa-version", default="apgd", choices=("standard", "apgd"),
                    help="apgd = AutoAttack's APGD-CE + APGD-T subset (fits the CPU budget; see README)")
     p.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each")
-    p.add_argument("--out-dir", default=os.path.join("runs", "fashion_mnist_bench"))
+    p.add_argument("--out-dir", help="default: runs/fashion_mnist_bench (runs/fashion_mnist_bench_quick with --quick)")
     p.add_argument("--sbg-epochs", type=int, default=15, help="denoiser epochs for the pag-sbg row")
     p.add_argument("--sbg-timestep", type=int, default=300, help="noise level of the SBG fields (see sbg.py sweep)")
     p.add_argument("--sbg-noise-draws", type=int, default=1, help="noise draws averaged per field")
@@ -95,7 +95,7 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.epochs, args.train_samples, args.n_samples, args.sbg_epochs = 1, 512, 50, 1
-    out_dir = os.path.abspath(args.out_dir)
+    out_dir = os.path.abspath(args.out_dir or os.path.join("runs", "fashion_mnist_bench" + ("_quick" if args.quick else "")))
     data_flags = ["--dataset", "fashion-mnist", "--train-samples", args.train_samples]
     sbg_dir = os.path.join(out_dir, "sbg")
     sbg_file = os.path.join(sbg_dir, "fields.pt")
@@ -106,8 +106,15 @@ def main():
               "--no-augment", "--seed", args.seed, "--epochs", args.epochs, "--train-samples", args.train_samples,
               "--eval-samples", args.n_samples, "--log-every", 100]
 
+    sbg_settings = {"train_samples": args.train_samples, "epochs": args.sbg_epochs, "seed": args.seed,
+                    "timestep": args.sbg_timestep, "noise_draws": args.sbg_noise_draws}
+
     def make_sbg():  # denoiser + fields, shared by the pag-sbg row and the align_sbg column
-        if os.path.exists(sbg_file):
+        settings_file = os.path.join(sbg_dir, "settings.json")
+        if os.path.exists(sbg_file):  # reused only if made with these settings, like every row
+            made_with = json.load(open(settings_file)) if os.path.exists(settings_file) else None
+            if made_with != sbg_settings:
+                raise RuntimeError(f"{sbg_dir} was made with other settings ({made_with}); delete it or pass another --out-dir")
             return
         ckpt, log = os.path.join(sbg_dir, "denoiser.pt"), os.path.join(sbg_dir, "sbg.log")
         if not os.path.exists(ckpt) or torch_load_epoch(ckpt) < args.sbg_epochs:
@@ -115,6 +122,7 @@ def main():
                *(["--resume"] if os.path.exists(ckpt) else []))
         sh(log, "sbg.py", "export", *data_flags, "--checkpoint", ckpt, "--timestep", args.sbg_timestep,
            "--noise-draws", args.sbg_noise_draws, "--out", sbg_file)
+        D.atomic_write(settings_file, text=json.dumps(sbg_settings))
 
     def train_and_attack(name):
         script, extra, _ = ROWS[name]
@@ -131,7 +139,7 @@ def main():
         else:
             start = time.time()
             sh(log, *cmd, "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
-            write_atomic(done, json.dumps({"train_seconds": time.time() - start, "command": command}))
+            D.atomic_write(done, text=json.dumps({"train_seconds": time.time() - start, "command": command}))
         if not os.path.exists(os.path.join(run_dir, "attack.json")):
             sh(log, "attack.py", "--checkpoint", ckpt, "--attacks", "clean", "aa-l2", "aa-linf", "align",
                "--aa-version", args.aa_version, "--n-samples", args.n_samples, "--align-source", "nn",
@@ -170,17 +178,10 @@ def main():
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['clean']:.1%} | {r['aa_l2']:.1%} | {r['aa_linf']:.1%} | {r['align_nn']:.3f} | "
               f"{r['align_sbg']:.3f} | {r['train_seconds']:.0f} |" for r in rows]
-    write_atomic(out + ".json", json.dumps({"rows": rows, "config": config}, indent=2) + "\n")
-    write_atomic(out + ".md", "\n".join(lines) + "\n")
+    D.atomic_write(out + ".json", text=json.dumps({"rows": rows, "config": config}, indent=2) + "\n")
+    D.atomic_write(out + ".md", text="\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wall time {wall / 60:.1f} min; wrote {out}.json and {out}.md")
-
-
-def write_atomic(path, text):
-    """Never leave a half-written results file (write a sibling, then rename)."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ cost does not depend on the pixels), model in train mode:
          with PyTorch's default precision flags (TF32 for convolutions only)
 Medians over --repeats timed steps (after --warmup). On a GPU also the peak memory of each.
 """
-import argparse
 import os
 import platform
 import statistics

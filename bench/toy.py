@@ -1,7 +1,7 @@
 """The paper's 2-D toy experiment in one command (46 s for one seed on 2 CPU cores).
 
-    python bench/toy.py                     # writes results/toy/metrics.json, exact.json and toy.png
-    python bench/toy.py --seed 0 1 2 3 4 5 6 7 8 9 --out-dir DIR   # ten draws + DIR/seeds.json
+    python bench/toy.py                     # seed 2: results/toy/metrics.json, exact.json and toy.png
+    python bench/toy.py --seed 0 1 2 3 4 5 6 7 8 9 --out-dir DIR   # ten draws + DIR/seeds.json, seeds.png
 
 It only orchestrates the ordinary scripts (their main(), in this process), so the toy
 exercises the same code as the image experiments:
@@ -17,7 +17,7 @@ projection onto the eps ball, 100 steps of 2.5*eps/100. In 2-D the eps ball can 
 searched exhaustively: exact.json holds the robust accuracy from each point's distance to
 the decision boundary (attack.py's exact-l2, a ray search), which checks the PGD numbers.
 """
-import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -36,40 +36,67 @@ EPS = (1, 2, 5, 10, 15, 20, 30)
 STEPS = 100
 
 
-def run_script(script, *args):
-    """Run one of our scripts' main() in this process: the same code as `python script args`,
-    without paying torch's import (seconds) once per script."""
+def run_script(script, log, *args):
+    """Run one of our scripts' main() in this process (the same code as `python script args`,
+    without paying torch's import once per script), its output appended to `log`."""
     argv = [str(a) for a in args]
-    print(f"$ python {script} " + " ".join(argv), flush=True)
-    importlib.import_module(script.removesuffix(".py")).main(argv)
+    print(f"$ python {script} " + " ".join(argv) + f"   > {os.path.relpath(log)}", flush=True)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f):
+        importlib.import_module(script.removesuffix(".py")).main(argv)
 
 
-def line_chart(series, xs, title, size=(420, 420)):
-    """A small robust-accuracy-vs-eps chart drawn with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
+def figure(out_dir, seed, results, exact):
+    """toy.png: both models' decision regions (PAG with the ground-truth field it follows) and robust
+    accuracy against eps: exact (attack-free, solid) and targeted PGD (dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import toy_data
 
-    w, h = size
-    left, right, top, bottom = 50, 15, 30, 45
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    px = lambda e: left + (e - min(xs)) / (max(xs) - min(xs)) * (w - left - right)  # noqa: E731
-    py = lambda a: top + (1 - a) * (h - top - bottom)  # noqa: E731
-    draw.rectangle((left, top, w - right, h - bottom), outline=(0, 0, 0))
-    for a in (0, 0.25, 0.5, 0.75, 1.0):
-        draw.line((left - 4, py(a), left, py(a)), fill=(0, 0, 0))
-        draw.text((8, py(a) - 6), f"{a:.0%}", fill=(0, 0, 0))
-    for e in xs:
-        draw.line((px(e), h - bottom, px(e), h - bottom + 4), fill=(0, 0, 0))
-        draw.text((px(e) - 5, h - bottom + 8), str(e), fill=(0, 0, 0))
-    draw.text((w // 2 - 40, h - 18), "L2 radius eps", fill=(0, 0, 0))
-    draw.text((left, 8), title, fill=(0, 0, 0))
-    for i, (name, (colour, accs)) in enumerate(series.items()):
-        pts = [(px(e), py(a)) for e, a in zip(xs, accs)]
-        draw.line(pts, fill=colour, width=2)
-        for x, y in pts:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        draw.text((w - right - 90, top + 10 + 14 * i), f"-- {name}", fill=colour)
-    return img
+    train_x, train_y, test_x, test_y = toy_data.make_toy(seed)
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:60]
+    g = toy_data.toy_ground_truth(train_x, (1 - train_y)[:, None], train_x, train_y, exclude_self=True)[pick, 0]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 7.5), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    for ax, name, title in ((axes[0], "vanilla", "vanilla"), (axes[1], "pag", "PAG (NN targets)")):
+        model, _ = load_checkpoint(os.path.join(out_dir, name, "model.pt"))
+        toy_data.plot_toy(ax, test_x, test_y, predict=lambda p: model(p).argmax(1), title=f"{title}: regions, test points",
+                          arrows=(train_x[pick], g) if name == "pag" else None)
+    ax = axes[2]
+    for name, colour, label in (("vanilla", "#1f77b4", "vanilla"), ("pag", "#d62728", "PAG")):
+        ax.plot(EPS, [exact[name][str(e)] for e in EPS], "-o", color=colour, label=f"{label}, exact")
+        ax.plot(EPS, [results[name]["robust_acc"][str(e)] for e in EPS], "--", color=colour, alpha=0.7, label=f"{label}, PGD")
+    ax.set(xlabel="L2 radius ε", ylabel="robust accuracy (600 test points)", ylim=(-0.02, 1.02),
+           title="robust accuracy against ε")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle(f"2-D toy, seed {seed}: MLP 2-32-2; PAG with λ·C = 5", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "toy.png"), dpi=100)
+    plt.close(fig)
+
+
+def seeds_figure(summary, path):
+    """seeds.png: exact robust accuracy against eps over the seeds: median line, min-max band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, colour, label in (("vanilla", "#1f77b4", "vanilla"), ("pag", "#d62728", "PAG")):
+        st = [summary[name]["exact_robust_acc"][str(e)] for e in EPS]
+        ax.plot(EPS, [v["median"] for v in st], "-o", color=colour, label=f"{label}, median")
+        ax.fill_between(EPS, [v["min"] for v in st], [v["max"] for v in st], color=colour, alpha=0.2,
+                        label=f"{label}, min-max")
+    ax.set(xlabel="L2 radius ε", ylabel="exact robust accuracy", ylim=(-0.02, 1.02),
+           title=f"2-D toy over {len(summary['seeds'])} seeds (data draw and initialisation)")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def boundary_report(checkpoint, distances):
@@ -99,9 +126,12 @@ def run_seed(seed, out_dir, epochs, device):
         run_dir = os.path.join(out_dir, name)
         if os.path.exists(os.path.join(run_dir, "model.pt")):
             os.remove(os.path.join(run_dir, "model.pt"))  # a fresh experiment every time
-        run_script(script, "--dataset", "toy", "--seed", seed, "--data-seed", seed, "--epochs", epochs, "--out-dir", run_dir,
+        log = os.path.join(run_dir, "run.log")
+        if os.path.exists(log):
+            os.remove(log)
+        run_script(script, log, "--dataset", "toy", "--seed", seed, "--data-seed", seed, "--epochs", epochs, "--out-dir", run_dir,
                    "--device", device, "--log-every", 1000, "--cache-dir", os.path.join(ROOT, "cache"))
-        run_script("attack.py", "--checkpoint", os.path.join(run_dir, "model.pt"), "--attacks", "clean", "pgd-l2", "exact-l2", "visualize",
+        run_script("attack.py", log, "--checkpoint", os.path.join(run_dir, "model.pt"), "--attacks", "clean", "pgd-l2", "exact-l2", "visualize",
                    "--eps-l2", *EPS, "--target", "runner-up", "--steps", STEPS, "--n-samples", 600, "--device", device)
         with open(os.path.join(run_dir, "attack.json")) as f:
             res = json.load(f)
@@ -115,17 +145,7 @@ def run_seed(seed, out_dir, epochs, device):
                 "(360 rays, samples every 0.25 refined by bisection): attack-free", "boundaries": boundaries,
                 "config": {"seed": seed, "data_seed": seed, "epochs": epochs}}, os.path.join(out_dir, "exact.json"))
 
-    from PIL import Image
-    panels = [Image.open(os.path.join(out_dir, n, "regions.png")) for n in ("vanilla", "pag")]
-    chart = line_chart({"vanilla": ((31, 119, 180), [results["vanilla"]["robust_acc"][str(e)] for e in EPS]),
-                        "PAG": ((214, 39, 40), [results["pag"]["robust_acc"][str(e)] for e in EPS])},
-                       EPS, "robust accuracy, targeted L2 PGD", size=(420, panels[0].height))
-    canvas = Image.new("RGB", (sum(im.width for im in panels) + chart.width + 20, panels[0].height), (255, 255, 255))
-    x = 0
-    for im in (*panels, chart):
-        canvas.paste(im, (x, 0))
-        x += im.width + 10
-    canvas.save(os.path.join(out_dir, "toy.png"))
+    figure(out_dir, seed, results, exact)
     print(f"seed {seed}")
     print(f"{'eps':>5} {'vanilla PGD':>12} {'exact':>8} {'PAG PGD':>8} {'exact':>8}")
     for e in EPS:
@@ -137,7 +157,8 @@ def run_seed(seed, out_dir, epochs, device):
         print(f"{name}: nearest boundary per mode (x1 centre: min distance) "
               + ", ".join(f"{m['x1']:+.0f}: " + ("far" if m["min_dist"] is None else f"{m['min_dist']:.1f}") for m in sorted(b["modes"], key=lambda m: m["x1"]))
               + f"; crosses the data line at x1 = {', '.join(f'{v:.1f}' for v in b['line_crossings_x1'])}")
-    print(f"wrote {out_dir}/metrics.json, exact.json and toy.png")
+    rel = os.path.relpath(out_dir)
+    print(f"wrote {rel}/metrics.json, {rel}/exact.json, {rel}/toy.png (logs: {rel}/<model>/run.log)")
     return results, exact, boundaries
 
 
@@ -158,13 +179,13 @@ def summarise(per_seed):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default=os.path.join("results", "toy"))
-    p.add_argument("--seed", type=int, nargs="+", default=[0],
-                   help="seed of the data draw and of both models' initialisation; several: DIR/seed<S>/ each, "
-                        "and DIR/seeds.json with median, min and max over them")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--device", default="cpu")
+    p = D.Parser(description=__doc__)
+    p.add_argument("--out-dir", default=os.path.join("results", "toy"), help="where results go")
+    p.add_argument("--seed", type=int, nargs="+", default=[2],
+                   help="seed of the data draw and of both models' initialisation (2: the public re-run's); several: "
+                        "DIR/seed<S>/ each, and DIR/seeds.json and seeds.png with median, min and max over them")
+    p.add_argument("--epochs", type=D.positive_int, default=100, help="training epochs of both models")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train and attack")
     args = p.parse_args()
     if len(set(args.seed)) != len(args.seed):
         p.error(f"--seed lists a seed twice: {args.seed}")
@@ -176,6 +197,7 @@ def main():
     summary = summarise(per_seed)
     summary["config"] = {"epochs": args.epochs}
     D.write_json(summary, os.path.join(out_dir, "seeds.json"))
+    seeds_figure(summary, os.path.join(out_dir, "seeds.png"))
     print(f"\nover seeds {args.seed}: exact robust accuracy, median [min, max]")
     print(f"{'eps':>5} {'vanilla':>22} {'PAG':>22}")
     for key, label in (("clean_acc", "clean"), *((e, str(e)) for e in EPS)):
@@ -184,7 +206,7 @@ def main():
             st = summary[name]["clean_acc"] if key == "clean_acc" else summary[name]["exact_robust_acc"][str(key)]
             cells.append(f"{st['median']:.1%} [{st['min']:.1%}, {st['max']:.1%}]")
         print(f"{label:>5} {cells[0]:>22} {cells[1]:>22}")
-    print(f"wrote {out_dir}/seeds.json")
+    print(f"wrote {os.path.relpath(out_dir)}/seeds.json and seeds.png")
 
 
 if __name__ == "__main__":
