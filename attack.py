@@ -71,7 +71,7 @@ def autoattack_accuracy(model, x, y, eps, norm, box, version="standard", seed=0,
 
     version "standard": APGD-CE, APGD-T, FAB-T, Square (Croce & Hein 2020).
     version "apgd": its APGD-CE + APGD-T part with standard settings (the cheap
-    core: on our CPU runs FAB-T and Square changed no result; see NOTES).
+    core: on our CPU runs FAB-T and Square changed no result; README, Fashion-MNIST).
     n_iter overrides the APGD iterations (tests use a handful).
     """
     AutoAttack, flavour = import_autoattack()

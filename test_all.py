@@ -251,8 +251,8 @@ def test_nearest_of_class_matches_brute_force_and_never_returns_itself():
 def test_nearest_of_class_agrees_with_the_toy_reference():
     train_x, train_y, test_x, _ = toy_data.make_toy(seed=1, train_per_mode=50, test_per_mode=10)
     ours = D.nearest_of_class(train_x, train_x, train_y, 2, query_idx=torch.arange(len(train_x)), chunk=64)
-    assert (ours == toy_data.nearest_of_class(train_x, train_x, train_y, exclude_self=True)).all()
-    assert (D.nearest_of_class(test_x, train_x, train_y, 2) == toy_data.nearest_of_class(test_x, train_x, train_y)).all()
+    assert (ours == toy_data.exact_nearest_of_class(train_x, train_x, train_y, exclude_self=True)).all()
+    assert (D.nearest_of_class(test_x, train_x, train_y, 2) == toy_data.exact_nearest_of_class(test_x, train_x, train_y)).all()
 
 
 def test_sources_cm_oi_nn(tmp_path):
@@ -698,9 +698,14 @@ def test_defaults_come_from_one_table_per_dataset():
     assert T.resolve_augment(None, image("cifar10", 32)) and not T.resolve_augment(None, image("fashion-mnist", 28))
     assert T.resolve_augment(None, image("folder", 32)) and not T.resolve_augment(None, image("folder", 16))
     assert T.resolve_augment(True, image("folder", 16)) and not T.resolve_augment(False, image("cifar10", 32))
-    import train_pag
-    assert train_pag.resolve_pag_defaults(parser_pag().parse_args(["--dataset", "stl"])).pag_chunk == 4
-    assert train_pag.resolve_pag_defaults(parser_pag().parse_args(["--dataset", "cifar10"])).pag_chunk is None
+    stl = D.resolve_defaults(parser_pag().parse_args(["--dataset", "stl"]))
+    assert (stl.pag_chunk, stl.source, stl.pag_coeff, stl.pag_first_half_scale) == (4, "cm", 1.5, 1.0)
+    vit = D.resolve_defaults(parser_pag().parse_args(["--dataset", "cifar10", "--arch", "vit", "--sbg-file", "f.pt"]))
+    assert (vit.pag_chunk, vit.source, vit.pag_coeff, vit.pag_first_half_scale) == (None, "sbg", 3.0, 2 / 3)
+    toy = D.resolve_defaults(parser_pag().parse_args(["--dataset", "toy", "--pag-coeff", "7"]))
+    assert (toy.arch, toy.source, toy.pag_coeff, toy.optimizer, toy.lr) == ("mlp", "nn", 7.0, "adam", 0.01)
+    from models import ARCHS
+    assert set(D.ARCH_DEFAULTS) == set(ARCHS)  # every architecture has its row
 
 
 def parser_pag():
@@ -781,6 +786,35 @@ def test_copy_paste_pieces_run_alone_with_math_and_torch():
     cf = pasted["data.crop_flip"]
     offsets, flips = cf["draw_crop_flip"](4, 4, gen())
     assert torch.equal(cf["crop_flip"](xs, offsets, flips), D.crop_flip(xs, *D.draw_crop_flip(4, 4, gen())))
+
+
+def test_no_import_cycle_among_the_projects_modules():
+    """Every import of ours, lazy ones inside functions included, points one way."""
+    import ast
+    ours = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and f != "test_all.py"}
+    graph = {}
+    for name in ours:
+        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module.split(".")[0])
+        graph[name] = found & ours
+    assert graph["models"] == set() and graph["toy_data"] == set() and graph["data"] == {"toy_data"}
+    done, visiting = set(), []
+
+    def visit(n):
+        assert n not in visiting, f"import cycle: {' -> '.join(visiting[visiting.index(n):] + [n])}"
+        if n not in done:
+            visiting.append(n)
+            for m in graph[n]:
+                visit(m)
+            visiting.pop()
+            done.add(n)
+    for n in sorted(graph):
+        visit(n)
 
 
 # ----------------------------------------------------------------------------- the toy

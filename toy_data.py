@@ -37,7 +37,7 @@ def make_toy(seed=0, train_per_mode=1000, test_per_mode=100):
     return train_x, train_y, test_x, test_y
 
 
-def nearest_of_class(points, train_x, train_y, num_classes=2, exclude_self=False):
+def exact_nearest_of_class(points, train_x, train_y, num_classes=2, exclude_self=False):
     """[N, C] index of the nearest training point of each class (L2).
 
     With exclude_self, `points` must be `train_x` itself and a point is never its
@@ -56,7 +56,7 @@ def nearest_of_class(points, train_x, train_y, num_classes=2, exclude_self=False
 
 def toy_ground_truth(points, target_classes, train_x, train_y, exclude_self=False):
     """g(x, t) = nearest training point of class t - x, for t in target_classes [N, k] -> [N, k, 2]."""
-    nn_idx = nearest_of_class(points, train_x, train_y, int(train_y.max()) + 1, exclude_self)
+    nn_idx = exact_nearest_of_class(points, train_x, train_y, int(train_y.max()) + 1, exclude_self)
     return train_x[nn_idx.gather(1, target_classes)] - points[:, None]
 
 

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -78,24 +78,14 @@ def add_common_args(p):
 
 
 def resolve_defaults(args, run_name):
-    """Fill unset flags from the dataset's row of data.DATASETS, in place."""
-    args.dataset = D.canonical_dataset(args.dataset)
-    defaults = D.DATASETS[args.dataset]
-    args.arch = args.arch or defaults["arch"]
-    if args.arch not in ARCHS:
-        raise D.UserError(f"unknown arch {args.arch!r}; choose from {', '.join(ARCHS)}")
-    for flag in ("batch_size", "optimizer", "lr", "lr_drops"):
-        if getattr(args, flag) is None:
-            setattr(args, flag, defaults[flag])
-    if args.weight_decay is None:
-        args.weight_decay = 1e-4 if args.optimizer == "sgd" else 0.0
-    if args.eval_eps is None:
-        args.eval_eps = defaults["eps_l2"]
-    if args.adv_eps is None:
-        args.adv_eps = defaults[f"eps_{args.adv_norm}"]
+    """data.resolve_defaults (the one table), then the run's name and folder. run_name: a name, or a
+    function of the resolved args (train_pag.py's names its source)."""
+    D.resolve_defaults(args)
+    name = run_name(args) if callable(run_name) else run_name
     if args.adv != "none":
-        run_name += f"_{args.adv}at" if args.adv == "pgd" else f"_{args.adv}"
-    args.out_dir = args.out_dir or os.path.join("runs", f"{run_name}_{args.dataset}_{args.arch}")
+        name += f"_{args.adv}at" if args.adv == "pgd" else f"_{args.adv}"
+    args.run_name = name
+    args.out_dir = args.out_dir or os.path.join("runs", f"{name}_{args.dataset}_{args.arch}")
     return args
 
 
@@ -481,115 +471,153 @@ def train_step(model, train_model, opt, loss_fn, batch, amp):
     return loss.item(), logs
 
 
+@dataclass
+class Run:
+    """What a training run holds: made by setup(), restored by resume(), carried through the epochs."""
+    args: argparse.Namespace
+    data: D.Data
+    model: torch.nn.Module        # the plain module: attacks, evaluation and checkpoints use it
+    train_model: torch.nn.Module  # what training forwards go through: the DDP wrapper under torchrun
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    order_gen: torch.Generator    # the data order: identical on every rank, which takes its own shard
+    sample_gen: torch.Generator   # per-sample draws (crops/flips, PAG targets): one stream per rank
+    loss_fn: Callable
+    rank: int
+    world: int
+    start_epoch: int = 0
+    metrics: list = field(default_factory=list)
+
+    def log(self, *a, **k):
+        if self.rank == 0:
+            print(*a, **k)
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.args.out_dir, "model.pt")
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.args.out_dir, "metrics.jsonl")
+
+
 def train(args, make_loss=make_classification_loss, run_name="baseline"):
     """Train a classifier with loss_fn = make_loss(args, data), called per batch as
     loss_fn(model, train_model, batch: Batch) -> (loss tensor, dict of floats to log);
     model is the plain module, train_model the one to run training forwards through
-    (the DDP wrapper under torchrun)."""
+    (the DDP wrapper under torchrun). run_name: a name, or a function of the resolved args."""
     args = resolve_defaults(args, run_name)
     rank, world, device = setup_distributed(args)
     with D.RunLock(args.out_dir) if rank == 0 else nullcontext():
-        return _train(args, make_loss, run_name, rank, world, device)
+        run = setup(args, make_loss, rank, world, device)
+        for epoch in range(run.start_epoch, args.epochs):
+            sums, seen, lr, seconds = train_epoch(run, epoch)
+            end_epoch(run, epoch, sums, seen, lr, seconds)
+            if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
+                run.log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+                break
+        if run.start_epoch >= args.epochs:
+            run.log(f"{run.ckpt_path} already finished {args.epochs} epochs")
+    if world > 1:
+        dist.destroy_process_group()
+    return run.model, run.data
 
 
-def _train(args, make_loss, run_name, rank, world, device):
+def setup(args, make_loss, rank, world, device):
+    """Data, model, optimiser, random streams and loss, restored from OUT_DIR/model.pt under --resume."""
     data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
                       args.image_size, args.data_seed).to(device)
-    n = len(data.train_y)
-    if n // world < 2:
-        raise D.UserError(f"{n} training image(s) for {world} process(es): each process needs at least 2 per batch")
+    if len(data.train_y) // world < 2:
+        raise D.UserError(f"{len(data.train_y)} training image(s) for {world} process(es): "
+                          "each process needs at least 2 per batch")
     args.augment = resolve_augment(args.augment, data)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device)
     opt, sched = make_optimizer(model, args)
-    # Training forwards go through the DDP wrapper (gradient all-reduce in backward); attacks,
-    # evaluation and checkpoints use the plain module.
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    # Two random streams, both resumable: the data order (identical on every rank, which then
-    # takes its own shard) and per-sample draws (crops/flips, PAG targets; one per rank).
-    order_gen = torch.Generator().manual_seed(args.seed)
-    sample_gen = torch.Generator().manual_seed(args.seed * 1000 + 1 + rank)
-    loss_fn = make_loss(args, data)
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    ckpt_path = os.path.join(args.out_dir, "model.pt")
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    run = Run(args, data, model, train_model, opt, sched, torch.Generator().manual_seed(args.seed),
+              torch.Generator().manual_seed(args.seed * 1000 + 1 + rank), make_loss(args, data), rank, world)
     if rank == 0:
         D.remove_stale_temporaries(args.out_dir, ("model.pt", "metrics.jsonl"))
-    start_epoch, metrics = 0, []
     if args.resume:
-        ckpt = resume_checkpoint(ckpt_path, args, "classifier", "checkpoint of train_baseline.py / train_pag.py")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        order_gen.set_state(ckpt["generator"])
-        sample_gen.set_state(ckpt["sample_generators"][rank])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start_epoch = ckpt["epoch"]
-        metrics = read_metrics(metrics_path, start_epoch) if rank == 0 else []
-        log(f"resuming {ckpt_path} after epoch {start_epoch}")
-    elif os.path.exists(ckpt_path):
-        raise D.UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out-dir")
-
-    n_params = sum(p.numel() for p in model.parameters())
+        resume(run)
+    elif os.path.exists(run.ckpt_path):
+        raise D.UserError(f"{run.ckpt_path} exists; pass --resume to continue it or choose another --out-dir")
     adv = "" if args.adv == "none" else f", {args.adv} adversarial training ({args.adv_norm} eps {args.adv_eps:g})"
     procs = "" if world == 1 else f" x {world} processes (global batch {args.batch_size * world})"
-    log(f"{run_name}: {args.arch} ({n_params / 1e6:.2f}M params) on {data.name}, {n} train images, "
-        f"{args.epochs} epochs, batch {args.batch_size}{procs}, {args.optimizer} lr {args.lr:g}, {args.amp}, "
-        f"augment {'on' if args.augment else 'off'}, device {device}{adv}; writing {args.out_dir}/", flush=True)
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        epoch_start = time.time()
-        lr = opt.param_groups[0]["lr"]  # the rate used during this epoch
-        sums, seen = {}, 0
-        order = torch.randperm(n, generator=order_gen)
-        shard = order[: n - n % world][rank::world]  # equal shards: every rank takes the same number of steps
-        batches = [b for b in shard.split(args.batch_size) if len(b) > 1]  # batch-norm needs 2
-        progress = Progress(f"epoch {epoch + 1}/{args.epochs}:", sum(map(len, batches)) * world, "img", args.log_every,
-                            print_fn=log)
-        for i, idx in enumerate(batches):
-            batch = make_batch(data, idx.to(device), args.augment, epoch, i, sample_gen)
-            loss, logs = train_step(model, train_model, opt, loss_fn, batch, args.amp)
-            seen += len(idx)
-            for k, v in {"loss": loss, **logs}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(idx)
-            epoch_eta = (time.time() - epoch_start) / (i + 1) * len(batches)
-            progress(seen * world, f"loss {sums['loss'] / seen:.4f} ", later_seconds=epoch_eta * (args.epochs - epoch - 1))
-        sched.step()
-        train_seconds = time.time() - epoch_start
-        sample_states = [sample_gen.get_state()]
-        if world > 1:  # epoch means over all ranks' samples, and every rank's random state for --resume
-            totals = torch.tensor([seen, *sums.values()], dtype=torch.float64)
-            dist.all_reduce(totals)
-            seen, sums = totals[0].item(), dict(zip(sums, totals[1:].tolist()))
-            sample_states = [None] * world
-            dist.all_gather_object(sample_states, sample_gen.get_state())
-        if rank == 0:  # evaluation, metrics and checkpoint on rank 0 only; the others wait below
-            if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
-                raise D.UserError(f"training diverged in epoch {epoch + 1}: weights are not finite; "
-                                  f"{ckpt_path} keeps the last good epoch ({epoch})")
-            clean, robust = evaluate(model, data, args, epoch)
-            metrics.append({"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "test_acc": clean,
+    run.log(f"{args.run_name}: {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
+            f"{data.name}, {len(data.train_y)} train images, {args.epochs} epochs, batch {args.batch_size}{procs}, "
+            f"{args.optimizer} lr {args.lr:g}, {args.amp}, augment {'on' if args.augment else 'off'}, device {device}"
+            f"{adv}; writing {args.out_dir}/", flush=True)
+    return run
+
+
+def resume(run):
+    """--resume: every state of the run as OUT_DIR/model.pt left it, and the metrics lines up to it."""
+    ckpt = resume_checkpoint(run.ckpt_path, run.args, "classifier", "checkpoint of train_baseline.py / train_pag.py")
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.sched.load_state_dict(ckpt["scheduler"])
+    run.order_gen.set_state(ckpt["generator"])
+    run.sample_gen.set_state(ckpt["sample_generators"][run.rank])
+    torch.set_rng_state(ckpt["torch_rng"])
+    run.start_epoch = ckpt["epoch"]
+    run.metrics = read_metrics(run.metrics_path, run.start_epoch) if run.rank == 0 else []
+    run.log(f"resuming {run.ckpt_path} after epoch {run.start_epoch}")
+
+
+def train_epoch(run, epoch):
+    """One epoch of train_step over this rank's shard; returns (sums of the logs, images, lr used, seconds)."""
+    args, n = run.args, len(run.data.train_y)
+    run.model.train()
+    start, lr = time.time(), run.opt.param_groups[0]["lr"]
+    order = torch.randperm(n, generator=run.order_gen)
+    shard = order[: n - n % run.world][run.rank::run.world]  # equal shards: every rank takes as many steps
+    batches = [b for b in shard.split(args.batch_size) if len(b) > 1]  # batch-norm needs 2
+    progress = Progress(f"epoch {epoch + 1}/{args.epochs}:", sum(map(len, batches)) * run.world, "img", args.log_every,
+                        print_fn=run.log)
+    sums, seen = {}, 0
+    for i, idx in enumerate(batches):
+        batch = make_batch(run.data, idx.to(run.data.train_x.device), args.augment, epoch, i, run.sample_gen)
+        loss, logs = train_step(run.model, run.train_model, run.opt, run.loss_fn, batch, args.amp)
+        seen += len(idx)
+        for k, v in {"loss": loss, **logs}.items():
+            sums[k] = sums.get(k, 0.0) + v * len(idx)
+        epoch_seconds = (time.time() - start) / (i + 1) * len(batches)
+        progress(seen * run.world, f"loss {sums['loss'] / seen:.4f} ", later_seconds=epoch_seconds * (args.epochs - epoch - 1))
+    run.sched.step()
+    return sums, seen, lr, time.time() - start
+
+
+def end_epoch(run, epoch, sums, seen, lr, train_seconds):
+    """Epoch means over all ranks; on rank 0: the finiteness check, evaluation, metrics, then the checkpoint."""
+    args, start = run.args, time.time() - train_seconds
+    sample_states = [run.sample_gen.get_state()]
+    if run.world > 1:  # epoch means over all ranks' samples, and every rank's random state for --resume
+        totals = torch.tensor([seen, *sums.values()], dtype=torch.float64)
+        dist.all_reduce(totals)
+        seen, sums = totals[0].item(), dict(zip(sums, totals[1:].tolist()))
+        sample_states = [None] * run.world
+        dist.all_gather_object(sample_states, run.sample_gen.get_state())
+    if run.rank == 0:  # the others wait below
+        if not all(torch.isfinite(p).all() for p in run.model.state_dict().values() if p.is_floating_point()):
+            raise D.UserError(f"training diverged in epoch {epoch + 1}: weights are not finite; "
+                              f"{run.ckpt_path} keeps the last good epoch ({epoch})")
+        clean, robust = evaluate(run.model, run.data, args, epoch)
+        run.metrics.append({"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "test_acc": clean,
                             f"pgd_l2_{args.eval_eps:g}_acc": robust, "lr": lr,
-                            "train_seconds": train_seconds, "seconds": time.time() - epoch_start})
-            print(f"epoch {epoch + 1}: loss {metrics[-1]['loss']:.4f} test acc {clean:.2%} PGD-L2({args.eval_eps:g}) "
-                  f"acc {robust:.2%} [{metrics[-1]['seconds']:.0f}s]", flush=True)
-            # Metrics first, then the checkpoint: a crash in between leaves a line that --resume drops.
-            write_metrics(metrics_path, metrics)
-            save_checkpoint(ckpt_path, model, opt, sched, order_gen, sample_states, args, data, epoch + 1)
-            if epoch == start_epoch:
-                print(f"wrote {ckpt_path} and {metrics_path} (updated every epoch)", flush=True)
-        if world > 1:
-            dist.barrier()
-        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
-            log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
-            break
-    if start_epoch >= args.epochs:
-        log(f"{ckpt_path} already finished {args.epochs} epochs")
-    if world > 1:
-        dist.destroy_process_group()
-    return model, data
+                            "train_seconds": train_seconds, "seconds": time.time() - start})
+        print(f"epoch {epoch + 1}: loss {run.metrics[-1]['loss']:.4f} test acc {clean:.2%} PGD-L2({args.eval_eps:g}) "
+              f"acc {robust:.2%} [{run.metrics[-1]['seconds']:.0f}s]", flush=True)
+        # Metrics first, then the checkpoint: a crash in between leaves a line that --resume drops.
+        write_metrics(run.metrics_path, run.metrics)
+        save_checkpoint(run.ckpt_path, run.model, run.opt, run.sched, run.order_gen, sample_states, args, run.data,
+                        epoch + 1)
+        if epoch == run.start_epoch:
+            print(f"wrote {run.ckpt_path} and {run.metrics_path} (updated every epoch)", flush=True)
+    if run.world > 1:
+        dist.barrier()
 
 
 def make_batch(data, idx, augment, epoch, step, generator):

@@ -27,17 +27,6 @@ import torch.nn.functional as F
 import data as D
 from train_baseline import add_common_args, classification_loss, train
 
-# lambda: official configs (resnet18, vit). cnn (no paper value): 0.25, which trained every source on
-# Fashion-MNIST; at 0.5 the NN source stayed at 17% clean with crop/flip and lr drops (README).
-# Toy: a public re-run used 5 on the *mean*
-# over the two classes, i.e. lambda * C = 5 here; lambda * C = 10 was no better in our runs (83.3%
-# clean on seeds 0 and 1 of the first data draw).
-PAG_COEFF = {"resnet18": 1.5, "vit": 3.0, "cnn": 0.25, "mlp": 2.5}
-DEFAULT_SOURCE = {"toy": "nn"}  # images: "cm" (sbg, the paper's best, needs a precomputed file)
-# Targets per forward pass, by dataset: fixed (never chosen from the GPU at hand), because under
-# batch-norm a pass's replicas share statistics only among themselves, so the chunk is part of the
-# method's result. STL (96 px, batch 32, k 10) all at once needs ~35 GiB; 4 per pass ~14 GiB (README).
-PAG_CHUNK = {"stl10": 4}
 FORMULATIONS = ("auto", "replicated", "per-column")
 
 
@@ -192,7 +181,7 @@ def add_pag_args(p):
     p.add_argument("--targets-per-image", type=D.positive_int,
                    help="k target classes per image (default: all classes, at most 10)")
     p.add_argument("--pag-chunk", type=D.positive_int,
-                   help="targets per forward pass, to bound memory (default: all k at once; 4 for STL). Under "
+                   help="targets per forward pass, to bound memory (default: all k at once; 4 for STL: data.DATASETS). Under "
                         "batch-norm a pass's B*chunk replicas share batch statistics only among themselves, so "
                         "the chunk is part of the result (README: peak memory per paper setting)")
     p.add_argument("--pag-formulation", default="auto", choices=FORMULATIONS,
@@ -202,23 +191,9 @@ def add_pag_args(p):
     return p
 
 
-def resolve_pag_defaults(args):
-    args.dataset = D.canonical_dataset(args.dataset)
-    args.arch = args.arch or D.DATASETS[args.dataset]["arch"]
-    args.source = args.source or ("sbg" if args.sbg_file else DEFAULT_SOURCE.get(args.dataset, "cm"))
-    if args.pag_coeff is None:
-        args.pag_coeff = PAG_COEFF.get(args.arch, 1.5)  # an unknown arch is refused by the loop
-    if args.pag_first_half_scale is None:
-        args.pag_first_half_scale = 2 / 3 if args.arch == "vit" else 1.0
-    if args.pag_chunk is None:
-        args.pag_chunk = PAG_CHUNK.get(args.dataset)
-    return args
-
-
 def main(argv=None):
     p = add_pag_args(add_common_args(D.Parser(description=__doc__)))
-    args = resolve_pag_defaults(p.parse_args(argv))
-    train(args, make_pag_loss, run_name=f"pag_{args.source}")
+    train(p.parse_args(argv), make_pag_loss, run_name=lambda args: f"pag_{args.source}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import data as D  # noqa: E402 - the project's one atomic writer and safe loader
 RESULTS = os.path.join(ROOT, "bench", "results")
 
-PAG_COEFF = 0.25  # lambda of every PAG row (cnn); see the README for the sweep that chose it
+PAG_COEFF = D.ARCH_DEFAULTS["cnn"]["pag_coeff"]  # lambda of every PAG row: the cnn default (README: the sweep)
 ROWS = {  # name -> (script, extra flags, relative training cost: the longest jobs are scheduled first)
     "vanilla": ("train_baseline.py", [], 1),
     "pag-cm": ("train_pag.py", ["--source", "cm"], 10),

@@ -32,10 +32,11 @@ from models import build_model  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # (arch, image size, batch, k, amp, targets per pass): the paper's settings, and STL as
-# `train_pag.py --dataset stl` runs it (4 targets per pass, train_pag.PAG_CHUNK).
+# `train_pag.py --dataset stl` runs it (4 targets per pass: data.DATASETS).
+STL_CHUNK = D.DATASETS["stl10"]["pag_chunk"]
 GPU_SETTINGS = [("resnet18", 32, 64, 10, "fp32", None), ("resnet18", 32, 64, 10, "bf16", None),
                 ("vit", 32, 64, 10, "fp32", None), ("vit", 32, 64, 10, "bf16", None),
-                ("resnet18", 96, 32, 10, "fp32", P.PAG_CHUNK["stl10"]), ("resnet18", 96, 32, 10, "bf16", P.PAG_CHUNK["stl10"]),
+                ("resnet18", 96, 32, 10, "fp32", STL_CHUNK), ("resnet18", 96, 32, 10, "bf16", STL_CHUNK),
                 ("cnn", 28, 64, 10, "fp32", None)]
 # A CPU cannot time ResNet-18 PAG steps in minutes; these are the batch-norm-free models.
 CPU_SETTINGS = [("cnn", 28, 64, 10, "fp32", None), ("vit", 32, 8, 10, "fp32", None), ("mlp", None, 128, 2, "fp32", None)]
@@ -88,8 +89,7 @@ def bench_row(setting, device, warmup, repeats):
     argv = [*dataset, "--arch", arch, "--batch-size", batch_size, "--targets-per-image", k, "--amp", amp,
             "--source", "nn" if arch == "mlp" else "cm", "--cache-dir", tempfile.mkdtemp(),
             *(["--pag-chunk", chunk] if chunk else [])]
-    args = P.resolve_pag_defaults(P.add_pag_args(T.add_common_args(D.Parser())).parse_args(list(map(str, argv))))
-    args = T.resolve_defaults(args, "bench")
+    args = T.resolve_defaults(P.add_pag_args(T.add_common_args(D.Parser())).parse_args(list(map(str, argv))), "bench")
     data = D.get_data(args.dataset, train_samples=None if arch == "mlp" else max(256, batch_size),  # toy: sorted by class
                       image_size=args.image_size).to(device)
     torch.manual_seed(0)
