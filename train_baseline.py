@@ -300,19 +300,19 @@ def classification_loss(model, train_model, batch, logits, args, box):
     """The loss of a step without PAG: CE, or with --adv Madry's or TRADES' adversarial loss.
 
     logits: train_model(batch.x) if a caller already has them (PAG does), else None.
-    Returns (loss, logs); logs name each term: `ce` or `adv`, and the training accuracies.
+    Returns (loss, logs); logs (0-dim tensors) name each term, `ce` or `adv`, and the training accuracies.
     """
     if logits is None and args.adv != "pgd":  # Madry AT needs no clean forward
         logits = train_model(batch.x)
     if args.adv == "none":
         loss = F.cross_entropy(logits.float(), batch.y)
-        logs = {"ce": loss.item()}
+        logs = {"ce": loss.detach()}
     else:
         loss, adv_logits = adversarial_loss(model, batch.x.detach(), batch.y, logits, args, box, batch.generator,
                                             forward=train_model)
-        logs = {"adv": loss.item(), "adv_train_acc": (adv_logits.argmax(1) == batch.y).float().mean().item()}
+        logs = {"adv": loss.detach(), "adv_train_acc": (adv_logits.argmax(1) == batch.y).float().mean()}
     if logits is not None:
-        logs["train_acc"] = (logits.argmax(1) == batch.y).float().mean().item()
+        logs["train_acc"] = (logits.argmax(1) == batch.y).float().mean()
     return loss, logs
 
 
@@ -465,10 +465,14 @@ def train_step(model, train_model, opt, loss_fn, batch, amp):
     opt.zero_grad(set_to_none=True)
     with torch.autocast(batch.x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         loss, logs = loss_fn(model, train_model, batch)
-    check_finite(loss.item(), logs, batch.epoch, batch.step)
+    # Every logged number in one transfer: the step's one wait for the GPU.
+    numbers = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=loss.device).reshape(())
+                           for v in (loss.detach(), *logs.values())]).tolist()
+    value, logs = numbers[0], dict(zip(logs, numbers[1:]))
+    check_finite(value, logs, batch.epoch, batch.step)
     loss.backward()
     opt.step()
-    return loss.item(), logs
+    return value, logs
 
 
 @dataclass

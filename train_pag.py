@@ -128,22 +128,22 @@ def chunked_pag_loss(model, x, gt_grad, target_classes, weight, chunk, formulati
     last pass's logits are the batch's (for the CE). Running statistics are updated
     by the last pass only: once per step, however many passes. Under batch-norm a
     pass's replicas share statistics only among themselves.
-    Returns (weight * mean of 1 - cos over all k, logits, that mean as a float).
+    Returns (weight * mean of 1 - cos over all k, logits, that mean, detached).
     """
     k = target_classes.shape[1]
     starts = list(range(0, k, chunk))
-    done = 0.0
+    done = 0.0  # the earlier passes' share of the mean, detached (no wait for the GPU here)
     for s in starts[:-1]:
         with local_pass(model, no_sync):
             part = pag_loss(model, x, gt_grad[:, s: s + chunk], target_classes[:, s: s + chunk],
                             formulation=formulation) * (min(chunk, k - s) / k)
             (weight * part).backward()
-        done += part.item()
+        done = done + part.detach()
     s = starts[-1]
     part, logits = pag_loss(model, x, gt_grad[:, s:], target_classes[:, s:], formulation=formulation,
                             return_logits=True)
     part = part * ((k - s) / k) + done
-    return weight * part, logits, part.item()
+    return weight * part, logits, part.detach()
 
 
 # ----------------------------------------------------------------------------- the script
