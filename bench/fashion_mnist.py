@@ -54,7 +54,7 @@ def sh(log, *cmd):
         f.write("$ " + " ".join(cmd[1:]) + "\n")
         f.flush()
         if subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode:
-            raise RuntimeError(f"failed: {' '.join(cmd[1:])} (log: {log})")
+            raise D.UserError(f"failed: {' '.join(cmd[1:])} (log: {log})")
 
 
 def run_jobs(jobs, needs, workers):
@@ -114,7 +114,7 @@ def main():
         if os.path.exists(sbg_file):  # reused only if made with these settings, like every row
             made_with = json.load(open(settings_file)) if os.path.exists(settings_file) else None
             if made_with != sbg_settings:
-                raise RuntimeError(f"{sbg_dir} was made with other settings ({made_with}); delete it or pass another --out-dir")
+                raise D.UserError(f"{sbg_dir} was made with other settings ({made_with}); delete it or pass another --out-dir")
             return
         ckpt, log = os.path.join(sbg_dir, "denoiser.pt"), os.path.join(sbg_dir, "sbg.log")
         if not os.path.exists(ckpt) or torch_load_epoch(ckpt) < args.sbg_epochs:
@@ -135,7 +135,7 @@ def main():
         if os.path.exists(done):  # reuse a finished row only if it was trained the same way
             with open(done) as f:
                 if json.load(f).get("command") != command:
-                    raise RuntimeError(f"{run_dir} was trained with other settings; delete it or pass another --out-dir")
+                    raise D.UserError(f"{run_dir} was trained with other settings; delete it or pass another --out-dir")
         else:
             start = time.time()
             sh(log, *cmd, "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
@@ -185,4 +185,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    D.run_cli(main)
