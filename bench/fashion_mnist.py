@@ -181,7 +181,7 @@ def main():
     D.atomic_write(out + ".json", text=json.dumps({"rows": rows, "config": config}, indent=2) + "\n")
     D.atomic_write(out + ".md", text="\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wall time {wall / 60:.1f} min; wrote {out}.json and {out}.md")
+    print(f"wall time {wall / 60:.1f} min; wrote {os.path.relpath(out)}.json and {os.path.relpath(out)}.md")
 
 
 if __name__ == "__main__":
