@@ -15,7 +15,8 @@ import os
 import torch
 
 import data as D
-from train_baseline import Progress, check_perturbation, load_checkpoint, pgd, pick_device, predict, robust_mask
+from train_baseline import (Progress, attack_batch_size, check_perturbation, load_checkpoint, pgd, pick_device, predict,
+                            robust_mask)
 from train_pag import pag_loss, sample_targets
 
 ATTACKS = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "exact-l2", "align", "visualize")
@@ -182,7 +183,8 @@ def main(argv=None):
     p.add_argument("--aa-version", default="standard", choices=("standard", "apgd"),
                    help="standard AutoAttack, or its APGD-CE + APGD-T subset")
     p.add_argument("--n-samples", type=D.positive_int, default=1000, help="the first N test images")
-    p.add_argument("--batch-size", type=D.positive_int, default=250, help="images per attack batch")
+    p.add_argument("--batch-size", type=D.positive_int,
+                   help="images per attack batch (default: 250 at 32 px, as many pixels for bigger images: 27 at 96 px)")
     p.add_argument("--align-source", choices=D.SOURCES,
                    help="ground truth for align (default: the model's own PAG source, else nn)")
     p.add_argument("--align-targets", type=D.positive_int, help="classes per image for align (default: all)")
@@ -208,6 +210,7 @@ def main(argv=None):
     data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download or targs.get("download", False),
                       targs.get("train_samples"), args.n_samples, targs.get("image_size"), targs.get("data_seed")).to(device)
     x, y = D.to_float(data.test_x), data.test_y
+    args.batch_size = args.batch_size or attack_batch_size(data)
     if args.target not in ("none", "runner-up") and not (args.target.isdigit() and int(args.target) < data.num_classes):
         raise D.UserError(f"--target must be none, runner-up or a class in 0..{data.num_classes - 1}, got {args.target!r}")
     if args.align_targets is not None and args.align_targets > data.num_classes:

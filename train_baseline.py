@@ -428,15 +428,21 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- the loop
+def attack_batch_size(data):
+    """Images per attack batch: CIFAR's 250, and as many pixels for bigger images (27 at 96 px), so that
+    evaluating an STL model takes about the memory of a CIFAR one."""
+    pixels = math.prod(data.input_shape[1:]) if data.is_image else 1
+    return max(1, min(250, 250 * 32 * 32 // pixels))
+
+
 def evaluate(model, data, args, epoch):
     """Clean accuracy and PGD-L2 accuracy (the official per-epoch check) on the eval subset."""
     model.eval()
     x, y = D.to_float(data.test_x[: args.eval_samples]), data.test_y[: args.eval_samples]
     clean = (predict(model, x) == y).float().mean().item()
     gen = torch.Generator().manual_seed(args.seed + epoch)  # same noise on every (re)run of this epoch
-    pixels = math.prod(data.input_shape[1:]) if data.is_image else 1
-    batch = max(1, min(250, 250 * 32 * 32 // pixels))  # CIFAR's 250 images; as many pixels for bigger images
-    robust = robust_accuracy(model, x, y, args.eval_eps, "l2", data.box, batch_size=batch, steps=args.eval_steps,
+    robust = robust_accuracy(model, x, y, args.eval_eps, "l2", data.box, batch_size=attack_batch_size(data),
+                             steps=args.eval_steps,
                              step_size=1.5 * args.eval_eps / max(args.eval_steps, 1), generator=gen)
     return clean, robust
 
