@@ -135,10 +135,7 @@ def visualize(model, ckpt, data, x, args, path):
 
         arrows = None
         if ckpt["pag_source"]:  # a PAG model: show the field it was trained to follow
-            pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(0))[:60]
-            g = toy_data.toy_ground_truth(data.train_x.cpu(), (1 - data.train_y.cpu())[:, None],
-                                          data.train_x.cpu(), data.train_y.cpu(), exclude_self=True)
-            arrows = (data.train_x.cpu()[pick], g[pick, 0])
+            arrows = toy_data.ground_truth_arrows(data.train_x.cpu(), data.train_y.cpu())
         dev = next(model.parameters()).device
         toy_data.save_toy_figure(path, data.test_x.cpu(), data.test_y.cpu(),
                                  predict=lambda p: predict(model, p.to(dev), 65536).cpu(), arrows=arrows,

@@ -40,13 +40,14 @@ def make_toy(seed=0, train_per_mode=1000, test_per_mode=100):
 def exact_nearest_of_class(points, train_x, train_y, num_classes=2, exclude_self=False):
     """[N, C] index of the nearest training point of each class (L2).
 
-    With exclude_self, `points` must be `train_x` itself and a point is never its
-    own neighbour. Brute force, exact (float64, no |a|^2 - 2ab + |b|^2 shortcut,
+    exclude_self: True when `points` is `train_x` itself, or the points' indices in train_x; then
+    a point is never its own neighbour. Brute force, exact (float64, no |a|^2 - 2ab + |b|^2 shortcut,
     which loses near-ties at the toy's coordinates): fine for 6,000 points.
     """
     dist = torch.cdist(points.double(), train_x.double(), compute_mode="donot_use_mm_for_euclid_dist")
-    if exclude_self:
-        dist.fill_diagonal_(float("inf"))
+    if exclude_self is not False and exclude_self is not None:
+        own = torch.arange(len(points)) if exclude_self is True else exclude_self
+        dist[torch.arange(len(points)), own] = float("inf")
     out = torch.empty(len(points), num_classes, dtype=torch.long)
     for t in range(num_classes):
         members = (train_y == t).nonzero().squeeze(1)
@@ -58,6 +59,13 @@ def toy_ground_truth(points, target_classes, train_x, train_y, exclude_self=Fals
     """g(x, t) = nearest training point of class t - x, for t in target_classes [N, k] -> [N, k, 2]."""
     nn_idx = exact_nearest_of_class(points, train_x, train_y, int(train_y.max()) + 1, exclude_self)
     return train_x[nn_idx.gather(1, target_classes)] - points[:, None]
+
+
+def ground_truth_arrows(train_x, train_y, count=60, seed=0):
+    """(starts, vectors): g(x, other class) at `count` random training points, the field PAG learns."""
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:count]
+    g = toy_ground_truth(train_x[pick], (1 - train_y[pick])[:, None], train_x, train_y, exclude_self=pick)
+    return train_x[pick], g[:, 0]
 
 
 # ----------------------------------------------------------------------------- picture
@@ -119,9 +127,8 @@ def main():
     args = parser.parse_args()
     train_x, train_y, _, _ = make_toy(args.seed)
     # Arrows toward the *other* class from a random subset: the field PAG learns.
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[: args.arrows]
-    g = toy_ground_truth(train_x, (1 - train_y)[:, None], train_x, train_y, exclude_self=True)[pick, 0]
-    save_toy_figure(args.out, train_x, train_y, arrows=(train_x[pick], g), title="toy data and g(x, other class)")
+    save_toy_figure(args.out, train_x, train_y, arrows=ground_truth_arrows(train_x, train_y, args.arrows, args.seed),
+                    title="toy data and g(x, other class)")
     print(f"wrote {args.out}")
 
 

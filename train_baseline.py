@@ -338,6 +338,12 @@ def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args,
     })
 
 
+def finite_weights(state_dict):
+    """Whether every floating-point tensor of a state dict is finite (one wait for the GPU)."""
+    checks = [torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def read_checkpoint(path, kind, what):
     """A checkpoint of `kind`, loaded without running code and checked for its format."""
     ckpt = D.load_file(path, what)
@@ -358,7 +364,7 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, ValueError, KeyError, TypeError):
         raise D.UserError(f"{path}: weights do not fit a {ckpt.get('arch')} model") from None
-    if not all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()):
+    if not finite_weights(ckpt["model"]):
         raise D.UserError(f"{path} holds weights that are not finite (a diverged run)")
     return model.to(device).eval(), ckpt
 
@@ -611,7 +617,7 @@ def end_epoch(run, epoch, sums, seen, lr, train_seconds):
         sample_states = [None] * run.world
         dist.all_gather_object(sample_states, run.sample_gen.get_state())
     if run.rank == 0:  # the others wait below
-        if not all(torch.isfinite(p).all() for p in run.model.state_dict().values() if p.is_floating_point()):
+        if not finite_weights(run.model.state_dict()):
             raise D.UserError(f"training diverged in epoch {epoch + 1}: weights are not finite; "
                               f"{run.ckpt_path} keeps the last good epoch ({epoch})")
         clean, robust = evaluate(run.model, run.data, args, epoch)

@@ -46,7 +46,7 @@ def run_script(script, log, *args):
         importlib.import_module(script.removesuffix(".py")).main(argv)
 
 
-def figure(out_dir, seed, results, exact):
+def figure(out_dir, seed, models, results, exact):
     """toy.png: both models' decision regions (PAG with the ground-truth field it follows) and robust
     accuracy against eps: exact (attack-free, solid) and targeted PGD (dashed)."""
     import matplotlib
@@ -55,13 +55,11 @@ def figure(out_dir, seed, results, exact):
     import toy_data
 
     train_x, train_y, test_x, test_y = toy_data.make_toy(seed)
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:60]
-    g = toy_data.toy_ground_truth(train_x, (1 - train_y)[:, None], train_x, train_y, exclude_self=True)[pick, 0]
+    arrows = toy_data.ground_truth_arrows(train_x, train_y)
     fig, axes = plt.subplots(1, 3, figsize=(14, 7.5), gridspec_kw={"width_ratios": [1, 1, 1.6]})
     for ax, name, title in ((axes[0], "vanilla", "vanilla"), (axes[1], "pag", "PAG (NN targets)")):
-        model, _ = load_checkpoint(os.path.join(out_dir, name, "model.pt"))
-        toy_data.plot_toy(ax, test_x, test_y, predict=lambda p: model(p).argmax(1), title=f"{title}: regions, test points",
-                          arrows=(train_x[pick], g) if name == "pag" else None)
+        toy_data.plot_toy(ax, test_x, test_y, predict=lambda p, m=models[name]: m(p).argmax(1), title=f"{title}: regions, test points",
+                          arrows=arrows if name == "pag" else None)
     ax = axes[2]
     for name, colour, label in (("vanilla", "#1f77b4", "vanilla"), ("pag", "#d62728", "PAG")):
         ax.plot(EPS, [exact[name][str(e)] for e in EPS], "-o", color=colour, label=f"{label}, exact")
@@ -99,7 +97,7 @@ def seeds_figure(summary, path):
     plt.close(fig)
 
 
-def boundary_report(checkpoint, distances):
+def boundary_report(model, distances):
     """Where a model's boundaries are: per test mode, the distance from its points to the decision
     boundary (any direction; `distances` from attack.py's exact-l2, None = beyond the largest eps),
     and the x1 where the prediction changes along the data line x2 = 2*x1 (midpoints between
@@ -110,7 +108,6 @@ def boundary_report(checkpoint, distances):
     for m, d in zip(modes, dist):
         # null in JSON: farther than the largest eps searched
         m["min_dist"], m["median_dist"] = (None if v == float("inf") else round(v, 4) for v in (d.min().item(), d.median().item()))
-    model, _ = load_checkpoint(checkpoint)
     x1 = torch.arange(-70, 70, 0.01)
     with torch.no_grad():
         pred = model(torch.stack([x1, SLOPE * x1], 1)).argmax(1)
@@ -121,7 +118,7 @@ def boundary_report(checkpoint, distances):
 def run_seed(seed, out_dir, epochs, device):
     """The whole experiment for one seed (data draw and initialisation) into out_dir; returns
     (metrics, exact robust accuracies, boundary report)."""
-    results, exact, boundaries = {}, {}, {}
+    results, exact, boundaries, models = {}, {}, {}, {}
     for name, script in (("vanilla", "train_baseline.py"), ("pag", "train_pag.py")):
         run_dir = os.path.join(out_dir, name)
         if os.path.exists(os.path.join(run_dir, "model.pt")):
@@ -137,7 +134,8 @@ def run_seed(seed, out_dir, epochs, device):
             res = json.load(f)
         results[name] = {"clean_acc": res["clean_acc"], "robust_acc": {str(e): res["pgd_l2"][f"{e:g}"] for e in EPS}}
         exact[name] = {str(e): res["exact_l2"][f"{e:g}"] for e in EPS}
-        boundaries[name] = boundary_report(os.path.join(run_dir, "model.pt"), res["exact_l2_distance"])
+        models[name], _ = load_checkpoint(os.path.join(run_dir, "model.pt"))  # once, for the report and the figure
+        boundaries[name] = boundary_report(models[name], res["exact_l2_distance"])
     results["attack"] = (f"targeted L2 PGD toward the other class, {STEPS} normalised-gradient steps of 2.5*eps/{STEPS}, "
                          "projection onto the eps ball, random start, margin loss; 600 balanced test points")
     D.write_json(results, os.path.join(out_dir, "metrics.json"))  # exactly the shape tools read (atomic)
@@ -145,7 +143,7 @@ def run_seed(seed, out_dir, epochs, device):
                 "(360 rays, samples every 0.25 refined by bisection): attack-free", "boundaries": boundaries,
                 "config": {"seed": seed, "data_seed": seed, "epochs": epochs}}, os.path.join(out_dir, "exact.json"))
 
-    figure(out_dir, seed, results, exact)
+    figure(out_dir, seed, models, results, exact)
     print(f"seed {seed}")
     print(f"{'eps':>5} {'vanilla PGD':>12} {'exact':>8} {'PAG PGD':>8} {'exact':>8}")
     for e in EPS:
