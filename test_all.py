@@ -937,6 +937,36 @@ def load_bench(name):
     return module
 
 
+SPEED_ROW_KEYS = {"arch", "image_size", "batch_size", "k", "amp", "pag_chunk", "ce_seconds", "pag_seconds",
+                  "naive_seconds", "pag_peak_gib", "naive_peak_gib"}
+
+
+def test_speed_bench_writes_the_rows_the_gpu_section_needs(tmp_path, monkeypatch):
+    """bench/pag_speed.py is run by hand on a GPU: its paths (batch-norm with chunks under bf16, as STL
+    runs; ViT) must work before a GPU session spends its time on them. CPU-sized settings here."""
+    bench = load_bench("pag_speed")
+    monkeypatch.setattr(bench, "CPU_SETTINGS", [("resnet18", 16, 4, 3, "bf16", 2), ("vit", 16, 2, 2, "fp32", None)])
+    out = tmp_path / "speed.json"
+    bench.main(["--repeats", "1", "--warmup", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["config"]["torch"] == torch.__version__ and "gpu" in result["config"]
+    resnet, vit = result["rows"]
+    for row in (resnet, vit):
+        assert SPEED_ROW_KEYS <= row.keys()
+        assert all(row[f"{kind}_seconds"] > 0 for kind in ("ce", "pag", "naive"))
+        assert row["pag_over_naive"] == pytest.approx(row["pag_seconds"] / row["naive_seconds"])
+    assert (resnet["arch"], resnet["amp"], resnet["pag_chunk"], resnet["formulation"]) == ("resnet18", "bf16", 2, "replicated")
+    assert (vit["pag_chunk"], vit["formulation"]) == (None, "per-column")  # no batch-norm, on a CPU
+    # The GPU's STL row is `train_pag.py --dataset stl` as its defaults resolve.
+    import train_pag
+    stl = T.resolve_defaults(train_pag.add_pag_args(T.add_common_args(D.Parser())).parse_args(["--dataset", "stl"]), "x")
+    stl_rows = [s for s in bench.GPU_SETTINGS if s[1] == 96]
+    assert {s[4] for s in stl_rows} == {"fp32", "bf16"}
+    for arch, size, batch, k, amp, chunk in stl_rows:
+        assert (arch, batch, k, chunk) == (stl.arch, stl.batch_size, 10, stl.pag_chunk)
+    assert {(s[0], s[4]) for s in bench.GPU_SETTINGS if s[1] == 32} == {(a, m) for a in ("resnet18", "vit") for m in ("fp32", "bf16")}
+
+
 def test_bench_scheduler_respects_dependencies_and_fails_loudly():
     import threading
     run_jobs = load_bench("fashion_mnist").run_jobs

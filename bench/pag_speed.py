@@ -83,11 +83,11 @@ def precision(device, ours):
         torch.backends.cudnn.allow_tf32 = True
 
 
-def bench_row(setting, device, warmup, repeats):
+def bench_row(setting, device, warmup, repeats, cache_dir):
     arch, size, batch_size, k, amp, chunk = setting
     dataset = ["--dataset", "toy"] if arch == "mlp" else ["--dataset", "synthetic", "--image-size", size]
     argv = [*dataset, "--arch", arch, "--batch-size", batch_size, "--targets-per-image", k, "--amp", amp,
-            "--source", "nn" if arch == "mlp" else "cm", "--cache-dir", tempfile.mkdtemp(),
+            "--source", "nn" if arch == "mlp" else "cm", "--cache-dir", cache_dir,
             *(["--pag-chunk", chunk] if chunk else [])]
     args = T.resolve_defaults(P.add_pag_args(T.add_common_args(D.Parser())).parse_args(list(map(str, argv))), "bench")
     data = D.get_data(args.dataset, train_samples=None if arch == "mlp" else max(256, batch_size),  # toy: sorted by class
@@ -115,14 +115,14 @@ def bench_row(setting, device, warmup, repeats):
     return row
 
 
-def main():
+def main(argv=None):
     p = D.Parser(description=__doc__)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--repeats", type=D.positive_int, help="timed steps (default: 10 on a GPU, 3 on a CPU)")
     p.add_argument("--warmup", type=D.positive_int, help="untimed steps first (default: 3 on a GPU, 1 on a CPU)")
     p.add_argument("--only", nargs="+", help="settings whose arch is one of these")
     p.add_argument("--out", help="default: bench/results/speed_gpu.json (cuda) or speed.json (cpu)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = T.pick_device(args.device)
     gpu = device.type == "cuda"
     repeats, warmup = args.repeats or (10 if gpu else 3), args.warmup or (3 if gpu else 1)
@@ -134,8 +134,9 @@ def main():
                "rows": []}
     print(f"{'arch':>8} {'px':>4} {'B':>3} {'k':>3} {'amp':>5} {'chunk':>5} | {'CE':>8} {'PAG':>9} {'official':>9} "
           f"{'PAG/off':>7} | {'PAG GiB':>7} {'off GiB':>7}", flush=True)
+    cache_dir = tempfile.TemporaryDirectory()  # the toy's neighbour table, not worth keeping
     for setting in settings:
-        row = bench_row(setting, device, warmup, repeats)
+        row = bench_row(setting, device, warmup, repeats, cache_dir.name)
         results["rows"].append(row)
         ms = lambda s: f"{s * 1e3:.1f}ms" if s else "OOM"  # noqa: E731
         gib = lambda g: f"{g:.1f}" if isinstance(g, float) else "-"  # noqa: E731
@@ -144,6 +145,7 @@ def main():
               f"{ms(row['naive_seconds']):>9} {row.get('pag_over_naive', float('nan')):>7.2f} | "
               f"{gib(row['pag_peak_gib']):>7} {gib(row['naive_peak_gib']):>7}", flush=True)
         D.write_json(results, out)  # after every row: a killed run keeps what it measured
+    cache_dir.cleanup()
     print(f"wrote {os.path.relpath(out)}")
 
 
