@@ -20,6 +20,11 @@ import os
 import sys
 from dataclasses import dataclass
 
+try:
+    import fcntl  # POSIX file locks (RunLock)
+except ImportError:  # Windows
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -145,55 +150,46 @@ def remove_stale_temporaries(folder, names):
 
 
 class RunLock:
-    """One run per directory: FOLDER/run.lock, created exclusively, holds the owner's pid.
-    A lock whose process is gone is taken over; a live one makes a second run refuse."""
+    """One run per directory: FOLDER/run.lock, locked (flock) while the run lives, holding its pid.
+    The kernel drops the lock when its process ends, however it ends, so a killed run's file
+    is simply locked again, and of runs started together exactly one gets it."""
 
     def __init__(self, folder):
-        self.path = os.path.join(folder, "run.lock")
+        self.path, self.fd = os.path.join(folder, "run.lock"), None
         os.makedirs(folder, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                other = self._owner()
-                if other is not None and other != os.getpid() and _alive(other):
-                    raise UserError(f"{folder} is in use by another run (process {other}); "
-                                    "wait for it or choose another --out-dir") from None
-                try:
-                    os.remove(self.path)  # its process is gone: take it over
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+        if fcntl is None:
+            print("note: no POSIX file locks here; one run per directory is not enforced", flush=True)
             return
-
-    def _owner(self):
-        try:
-            with open(self.path) as f:
-                return int(f.read().strip() or -1)
-        except (OSError, ValueError):
-            return None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise UserError(f"{folder} is in use by another run" + (f" (process {other})" if other else "") +
+                                "; wait for it or choose another --out-dir") from None
+            try:  # a run that just ended removed the file we opened: lock the one now at the path
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
 
     def release(self):
-        if self._owner() == os.getpid():
-            os.remove(self.path)
+        if self.fd is not None:
+            os.remove(self.path)  # while still locked: nobody locks a file that is on its way out
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.release()
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # The project's one table of defaults, per dataset (paper where it says: README "Choices") and per

@@ -656,19 +656,21 @@ def test_failed_writes_leave_nothing_behind_and_say_so(tmp_path, monkeypatch):
 def test_one_run_per_directory_and_stale_temporaries(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Another process holds both folders (data.RunLock, as a run does) and stays.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, data; locks = [data.RunLock(f) for f in sys.argv[1:]]; "
+                               "print('held', flush=True); time.sleep(60)", str(out), str(tmp_path / "s")],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
-        (out / "run.lock").write_text(str(sleeper.pid))
-        assert_cli_error(T.main, [*TINY, "--epochs", "1", "--out-dir", out], f"process {sleeper.pid}")
-        assert_cli_error(T.main, [*TINY, "--epochs", "1", "--out-dir", out, "--resume"], f"process {sleeper.pid}")
-        (tmp_path / "s").mkdir()
-        (tmp_path / "s" / "run.lock").write_text(str(sleeper.pid))
+        assert holder.stdout.readline() == "held\n"
+        assert_cli_error(T.main, [*TINY, "--epochs", "1", "--out-dir", out], f"process {holder.pid}")
+        assert_cli_error(T.main, [*TINY, "--epochs", "1", "--out-dir", out, "--resume"], f"process {holder.pid}")
         proc = run("sbg.py", "train", "--dataset", "synthetic", "--image-size", "16", "--train-samples", "32",
                    "--out-dir", tmp_path / "s", check=False)
-        assert_one_line_error(proc, f"process {sleeper.pid}")
+        assert_one_line_error(proc, f"process {holder.pid}")
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()  # SIGKILL: its run.lock files stay behind, naming it
+        holder.wait()
+    assert (out / "run.lock").read_text() == str(holder.pid)
     # The holder is gone: the lock is taken over; stale temporaries of our files are removed; released at the end.
     (out / "model.pt.tmp12345").write_bytes(b"half a checkpoint")
     (out / "metrics.jsonl.tmp999").write_text("{")
@@ -676,6 +678,38 @@ def test_one_run_per_directory_and_stale_temporaries(tmp_path):
     T.main(list(map(str, [*TINY, "--epochs", "1", "--out-dir", out])))
     assert sorted(os.listdir(out)) == ["metrics.jsonl", "model.pt", "notes.txt.tmp1"]
 
+
+
+def test_of_runs_started_together_on_one_folder_exactly_one_runs(tmp_path):
+    """Six processes take the same (stale) lock at once, three times over: one wins each time."""
+    script = ("import os, sys, time, data\n"
+              "folder, me = sys.argv[1], sys.argv[2]\n"
+              "open(os.path.join(folder, 'ready' + me), 'w').close()\n"
+              "while sum(f.startswith('ready') for f in os.listdir(folder)) < 6:\n"
+              "    time.sleep(0.001)\n"
+              "try:\n"
+              "    with data.RunLock(os.path.join(folder, 'run')):\n"
+              "        print('won', flush=True)\n"
+              "        time.sleep(1.0)\n"
+              "except data.UserError as e:\n"
+              "    print(e, flush=True)\n")
+    for trial in range(3):
+        folder = tmp_path / str(trial)
+        (folder / "run").mkdir(parents=True)
+        (folder / "run" / "run.lock").write_text("999999999")  # a killed run's
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(folder), str(i)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True) for i in range(6)]
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert sorted(o.split(" ")[0] for o in outs).count("won\n") == 1, outs
+        assert all(o == "won\n" or "is in use by another run" in o for o in outs), outs  # (its pid, once written)
+        assert not (folder / "run" / "run.lock").exists()  # released by the winner
+
+
+def test_without_posix_locks_a_run_says_the_folder_is_not_locked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(D, "fcntl", None)  # as on Windows
+    with D.RunLock(str(tmp_path / "r")):
+        assert "one run per directory is not enforced" in capsys.readouterr().out
+    assert os.listdir(tmp_path / "r") == []
 
 # ----------------------------------------------------------------------------- a newcomer's first hour
 @pytest.mark.parametrize("epochs,expected", [(1, [0.01]), (2, [0.01, 0.001]), (3, [0.01, 0.01, 0.0001])])
