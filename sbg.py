@@ -157,7 +157,7 @@ def _train(args, rank, world, device):
     n = len(y_all)
     if rank == 0:
         print(f"denoiser: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {n} images of {data.name}, "
-              f"{args.epochs} epochs, batch {args.batch_size} x {world} process(es), device {device}", flush=True)
+              f"{args.epochs} epoch{'s' * (args.epochs != 1)}, batch {args.batch_size} x {world} process(es), device {device}", flush=True)
     for epoch in range(start, args.epochs):
         t0, total, batches = time.time(), 0.0, 0
         order = torch.randperm(n, generator=order_gen)

@@ -563,7 +563,7 @@ def setup(args, make_loss, rank, world, device):
     adv = "" if args.adv == "none" else f", {args.adv} adversarial training ({args.adv_norm} eps {args.adv_eps:g})"
     procs = "" if world == 1 else f" x {world} processes (global batch {args.batch_size * world})"
     run.log(f"{args.run_name}: {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
-            f"{data.name}, {len(data.train_y)} train images, {args.epochs} epochs, batch {args.batch_size}{procs}, "
+            f"{data.name}, {len(data.train_y)} train images, {args.epochs} epoch{'s' * (args.epochs != 1)}, batch {args.batch_size}{procs}, "
             f"{args.optimizer} lr {args.lr:g}, {args.amp}, augment {'on' if args.augment else 'off'}, device {device}"
             f"{adv}; writing {args.out_dir}/", flush=True)
     return run
