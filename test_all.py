@@ -206,6 +206,25 @@ def test_chunked_pag_loss_matches_its_definition_and_updates_running_statistics_
         assert torch.allclose(logits, copy.deepcopy(model)(x), atol=1e-10), arch
 
 
+def test_targets_per_pass_bound_the_memory_of_a_step():
+    """What --pag-chunk is for: every pass but the last is back-propagated at once, so only one pass's
+    double-backward graph is alive and a step's peak memory scales with the targets per pass (the
+    replicated forward, as on a GPU; measured with bench/pag_speed.py's profiler count: 112, 56 and
+    22 MiB for 10, 5 and 2 of 10 targets per pass)."""
+    from train_pag import chunked_pag_loss
+    cpu_peak_gib = load_bench("pag_speed").cpu_peak_gib
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 1, 28).train()
+    x, t, gt = torch.rand(16, 1, 28, 28), sample_targets(16, 10, 10), torch.randn(16, 10, 1, 28, 28)
+
+    def step(chunk):
+        model.zero_grad(set_to_none=True)
+        loss = chunked_pag_loss(model, x, gt, t, 1.0, chunk, formulation="replicated")[0]
+        loss.backward()
+    peak = {chunk: cpu_peak_gib(lambda: step(chunk)) for chunk in (10, 5, 2)}
+    assert 0.45 * peak[10] < peak[5] < 0.55 * peak[10] and 0.15 * peak[10] < peak[2] < 0.25 * peak[10], peak
+
+
 def test_pag_loss_under_bf16_autocast_is_close_to_fp32():
     torch.manual_seed(0)
     model = build_model("cnn", 10, 1, 16).train()
@@ -989,8 +1008,15 @@ def test_speed_bench_writes_the_rows_the_gpu_section_needs(tmp_path, monkeypatch
         assert SPEED_ROW_KEYS <= row.keys()
         assert all(row[f"{kind}_seconds"] > 0 for kind in ("ce", "pag", "naive"))
         assert row["pag_over_naive"] == pytest.approx(row["pag_seconds"] / row["naive_seconds"])
+        assert 0 < row["pag_peak_gib"] < 1 and 0 < row["naive_peak_gib"] < 1  # the CPU's profiler count
     assert (resnet["arch"], resnet["amp"], resnet["pag_chunk"], resnet["formulation"]) == ("resnet18", "bf16", 2, "replicated")
     assert (vit["pag_chunk"], vit["formulation"]) == (None, "per-column")  # no batch-norm, on a CPU
+    # --memory: the paper's settings on the CPU, gradients taken as on a GPU (replicated), peak memory only.
+    monkeypatch.setattr(bench, "MEMORY_SETTINGS", [("vit", 16, 2, 2, "fp32", None)])
+    monkeypatch.setattr(bench, "return_freed_memory_to_the_system", lambda: None)  # not for the rest of the tests
+    bench.main(["--memory", "--out", str(tmp_path / "memory.json")])
+    (row,) = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert (row["arch"], row["formulation"]) == ("vit", "replicated") and 0 < row["pag_peak_gib"] < 1
     # The GPU's STL row is `train_pag.py --dataset stl` as its defaults resolve.
     import train_pag
     stl = T.resolve_defaults(train_pag.add_pag_args(T.add_common_args(D.Parser())).parse_args(["--dataset", "stl"]), "x")
