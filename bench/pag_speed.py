@@ -196,18 +196,17 @@ def main(argv=None):
            f"{'CE':>8} {'PAG':>9} {'official':>9} {'PAG/off':>7} | {'PAG GiB':>7} {'off GiB':>7}"), flush=True)
     if args.memory:
         return_freed_memory_to_the_system()
-    cache_dir = tempfile.TemporaryDirectory()  # the toy's neighbour table, not worth keeping
-    for setting in settings:
-        row = memory_row(setting, cache_dir.name) if args.memory else bench_row(setting, device, warmup, repeats, cache_dir.name)
-        results["rows"].append(row)
-        print(f"{row['arch']:>8} {str(row['image_size']):>4} {row['batch_size']:>3} {row['k']:>3} {row['amp']:>5} "
-              f"{str(row['pag_chunk'] or 'all'):>5} | " +
-              (f"{gib(row['pag_peak_gib']):>7} {row['pag_seconds']:>12.0f}s" if args.memory else
-               f"{ms(row['ce_seconds']):>8} {ms(row['pag_seconds']):>9} {ms(row['naive_seconds']):>9} "
-               f"{row.get('pag_over_naive', float('nan')):>7.2f} | {gib(row['pag_peak_gib']):>7} {gib(row['naive_peak_gib']):>7}"),
-              flush=True)
-        D.write_json(results, out)  # after every row: a killed run keeps what it measured
-    cache_dir.cleanup()
+    with tempfile.TemporaryDirectory() as cache_dir:  # the toy's neighbour table, not worth keeping
+        for setting in settings:
+            row = memory_row(setting, cache_dir) if args.memory else bench_row(setting, device, warmup, repeats, cache_dir)
+            results["rows"].append(row)
+            print(f"{row['arch']:>8} {str(row['image_size']):>4} {row['batch_size']:>3} {row['k']:>3} {row['amp']:>5} "
+                  f"{str(row['pag_chunk'] or 'all'):>5} | " +
+                  (f"{gib(row['pag_peak_gib']):>7} {row['pag_seconds']:>12.0f}s" if args.memory else
+                   f"{ms(row['ce_seconds']):>8} {ms(row['pag_seconds']):>9} {ms(row['naive_seconds']):>9} "
+                   f"{row.get('pag_over_naive', float('nan')):>7.2f} | {gib(row['pag_peak_gib']):>7} {gib(row['naive_peak_gib']):>7}"),
+                  flush=True)
+            D.write_json(results, out)  # after every row: a killed run keeps what it measured
     print(f"wrote {os.path.relpath(out)}")
 
 
