@@ -186,8 +186,8 @@ def main(argv=None):
                    help="ground truth for align (default: the model's own PAG source, else nn)")
     p.add_argument("--align-targets", type=D.positive_int, help="classes per image for align (default: all)")
     p.add_argument("--align-split", default="test", choices=("test", "train"),
-                   help="images for align (sbg fields exist for training images only)")
-    p.add_argument("--sbg-file", help="fields for --align-source sbg (sbg.py export)")
+                   help="images for align: held-out test images, or the training images the model was fit to")
+    p.add_argument("--sbg-file", help="fields for --align-source sbg: sbg.py export --split test for test images")
     p.add_argument("--vis-images", type=D.positive_int, default=8, help="test images in the picture (rows)")
     p.add_argument("--vis-eps", type=D.nonneg_float, help="L2 radius of the pictures' targeted attack (default: 10x the dataset's eps)")
     p.add_argument("--vis-steps", type=D.positive_int, default=60, help="steps of the picture's targeted attack")
@@ -205,7 +205,8 @@ def main(argv=None):
     model.requires_grad_(False)  # attacks need input gradients only
     targs = ckpt["args"]
     data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download or targs.get("download", False),
-                      targs.get("train_samples"), args.n_samples, targs.get("image_size"), targs.get("data_seed")).to(device)
+                      targs.get("train_samples"), args.n_samples, targs.get("image_size"), targs.get("data_seed"),
+                      targs.get("val_samples")).to(device)
     x, y = D.to_float(data.test_x), data.test_y
     args.batch_size = args.batch_size or attack_batch_size(data)
     if args.target not in ("none", "runner-up") and not (args.target.isdigit() and int(args.target) < data.num_classes):
@@ -257,12 +258,10 @@ def main(argv=None):
                     model, x, y, eps, norm, data.box, args.aa_version, args.seed, args.batch_size)
             results["autoattack_version"] = args.aa_version
     if "align" in args.attacks:
-        gt_fn = D.make_source(args.align_source, data, args.cache_dir, seed=targs.get("seed", 0), sbg_file=args.sbg_file)
-        if args.align_split == "train":  # the first N training images, with their indices
-            n = min(args.n_samples, len(data.train_y))
-            xa, idx = D.to_float(data.train_x[:n]), torch.arange(n, device=device)
-        else:
-            xa, idx = x, None
+        gt_fn = D.make_source(args.align_source, data, args.cache_dir, seed=targs.get("seed", 0), sbg_file=args.sbg_file,
+                              split=args.align_split)
+        images = data.train_x[: args.n_samples] if args.align_split == "train" else data.test_x
+        xa, idx = D.to_float(images), torch.arange(len(images), device=device)  # the first N, with their indices
         results["alignment"] = {"source": args.align_source, "split": args.align_split, "cos": alignment(
             model, xa, gt_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx)}
     if "visualize" in args.attacks:

@@ -218,6 +218,8 @@ DATASETS = {
 # first half of training: "stabilises training at a small robustness cost"); cnn: 0.25, which trained
 # every source on Fashion-MNIST (README); mlp: a public re-run's 5 on the *mean* over the toy's two
 # classes, i.e. lambda * C = 5 here (lambda * C = 10 left one mode misclassified in our runs).
+# For more than 10 classes the default lambda is scaled by 10 / C (pag_coeff_default): lambda * C * mean
+# over k = 10 targets then equals the official code's hard-coded 10 * mean at the same lambda (README).
 ARCH_DEFAULTS = {
     "resnet18": dict(pag_coeff=1.5, pag_first_half_scale=1.0),
     "vit": dict(pag_coeff=3.0, pag_first_half_scale=2 / 3),
@@ -233,6 +235,13 @@ CLASS_NAMES = {
                       "ankle boot"),
 }
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # `apt-get install dataset-fashion-mnist`
+
+
+def pag_coeff_default(arch, num_classes):
+    """The default lambda of train_pag.py for `arch` on C classes: the architecture's (ARCH_DEFAULTS), times
+    10 / C beyond 10 classes, so that the PAG term weighs against the CE as in the official code
+    (10 * mean of 1 - cos over 10 targets): CIFAR-100 resnet18 gets 0.15 (lambda * C = 15, as CIFAR-10's)."""
+    return ARCH_DEFAULTS[arch]["pag_coeff"] * min(num_classes, 10) / num_classes
 
 
 def resolve_defaults(args):
@@ -251,7 +260,9 @@ def resolve_defaults(args):
     fill(row)
     if args.arch not in ARCH_DEFAULTS:
         raise UserError(f"unknown arch {args.arch!r}; choose from {', '.join(ARCH_DEFAULTS)}")
-    fill(ARCH_DEFAULTS[args.arch])
+    fill({k: v for k, v in ARCH_DEFAULTS[args.arch].items() if k != "pag_coeff"})
+    if row["num_classes"]:  # a folder dataset knows its classes only once loaded: train_pag.make_pag_loss
+        fill({"pag_coeff": pag_coeff_default(args.arch, row["num_classes"])})
     fill({"weight_decay": 1e-4 if getattr(args, "optimizer", None) == "sgd" else 0.0, "eval_eps": row["eps_l2"],
           "adv_eps": row[f"eps_{getattr(args, 'adv_norm', 'l2')}"]})
     return args
@@ -273,6 +284,8 @@ class Data:
     test_y: torch.Tensor
     num_classes: int
     classes: tuple = None  # class names, where known
+    val_x: torch.Tensor = None  # the validation split held out of the training images (--val-samples), or None
+    val_y: torch.Tensor = None
 
     def class_name(self, k):
         return self.classes[k] if self.classes else f"class {k}"
@@ -290,9 +303,14 @@ class Data:
     def input_shape(self):
         return tuple(self.train_x.shape[1:])
 
+    def split(self, name):
+        """(x, y) of "train", "val" or "test"."""
+        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
     def to(self, device):
-        for k in ("train_x", "train_y", "test_x", "test_y"):
-            setattr(self, k, getattr(self, k).to(device))
+        for k in ("train_x", "train_y", "test_x", "test_y", "val_x", "val_y"):
+            if getattr(self, k) is not None:
+                setattr(self, k, getattr(self, k).to(device))
         return self
 
 
@@ -303,12 +321,16 @@ def to_float(x):
 
 # ----------------------------------------------------------------------------- loading
 def get_data(name, data_dir="data", download=False, train_samples=None, test_samples=None, image_size=None,
-             data_seed=None):
+             data_seed=None, val_samples=None):
     """Load a dataset as a `Data` of in-memory tensors.
 
     train_samples / test_samples keep the *first* N images of each split (the
     files' own order, which is shuffled for CIFAR, STL and Fashion-MNIST), so a
     subset is the same for every seed and every script.
+    val_samples: hold out N training images as a validation split, never trained on: a fixed
+    random subset (seed 0, the same for every run and script; the toy and folder datasets are
+    sorted by class, so the last N would be one class), taken before train_samples, which then
+    keeps the first N of the remaining images in their order.
     data_seed: which draw of the toy (default 0); the toy is the only dataset that is drawn.
     """
     name = canonical_dataset(name)
@@ -329,12 +351,20 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
     else:
         train_x, train_y, test_x, test_y = load_torchvision(name, data_dir, download)
         num_classes = DATASETS[name]["num_classes"]
+    val_x = val_y = None
+    if val_samples is not None:
+        if val_samples >= len(train_y):
+            raise UserError(f"--val-samples {val_samples} leaves no training images of {name}'s {len(train_y)}")
+        held_out = torch.zeros(len(train_y), dtype=torch.bool)
+        held_out[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))[:val_samples]] = True
+        val_x, val_y = train_x[held_out], train_y[held_out].long()
+        train_x, train_y = train_x[~held_out], train_y[~held_out]
     if train_samples is not None:
         train_x, train_y = train_x[:train_samples], train_y[:train_samples]
     if test_samples is not None:
         test_x, test_y = test_x[:test_samples], test_y[:test_samples]
     classes = tuple(classes) if name == "folder" else CLASS_NAMES.get(name)
-    return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes, classes)
+    return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes, classes, val_x, val_y)
 
 
 def load_torchvision(name, root, download):
@@ -455,18 +485,20 @@ def draw_crop_flip(batch_size, padding, generator):
     return offsets, flips
 
 
-def crop_flip(t, offsets, flips, padding=4):
-    """Apply per-sample zero-padded crop and horizontal flip to t [B, ..., H, W].
+def crop_flip(t, offsets, flips, padding=4, fill=0.0):
+    """Apply per-sample padded crop (border value `fill`) and horizontal flip to t [B, ..., H, W].
 
     All leading dims after the batch (channels, or k target fields x channels)
     get the sample's own crop/flip, so an image and its ground-truth fields
-    always move together. Both operations are linear, so cropping r_t - x
-    equals cropped r_t minus cropped x.
+    always move together. Images pad with the pixel that is the model's 0
+    (models.PIXEL_MEAN, mid-grey: the official code crops in [-1, 1] with zero
+    padding); fields, differences of two images, pad with 0. Then cropping
+    r_t - x equals cropped r_t minus cropped x.
     """
     b, h, w = t.shape[0], t.shape[-2], t.shape[-1]
     dev = t.device
     offsets, flips = offsets.to(dev), flips.to(dev)
-    padded = F.pad(t.reshape(b, -1, h, w), (padding,) * 4)
+    padded = F.pad(t.reshape(b, -1, h, w), (padding,) * 4, value=fill)
     rows = offsets[:, 0, None] + torch.arange(h, device=dev)  # [B, H]
     cols = offsets[:, 1, None] + torch.arange(w, device=dev)  # [B, W]
     cols = torch.where(flips[:, None], cols.flip(1), cols)
@@ -545,13 +577,14 @@ def cached_nearest(data, cache_dir):
     return nn_idx
 
 
-def make_source(name, data, cache_dir="cache", seed=0, sbg_file=None):
-    """Return gt_grad(x, target_classes, idx=None) -> [B, k, *input_shape].
+def make_source(name, data, cache_dir="cache", seed=0, sbg_file=None, split="train"):
+    """Return gt_grad(x, target_classes, idx=None) -> [B, k, *input_shape] for images of `split`.
 
     x: un-augmented inputs [B, ...] in model space; target_classes [B, k];
-    idx: their indices in data.train_x when they are training images (needed by
-    `sbg`; lets `nn` use the cached neighbours and exclude the image itself).
-    Without idx (e.g. test images), `nn` searches the training set on the fly.
+    idx: their indices in data's `split` images ("train" or "test"): needed by `sbg`,
+    whose file holds fields for that split's images; for training images it lets `nn`
+    use the cached neighbours and exclude the image itself. Every representative comes
+    from the training images; for other images (or without idx) `nn` searches them on the fly.
     """
     if name == "oi":
         reps = to_float(data.train_x[one_image_per_class(data.train_y, data.num_classes, torch.Generator().manual_seed(seed))])
@@ -563,41 +596,53 @@ def make_source(name, data, cache_dir="cache", seed=0, sbg_file=None):
         empty = (data.train_y.bincount(minlength=data.num_classes) == 0).nonzero().flatten().tolist()
         if empty:
             raise UserError(f"the nn source needs training images of every class; none of class(es) {empty}")
-        nn_idx = cached_nearest(data, cache_dir)
+        nn_idx = cached_nearest(data, cache_dir) if split == "train" else None
 
         def gt_nn(x, target_classes, idx=None):
-            table = nn_idx[idx] if idx is not None else nearest_of_class(x, data.train_x, data.train_y, data.num_classes)
+            own = idx is not None and split == "train"
+            table = nn_idx[idx] if own else nearest_of_class(x, data.train_x, data.train_y, data.num_classes)
             return to_float(data.train_x[table.gather(1, target_classes)]) - x[:, None]
         return gt_nn
     if name == "sbg":
         if sbg_file is None:
             raise UserError("--source sbg needs --sbg-file (precomputed score-based fields)")
-        fields = load_sbg_file(sbg_file, data)
+        fields = load_sbg_file(sbg_file, data, split)
 
         def gt_sbg(x, target_classes, idx=None):
             if idx is None:
-                raise UserError("the sbg source has fields for training images only")
+                raise UserError(f"the sbg source needs the images' indices in the {split} split")
             return fields[idx.cpu()[:, None], target_classes.cpu()].to(target_classes.device, torch.float32)
         return gt_sbg
     raise UserError(f"unknown source {name!r}; choose from {', '.join(SOURCES)}")
 
 
-def load_sbg_file(path, data):
-    """Score-based fields [N, C, *input_shape] for exactly data's training set (float16 is fine).
+def load_sbg_file(path, data, split="train"):
+    """Score-based fields [N, C, *input_shape] for exactly data's training set, or for its (first N)
+    test images with split="test" (float16 is fine).
 
-    Reads `sbg.py export` files (checked by dataset, count and labels) and the official
-    PAG-ROB release: a tensor (N, 1+C, channels, H, W) holding each image (in [-1, 1])
-    and then one field per class, alone or as (tensor, labels). For the latter, the
-    images themselves are compared with ours, so another order or subset is refused.
+    Reads `sbg.py export` files (checked by split, dataset, count, held-out validation images and
+    labels) and the official PAG-ROB release (training images only): a tensor (N, 1+C, channels,
+    H, W) holding each image (in [-1, 1]) and then one field per class, alone or as (tensor,
+    labels). For the latter, the images themselves are compared with ours, so another order or
+    subset is refused.
     """
     obj = load_file(path, "sbg fields file")
-    n, c = len(data.train_y), data.num_classes
+    _, labels_here = data.split(split)
+    n, c = len(labels_here), data.num_classes
     expected = (n, c, *data.input_shape)
     if isinstance(obj, dict) and obj.get("kind") == "sbg-fields":  # ours
-        if obj["dataset"] != data.name or obj["n"] != n or not torch.equal(obj["labels"], data.train_y.cpu()):
-            raise UserError(f"{path} was exported for {obj['dataset']} ({obj['n']} images, train-samples "
-                            f"{obj.get('train_samples')}), not for these {n} {data.name} training images")
-        fields = obj["fields"]
+        val_here = None if data.val_y is None else len(data.val_y)
+        n_file, file_split = obj["n"], obj.get("split", "train")
+        fits = file_split == split and obj["dataset"] == data.name and (
+            n_file == n and obj.get("val_samples") == val_here and torch.equal(obj["labels"], labels_here.cpu())
+            if split == "train" else n_file >= n and torch.equal(obj["labels"][:n], labels_here.cpu()))
+        if not fits:
+            raise UserError(f"{path} was exported for {n_file} {obj['dataset']} {file_split} images (train-samples "
+                            f"{obj.get('train_samples')}, val-samples {obj.get('val_samples')}), not for these {n} "
+                            f"{data.name} {split} images")
+        fields = obj["fields"][:n]
+    elif split != "train":
+        raise UserError(f"{path}: the official release holds fields for training images only")
     else:  # the official release
         images_and_fields, labels = (obj[0], obj[1]) if isinstance(obj, (tuple, list)) else (obj, None)
         if not torch.is_tensor(images_and_fields) or tuple(images_and_fields.shape) != (n, 1 + c, *data.input_shape):

@@ -20,11 +20,15 @@ import torch.nn.functional as F
 ARCHS = ("resnet18", "vit", "cnn", "mlp")
 
 
+PIXEL_MEAN = PIXEL_STD = 0.5  # the official code's normalisation: (x - 0.5) / 0.5 maps [0, 1] to [-1, 1]
+
+
 class Normalize(nn.Module):
-    """[0, 1] pixels -> [-1, 1], the first layer of every image model."""
+    """[0, 1] pixels -> [-1, 1], the first layer of every image model (so a pixel of PIXEL_MEAN is the
+    model's 0: the value the official code's crop pads with)."""
 
     def forward(self, x):
-        return (x - 0.5) / 0.5
+        return (x - PIXEL_MEAN) / PIXEL_STD
 
 
 # ----------------------------------------------------------------------------- ResNet-18
@@ -46,10 +50,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18 (3x3 stem, no max-pool), as in the official code.
+    """CIFAR ResNet-18 (3x3 stem, no max-pool): the official models/resnet.py's function, with its
+    parameter names (conv1, bn1, layer1..layer4, linear), so its checkpoints load as they are.
 
-    Adaptive average pooling instead of a fixed 4x4 pool lets the same network
-    run on 28, 64 or 96 px inputs; on 32 px it is the same operation.
+    Adaptive average pooling (as the official code) runs the same network on 28, 64 or 96 px inputs.
     """
 
     def __init__(self, num_classes=10, in_channels=3):
@@ -57,55 +61,66 @@ class ResNet18(nn.Module):
         self.normalize = Normalize()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        layers, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+        cin = 64
+        for i, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), 1):
+            setattr(self, f"layer{i}", nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
             cin = cout
-        self.layers = nn.Sequential(*layers)
         self.linear = nn.Linear(512, num_classes)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))
-        out = self.layers(out)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
 
 
 # ----------------------------------------------------------------------------- ViT
 class Attention(nn.Module):
+    """The official MultiHeadSelfAttention: softmax(Q K^T / sqrt(dim)) V per head.
+
+    The scale is sqrt of the WIDTH (384), not of the per-head size (32) of Vaswani et al.:
+    that is the official models/vit_layers.py (sqrt_d = feats ** 0.5), so it is the paper's
+    model; its attention logits are sqrt(12) = 3.5x softer than the textbook scale's.
+    """
+
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads = heads
+        self.heads, self.scale = heads, math.sqrt(dim)
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x):
         b, n, d = x.shape
         q, k, v = (lin(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for lin in (self.q, self.k, self.v))
-        # Explicit softmax(QK^T / sqrt(d_head)) V: double-differentiable on every backend.
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        # Spelled out, not a fused kernel: double-differentiable on every backend.
+        att = torch.softmax(q @ k.transpose(-2, -1) / self.scale, dim=-1)
         return self.o((att @ v).transpose(1, 2).reshape(b, n, d))
 
 
 class EncoderLayer(nn.Module):
+    """Pre-norm block of the official TransformerEncoder (names la1, msa, la2, mlp as there)."""
+
     def __init__(self, dim, mlp_dim, heads):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        # ViT-CIFAR (the repository the paper used) puts a GELU after *both* MLP
-        # layers; kept so that trained behaviour matches the paper's model.
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim), nn.GELU())
+        self.la1 = nn.LayerNorm(dim)
+        self.msa = Attention(dim, heads)
+        self.la2 = nn.LayerNorm(dim)
+        # ViT-CIFAR (the repository the paper used) puts a GELU after *both* MLP layers. The
+        # Identity layers stand where its dropout (p = 0) is, so the linears keep its indices 0 and 3.
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Identity(), nn.Linear(mlp_dim, dim), nn.GELU(),
+                                 nn.Identity())
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.msa(self.la1(x))
+        return x + self.mlp(self.la2(x))
 
 
 class ViT(nn.Module):
-    """ViT-CIFAR: an 8x8 grid of patches plus a class token, pre-norm encoder.
+    """The official ViT (ViT-CIFAR): an 8x8 grid of patches plus a class token, 7 pre-norm layers,
+    width 384, 12 heads; parameter names as in the official models/ViT.py (emb, cls_token,
+    pos_emb, enc, fc), so its checkpoints load as they are.
 
-    The patch size follows the image size (4 px at 32, 12 px at 96), so every
-    size gives 65 tokens; only the patch embedding grows with the patch.
+    The patch size follows the image size (4 px at 32, 12 px at 96), so every size gives
+    65 tokens; only the patch embedding grows with the patch.
     """
 
     def __init__(self, num_classes=10, in_channels=3, image_size=32, grid=8, depth=7, dim=384, mlp_dim=384, heads=12):
@@ -114,19 +129,20 @@ class ViT(nn.Module):
             raise ValueError(f"vit needs an image size divisible by {grid}, got {image_size}")
         self.normalize = Normalize()
         self.patch = image_size // grid
-        self.embed = nn.Linear(in_channels * self.patch ** 2, dim)
+        self.emb = nn.Linear(in_channels * self.patch ** 2, dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + 1, dim))
-        self.layers = nn.Sequential(*[EncoderLayer(dim, mlp_dim, heads) for _ in range(depth)])
-        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        self.pos_emb = nn.Parameter(torch.randn(1, grid * grid + 1, dim))
+        self.enc = nn.Sequential(*[EncoderLayer(dim, mlp_dim, heads) for _ in range(depth)])
+        self.fc = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
 
     def forward(self, x):
         x = self.normalize(x)
         b, c, p = x.shape[0], x.shape[1], self.patch
-        # [B, C, H, W] -> [B, gh, gw, C, p, p] -> [B, gh*gw, C*p*p]
-        patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * p * p)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), self.embed(patches)], dim=1) + self.pos_embed
-        return self.head(self.layers(tokens)[:, 0])
+        # [B, C, H, W] -> [B, gh, gw, p, p, C] -> [B, gh*gw, p*p*C]: each patch flattened as
+        # (row, column, channel), the official _to_words order, which its `emb` weights expect.
+        patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 4, 5, 1).reshape(b, -1, p * p * c)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), self.emb(patches)], dim=1) + self.pos_emb
+        return self.fc(self.enc(tokens)[:, 0])
 
 
 # ----------------------------------------------------------------------------- small models

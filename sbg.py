@@ -32,7 +32,7 @@ from train_baseline import CHECKPOINT_FORMAT, Progress, pick_device, read_checkp
 
 # Flags that may differ between `sbg.py train` and its --resume: more --epochs continue a finished run.
 RESUME_MAY_CHANGE = {"job", "resume", "device", "out_dir", "data_dir", "download", "epochs", "checkpoint", "timestep",
-                     "noise_draws", "out", "sweep_timesteps", "sweep_images", "png"}
+                     "noise_draws", "out", "sweep_timesteps", "sweep_images", "png", "split", "eval_samples"}
 
 
 # ----------------------------------------------------------------------------- the denoiser
@@ -116,7 +116,8 @@ def check_timesteps(steps, ckpt):
 
 
 def get_images(args):
-    data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, None, args.image_size)
+    data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
+                      args.image_size, val_samples=args.val_samples)
     if not data.is_image:
         raise D.UserError("sbg works on image datasets")
     return data
@@ -209,7 +210,8 @@ def export(args):
     if data.name != ckpt["dataset"] or data.input_shape != tuple(ckpt["input_shape"]):
         raise D.UserError(f"denoiser was trained on {ckpt['dataset']} {tuple(ckpt['input_shape'])}, "
                           f"not {data.name} {data.input_shape}")
-    x_all, c = D.to_float(data.train_x) * 2 - 1, data.num_classes
+    images, labels = data.split(args.split)
+    x_all, c = D.to_float(images) * 2 - 1, data.num_classes
     check_timesteps([args.timestep], ckpt)
     abar = alpha_bars(ckpt["args"]["timesteps"])[args.timestep].item()
     gen = torch.Generator().manual_seed(args.seed)
@@ -225,9 +227,10 @@ def export(args):
         fields[s: s + len(xb)] = (acc / args.noise_draws).half().cpu()
         progress(s + len(xb))
     D.atomic_write(args.out, {"kind": "sbg-fields", "fields": fields, "dataset": data.name, "n": len(x_all),
-                   "train_samples": args.train_samples, "labels": data.train_y.clone(), "timestep": args.timestep,
+                   "split": args.split, "train_samples": args.train_samples, "val_samples": args.val_samples,
+                   "labels": labels.cpu().clone(), "timestep": args.timestep,
                    "alpha_bar": abar, "noise_draws": args.noise_draws, "denoiser": args.checkpoint})
-    print(f"wrote {args.out}: fields {tuple(fields.shape)} float16")
+    print(f"wrote {args.out}: fields of {len(x_all)} {args.split} images {tuple(fields.shape)} float16")
 
 
 @torch.no_grad()
@@ -291,6 +294,7 @@ def main(argv=None):
     p.add_argument("--data-dir", default="data", help="where datasets live")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--train-samples", type=D.positive_int, help="the first N training images (must match train_pag.py's)")
+    p.add_argument("--val-samples", type=D.positive_int, help="training images held out for validation (must match train_pag.py's)")
     p.add_argument("--image-size", type=D.positive_int, help="resize folder images / size of synthetic images")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
     p.add_argument("--seed", type=int, default=0, help="initialisation, data order and noise draws")
@@ -307,6 +311,10 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="export, sweep: denoiser.pt from `sbg.py train`")
     p.add_argument("--timestep", type=D.nonneg_int, default=300, help="export: noise level of the fields (see `sweep`)")
     p.add_argument("--noise-draws", type=D.positive_int, default=4, help="export: noise draws averaged per field")
+    p.add_argument("--split", default="train", choices=("train", "test"),
+                   help="export: fields for the training images (train_pag.py) or the first --eval-samples test "
+                        "images (held-out alignment: attack.py --align-split test)")
+    p.add_argument("--eval-samples", "--n-samples", type=D.positive_int, help="export --split test: the first N test images (default: all)")
     p.add_argument("--out", help="export: the fields file; sweep: a JSON of the measurements")
     p.add_argument("--sweep-timesteps", type=D.nonneg_int, nargs="+", default=[50, 100, 200, 300, 400, 600, 800],
                    help="sweep: noise levels to measure")

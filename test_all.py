@@ -58,6 +58,41 @@ def test_vit_patch_follows_image_size():
     assert build_model("vit", 10, 3, 96).patch == 12 and build_model("vit", 10, 3, 32).patch == 4
 
 
+def test_every_vit_attention_layer_is_the_official_formula_scaled_by_the_width():
+    """softmax(Q K^T / sqrt(384)) V per head (official vit_layers.py: sqrt_d = feats ** 0.5), written
+    here head by head with explicit loops, against every layer of the model as it runs."""
+    torch.manual_seed(0)
+    model = build_model("vit", 10, 3, 32).double().eval()
+    seen = []
+    hooks = [layer.msa.register_forward_hook(lambda m, inp, out: seen.append((m, inp[0], out))) for layer in model.enc]
+    model(torch.rand(2, 3, 32, 32, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 7
+    for msa, x, out in seen:
+        heads, width = 12, 384
+        q, k, v = msa.q(x), msa.k(x), msa.v(x)
+        ref = torch.empty_like(x)
+        for b in range(x.shape[0]):
+            for h in range(heads):
+                cols = slice(h * width // heads, (h + 1) * width // heads)
+                scores = q[b, :, cols] @ k[b, :, cols].T / width ** 0.5
+                ref[b, :, cols] = torch.softmax(scores, dim=-1) @ v[b, :, cols]
+        assert torch.allclose(out, msa.o(ref), atol=1e-12)
+        textbook = torch.softmax(q[0, :, :32] @ k[0, :, :32].T / 32 ** 0.5, dim=-1) @ v[0, :, :32]
+        assert not torch.allclose(textbook, ref[0, :, :32], atol=1e-6)  # the per-head scale is another model
+
+
+def test_model_parameter_names_are_the_official_ones():
+    vit = set(build_model("vit", 10, 3, 32).state_dict())
+    assert {"emb.weight", "cls_token", "pos_emb", "enc.6.la1.weight", "enc.0.msa.q.weight", "enc.0.msa.o.bias",
+            "enc.3.la2.bias", "enc.0.mlp.0.weight", "enc.0.mlp.3.weight", "fc.0.weight", "fc.1.bias"} <= vit
+    assert len(vit) == 4 + 7 * 16 + 4
+    rn = set(build_model("resnet18", 10, 3, 32).state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.0.shortcut.0.weight",
+            "layer4.1.bn2.num_batches_tracked", "linear.weight"} <= rn
+
+
 # ----------------------------------------------------------------------------- the PAG loss
 def analytic_pag_loss(weight, bias, x, gt_grad, target_classes):
     """For f(x) = Wx + b: grad_x log softmax_t = W_t - sum_j p_j W_j, written out by hand."""
@@ -316,6 +351,20 @@ def test_crop_flip_matches_per_sample_reference_and_moves_fields_with_image():
     assert flips.any() and (~flips).any()
 
 
+def test_training_crops_pad_images_with_the_models_zero_and_fields_with_zero():
+    """The official code crops images in [-1, 1] with zero padding: mid-grey. Our images are [0, 1] pixels,
+    so they pad with 0.5, which the model's Normalize maps to 0; target fields pad with 0."""
+    from models import Normalize
+    n = 64
+    data = D.Data("cifar10", torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.arange(n) % 10, None, None, 10)
+    batch = T.make_batch(data, torch.arange(n), True, 0, 0, torch.Generator().manual_seed(0))
+    fields = batch.augment(torch.ones(n, 2, 3, 8, 8))
+    shifted = (batch.x == 0.5).flatten(1).any(1)  # black images: only padding is grey
+    assert shifted.sum() > n // 2 and set(batch.x.unique().tolist()) == {0.0, 0.5}
+    assert torch.equal(Normalize()(batch.x)[batch.x == 0.5], torch.zeros(int((batch.x == 0.5).sum())))
+    assert torch.equal((fields[:, 0] == 0), (batch.x == 0.5)) and set(fields.unique().tolist()) == {0.0, 1.0}
+
+
 def test_fashion_mnist_idx_reader(tmp_path):
     import gzip
     import numpy as np
@@ -430,7 +479,7 @@ def test_baseline_and_pag_cli_one_epoch_and_attack_reads_the_checkpoint(tmp_path
         "--targets-per-image", "4", "--pag-chunk", "3", "--out-dir", tmp_path / "pag")
     for name in ("base", "pag"):
         line = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
-        assert line["epoch"] == 1 and 0 <= line["pgd_l2_0.5_acc"] <= line["test_acc"] <= 1
+        assert line["epoch"] == 1 and 0 <= line["test_pgd_l2_0.5_acc"] <= line["test_acc"] <= 1
         ckpt = torch.load(tmp_path / name / "model.pt", weights_only=True)
         assert ckpt["arch"] == "cnn" and ckpt["epoch"] == 1 and ckpt["input_shape"] == (3, 16, 16)
     assert "pag" in line and 0 <= line["pag"] <= 2 and ckpt["args"]["source"] == "nn"
@@ -731,11 +780,54 @@ def test_without_posix_locks_a_run_says_the_folder_is_not_locked(tmp_path, monke
     assert os.listdir(tmp_path / "r") == []
 
 # ----------------------------------------------------------------------------- a newcomer's first hour
-@pytest.mark.parametrize("epochs,expected", [(1, [0.01]), (2, [0.01, 0.001]), (3, [0.01, 0.01, 0.0001])])
+@pytest.mark.parametrize("epochs,expected", [(1, [0.01]), (2, [0.01, 1e-5]), (3, [0.01, 0.001, 1e-5])])
 def test_lr_never_drops_before_the_first_epoch_ends_and_metrics_log_the_rate_used(tmp_path, epochs, expected):
     T.main(list(map(str, [*TINY, "--epochs", epochs, "--lr", "0.01", "--lr-drops", "0.5,0.75", "--out-dir", tmp_path])))
     rows = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx(expected)
+
+
+def official_adjust_learning_rate(lr, epoch, epochs):
+    """The official TRAIN_CIFAR10.py schedule, restated: epoch counts from 1."""
+    return lr * (0.001 if epoch >= epochs else 0.01 if epoch >= 0.75 * epochs else 0.1 if epoch >= 0.5 * epochs else 1)
+
+
+@pytest.mark.parametrize("epochs", [4, 7, 10, 100])
+def test_the_lr_schedule_is_the_official_one(epochs):
+    model = nn.Linear(2, 2)
+    args = adv_args(epochs=epochs, lr_drops=[0.5, 0.75], optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt, sched = T.make_optimizer(model, args)
+    used = []
+    for _ in range(epochs):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert used == pytest.approx([official_adjust_learning_rate(0.01, e, epochs) for e in range(1, epochs + 1)])
+
+
+def test_the_last_partial_batch_is_dropped_as_the_official_loader_does(tmp_path):
+    sizes = []
+
+    def make_loss(args, data):
+        base = T.make_classification_loss(args, data)
+        return lambda model, train_model, batch: (sizes.append(len(batch.y)), base(model, train_model, batch))[1]
+    p = T.add_common_args(D.Parser())
+    T.train(p.parse_args([*TINY, "--train-samples", "90", "--epochs", "2", "--out-dir", str(tmp_path / "r")]), make_loss)
+    assert sizes == [32, 32] * 2  # 90 = 2 x 32 + 26: the 26 never train
+    assert_cli_error(T.main, [*TINY, "--train-samples", "20", "--out-dir", tmp_path / "s"], "20 training image", "--batch-size")
+
+
+def test_bf16_is_refused_on_a_gpu_without_bf16_arithmetic(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    assert_cli_error(T.main, [*TINY, "--device", "cuda", "--amp", "bf16", "--out-dir", tmp_path / "r"],
+                     "--amp bf16", "V100", "7.0", "--amp fp32")
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    T.check_amp("bf16", torch.device("cuda"))  # an A100 passes
+    T.check_amp("bf16", torch.device("cpu"))  # the CPU emulates it (slowly), as tests do
 
 
 def test_defaults_come_from_one_table_per_dataset():
@@ -755,6 +847,11 @@ def test_defaults_come_from_one_table_per_dataset():
     assert (stl.pag_chunk, stl.source, stl.pag_coeff, stl.pag_first_half_scale) == (4, "cm", 1.5, 1.0)
     vit = D.resolve_defaults(parser_pag().parse_args(["--dataset", "cifar10", "--arch", "vit", "--sbg-file", "f.pt"]))
     assert (vit.pag_chunk, vit.source, vit.pag_coeff, vit.pag_first_half_scale) == (None, "sbg", 3.0, 2 / 3)
+    # CIFAR-100: lambda * C * mean over 10 targets = 1.5 * 10 * mean, the official code's weight (README "Choices")
+    c100 = D.resolve_defaults(parser_pag().parse_args(["--dataset", "cifar100"]))
+    assert c100.pag_coeff == pytest.approx(0.15) and c100.pag_coeff * 100 == pytest.approx(1.5 * 10)
+    assert D.pag_coeff_default("vit", 20) == pytest.approx(1.5) and D.pag_coeff_default("cnn", 10) == 0.25
+    assert D.resolve_defaults(parser_pag().parse_args(["--dataset", "folder"])).pag_coeff is None  # known once loaded
     toy = D.resolve_defaults(parser_pag().parse_args(["--dataset", "toy", "--pag-coeff", "7"]))
     assert (toy.arch, toy.source, toy.pag_coeff, toy.optimizer, toy.lr) == ("mlp", "nn", 7.0, "adam", 0.01)
     from models import ARCHS
@@ -1027,6 +1124,98 @@ def test_speed_bench_writes_the_rows_the_gpu_section_needs(tmp_path, monkeypatch
     assert {(s[0], s[4]) for s in bench.GPU_SETTINGS if s[1] == 32} == {(a, m) for a in ("resnet18", "vit") for m in ("fp32", "bf16")}
 
 
+def test_validation_split_is_held_out_and_the_per_epoch_check_uses_it(tmp_path):
+    full = D.get_data("synthetic", image_size=8)
+    d = D.get_data("synthetic", image_size=8, val_samples=100, train_samples=300)
+    again = D.get_data("synthetic", image_size=8, val_samples=100)
+    assert len(d.val_y) == 100 and len(d.train_y) == 300 and len(again.train_y) == len(full.train_y) - 100
+    rows = lambda t: {tuple(r.tolist()) for r in t.flatten(1)}  # noqa: E731
+    assert not rows(d.val_x) & rows(again.train_x)  # never trained on
+    assert rows(d.val_x) | rows(again.train_x) == rows(full.train_x) and torch.equal(d.val_x, again.val_x)  # fixed
+    assert torch.equal(d.train_x, again.train_x[:300]) and torch.equal(d.test_x, full.test_x)
+    assert set(D.get_data("toy", val_samples=200).val_y.tolist()) == {0, 1}  # random, not the last (sorted) points
+    run("train_baseline.py", *TINY, "--val-samples", "40", "--eval-samples", "40", "--epochs", "1", "--out-dir", tmp_path / "v")
+    line = json.loads((tmp_path / "v" / "metrics.jsonl").read_text())
+    assert line["eval_split"] == "val" and "test_acc" not in line and 0 <= line["val_pgd_l2_0.5_acc"] <= line["val_acc"]
+    model = T.load_checkpoint(str(tmp_path / "v" / "model.pt"))[0]
+    dv = D.get_data("synthetic", image_size=16, train_samples=96, val_samples=40)
+    assert line["val_acc"] == pytest.approx((T.predict(model, D.to_float(dv.val_x)) == dv.val_y).float().mean().item())
+    assert_one_line_error(run("train_baseline.py", *TINY, "--val-samples", "1024", check=False), "--val-samples 1024")
+
+
+def test_claims_bench_statistics_and_verdicts_on_hand_made_numbers():
+    fm = load_bench("fashion_mnist")
+    a, b = [0.50, 0.55, 0.60], [0.40, 0.41, 0.45]
+    d = [x - y for x, y in zip(a, b)]
+    m, sd = sum(d) / 3, (sum((v - sum(d) / 3) ** 2 for v in d) / 2) ** 0.5
+    out = fm.paired(a, b, "a - b")
+    assert out["difference"] == pytest.approx(m) and out["ci95"] == pytest.approx([m - 4.303 * sd / 3 ** 0.5, m + 4.303 * sd / 3 ** 0.5])
+    assert out["verdict"] == "holds" and fm.paired(b, a, "b - a")["verdict"] == "contradicted"
+    assert fm.paired([0.5, 0.4, 0.6], [0.45, 0.45, 0.5], "x")["verdict"] == "not shown"  # differences +5, -5, +10
+    assert fm.verdict([0.01, 0.2]) == "holds" and fm.verdict([-0.2, -0.01]) == "contradicted"
+    assert fm.verdict([-0.1, 0.1]) == "not shown" and fm.verdict(None) == "not shown"
+    assert fm.t_quantile_975(2) == 4.303 and abs(fm.t_quantile_975(60) - 2.000) < 2e-3
+    st = fm.mean_interval([1.0, 2.0, 3.0, 4.0])
+    assert st["mean"] == 2.5 and st["ci95"] == pytest.approx([2.5 - 3.182 * (5 / 3) ** 0.5 / 2, 2.5 + 3.182 * (5 / 3) ** 0.5 / 2])
+    # A claim of several comparisons: holds only if each holds; one contradicted comparison contradicts it.
+    rows = {m: {k: {"per_seed": v} for k in ("aa_l2", "aa_linf")} for m, v in
+            {"vanilla": [0.1, 0.1, 0.12], "pag-cm": [0.3, 0.32, 0.35], "pag-nn": [0.3, 0.31, 0.36], "pag-oi": [0.3, 0.34, 0.33],
+             "pag-sbg": [0.2, 0.21, 0.23], "pgd-at": [0.5, 0.5, 0.5], "pag-cm+pgd-at": [0.48, 0.52, 0.51]}.items()}
+    found = fm.claims(rows)
+    assert found["1"]["verdict"] == "holds" and len(found["1"]["comparisons"]) == 8
+    assert found["2"]["verdict"] == "contradicted" and found["2"]["headline"].startswith("pag-sbg - ")
+    assert found["4"]["verdict"] == "not shown"
+    assert fm.claims({k: v for k, v in rows.items() if k != "pgd-at"})["4"]["verdict"] == "not run"
+    # Claim 3: a perfect linear relation has r = 1 in every bootstrap resample.
+    pts = [(s, x, 2 * x + 0.1) for s in (0, 1, 2) for x in (0.1 * s, 0.5 + 0.1 * s)]
+    r, ci = fm.bootstrap_correlation(pts, [0, 1, 2])
+    assert r == pytest.approx(1.0) and ci == pytest.approx([1.0, 1.0])
+    assert fm.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and fm.pearson([1, 1], [2, 3]) is None
+    # lambda selection: the largest lambda within 10 points of vanilla's validation accuracy
+    val = {"vanilla": [0.80, 0.82], 0.1: [0.79, 0.80], 0.5: [0.72, 0.73], 1.0: [0.60, 0.65]}
+    assert fm.select_lambda(val, [0.1, 0.5, 1.0], 0.10) == 0.5 and fm.select_lambda(val, [0.5, 1.0], 0.01) == 0.5
+
+
+def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
+    fm = load_bench("fashion_mnist")
+    argv = ["--quick", "--rows", "pag-sbg", "--train-samples", "128", "--val-samples", "32", "--eval-samples", "16",
+            "--out-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")]
+    out = fm.main(argv)
+    res = tmp_path / "res"
+    seeds = json.loads((res / "fashion_mnist_seeds.json").read_text())
+    assert seeds["config"]["selection_split"] == "val" and "10 points" in seeds["config"]["selection_rule"]
+    assert seeds["seeds"] == [0, 1] and set(seeds["rows"]) == {"vanilla", "pag-cm", "pag-sbg"}
+    assert seeds["config"]["selected_lambda"] in (0.1, 1.0)
+    runs = {p.name: json.loads(p.read_text()) for p in (res / "fashion_mnist_runs").iterdir()}
+    assert len(runs) == 2 * (1 + 2 + 1)  # vanilla, the sweep's two lambdas, pag-sbg; two seeds each
+    for model in ("vanilla", "pag-sbg"):
+        for metric in fm.METRICS:
+            entry = seeds["rows"][model][metric]
+            values = [r[metric] for r in sorted(runs.values(), key=lambda r: r["seed"]) if r["model"] == model]
+            assert entry["per_seed"] == values and entry["mean"] == pytest.approx(sum(values) / 2)
+            assert all(-1 <= v <= 1 for v in values) and len(entry["ci95"]) == 2
+    verdicts = {k: v["verdict"] for k, v in seeds["claims"].items()}
+    assert verdicts["1"] == verdicts["2"] == verdicts["4"] == "not run"  # rows pag-nn, pag-oi, pgd-at... not asked for
+    assert verdicts["3"] in ("holds", "not shown", "contradicted") and seeds["claims"]["3"]["points"] == 6
+    assert set(json.loads((res / "fashion_mnist_lambda.json").read_text())["rows"]) == {"0.1", "1"}
+    assert all((res / f).stat().st_size > 0 for f in ("fashion_mnist_seeds.md", "fashion_mnist_tradeoff.png",
+                                                    "fashion_mnist_alignment.png"))
+    assert out["rows"] == seeds["rows"]
+    # Killed after some models: their result files are kept; a rerun trains only what is missing.
+    victim = res / "fashion_mnist_runs" / "pag-sbg_lambda{:g}_seed1.json".format(seeds["config"]["selected_lambda"])
+    victim.unlink()
+    for p in (tmp_path / "runs").glob("pag-sbg_*seed1"):  # its checkpoint too, as on a fresh machine
+        import shutil
+        shutil.rmtree(p)
+    again = fm.main(argv)
+    after = {p.name: json.loads(p.read_text()) for p in (res / "fashion_mnist_runs").iterdir()}
+    assert {k: v["made"] for k, v in after.items() if k != victim.name} == {k: v["made"] for k, v in runs.items() if k != victim.name}
+    assert after[victim.name] == {**runs[victim.name], "made": after[victim.name]["made"], "seconds": after[victim.name]["seconds"],
+                                  "train_seconds": after[victim.name]["train_seconds"]}  # the same model again
+    assert again["rows"] == out["rows"]
+    assert_cli_error(fm.main, [*argv, "--epochs", "2"], "made with other settings")
+
+
 def test_bench_scheduler_respects_dependencies_and_fails_loudly():
     import threading
     run_jobs = load_bench("fashion_mnist").run_jobs
@@ -1106,7 +1295,7 @@ def test_training_attack_stays_in_its_ball_and_leaves_the_model_in_train_mode(mo
 def test_adversarial_training_cli_one_epoch(tmp_path, script, extra):
     run(script, *TINY, "--epochs", "1", "--adv-steps", "2", *extra, "--out-dir", tmp_path / "r")
     line = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
-    assert 0 <= line["adv_train_acc"] <= 1 and 0 <= line["pgd_l2_0.5_acc"] <= line["test_acc"]
+    assert 0 <= line["adv_train_acc"] <= 1 and 0 <= line["test_pgd_l2_0.5_acc"] <= line["test_acc"]
     assert ("pag" in line) == (script == "train_pag.py")
 
 
@@ -1198,10 +1387,29 @@ def test_sbg_train_export_and_train_pag_with_the_file(tmp_path):
     ckpt = torch.load(tmp_path / "p" / "model.pt", weights_only=True)
     assert ckpt["args"]["source"] == "sbg"
     proc = run("train_pag.py", *TINY, "--epochs", "1", "--sbg-file", tmp_path / "f.pt", "--out-dir", tmp_path / "q", check=False)
-    assert_one_line_error(proc, "exported for synthetic (32 images")  # TINY uses 96 images: refused
+    assert_one_line_error(proc, "exported for 32 synthetic train images", "these 96")  # TINY uses 96 images: refused
     assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align",
                               "--align-source", "sbg", "--sbg-file", tmp_path / "f.pt", "--n-samples", "8", check=False),
-                          "training images only")
+                          "exported for 32 synthetic train images", "test images")  # training fields: not held out
+    # Held out: fields exported for the first test images, by the same denoiser, and aligned on those images.
+    run("sbg.py", "export", *data_args, "--checkpoint", tmp_path / "dn" / "denoiser.pt", "--noise-draws", "2",
+        "--split", "test", "--eval-samples", "12", "--out", tmp_path / "ft.pt")
+    test_fields = torch.load(tmp_path / "ft.pt", weights_only=True)
+    test_y = D.get_data("synthetic", test_samples=12, image_size=16).test_y
+    assert test_fields["split"] == "test" and test_fields["fields"].shape == (12, 10, 3, 16, 16)
+    assert torch.equal(test_fields["labels"], test_y)
+    proc = run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align", "--align-source", "sbg",
+               "--sbg-file", tmp_path / "ft.pt", "--n-samples", "8", "--out", tmp_path / "t.json")
+    model = T.load_checkpoint(str(tmp_path / "p" / "model.pt"))[0]
+    x8 = D.to_float(D.get_data("synthetic", test_samples=8, image_size=16).test_x)
+    fields8 = test_fields["fields"][:8].float()
+    expected = attack.alignment(model, x8, lambda xb, t, idx: fields8[idx[:, None], t], 10, indices=torch.arange(8))
+    assert json.loads((tmp_path / "t.json").read_text())["alignment"]["cos"] == pytest.approx(expected, abs=1e-6)
+    assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align",
+                              "--align-source", "sbg", "--sbg-file", tmp_path / "ft.pt", "--n-samples", "20", check=False),
+                          "12 synthetic test images")  # fields for 12 test images, 20 asked for
+    assert_one_line_error(run("train_pag.py", *TINY[:6], "--train-samples", "32", "--batch-size", "16", "--epochs", "1",
+                              "--sbg-file", tmp_path / "ft.pt", "--out-dir", tmp_path / "w", check=False), "test images")
     assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "exact-l2",
                               "--n-samples", "8", check=False), "needs 2-D inputs")
     proc = run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align", "--align-source", "sbg",

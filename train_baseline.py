@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data as D
-from models import ARCHS, build_model
+from models import ARCHS, PIXEL_MEAN, build_model
 
 # Flags that may differ between a run and its --resume (everything else must match).
 RESUME_MAY_CHANGE = {"resume", "stop_after_epoch", "device", "out_dir", "log_every", "data_dir", "download", "cache_dir"}
-CHECKPOINT_FORMAT = 2  # bumped when the fields of model.pt change
+CHECKPOINT_FORMAT = 3  # bumped when the fields of model.pt change (3: official parameter names)
 
 
 def add_common_args(p):
@@ -47,15 +47,20 @@ def add_common_args(p):
     p.add_argument("--momentum", type=D.nonneg_float, default=0.9, help="SGD only")
     p.add_argument("--weight-decay", type=D.nonneg_float, help="default: 1e-4 with SGD, 0 with Adam")
     p.add_argument("--lr-drops", type=D.fractions, metavar="F1,F2",
-                   help="fractions of training after which lr is divided by 10; default: 0.5,0.75 (paper), "
-                        "none (fashion-mnist, toy); '--lr-drops=' for none")
+                   help="lr is divided by 10 from the first epoch e >= F*epochs (counting from 1) of each fraction F, "
+                        "and once more in the last epoch, as the official schedule (never in the first epoch); "
+                        "default: 0.5,0.75 (paper), none (fashion-mnist, toy); '--lr-drops=' for none")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop (padding 4) + flip per sample; default: on for CIFAR, STL and folder images "
                         "of 32 px or more, off for fashion-mnist")
     p.add_argument("--seed", type=int, default=3407, help="the official configs' seed")
     p.add_argument("--data-seed", type=int, help="toy only: which draw of the data (default 0)")
     p.add_argument("--train-samples", type=D.positive_int, help="train on the first N training images (default: all)")
-    p.add_argument("--eval-samples", type=D.positive_int, default=1000, help="per-epoch evaluation on the first N test images")
+    p.add_argument("--val-samples", type=D.positive_int,
+                   help="hold out N training images (a fixed random subset) as a validation split, never trained on; "
+                        "the per-epoch evaluation then uses it instead of the test images (default: none)")
+    p.add_argument("--eval-samples", type=D.positive_int, default=1000,
+                   help="per-epoch evaluation on the first N test images (validation images with --val-samples)")
     p.add_argument("--eval-eps", type=D.nonneg_float, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
     p.add_argument("--eval-steps", type=D.positive_int, default=7, help="per-epoch PGD-L2 steps (step 1.5*eps/steps, as the official code)")
     p.add_argument("--adv", default="none", choices=("none", "pgd", "trades"), help="adversarial training: Madry PGD-AT or TRADES")
@@ -106,6 +111,15 @@ def pick_device(name):
     return torch.device(name)
 
 
+def check_amp(amp, device):
+    """Refuse bf16 on a GPU without bf16 arithmetic (compute capability < 8.0: V100, T4), where
+    autocast would emulate it slowly or fail deep inside a kernel."""
+    if amp == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise D.UserError(f"--amp bf16 needs a GPU with bf16 arithmetic (compute capability >= 8.0, e.g. A100, H100); "
+                          f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use --amp fp32")
+
+
 def setup_distributed(args):
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group:
     NCCL with one GPU per process (LOCAL_RANK), gloo on CPU."""
@@ -121,6 +135,7 @@ def setup_distributed(args):
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
+    check_amp(getattr(args, "amp", "fp32"), device)
     if device.type == "cuda":  # fp32 on tensor cores (TF32) for matmuls too; PyTorch does it for convolutions already
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -290,7 +305,7 @@ class Batch:
     y: torch.Tensor            # labels [B]
     idx: torch.Tensor          # indices in the training set [B]
     x_clean: torch.Tensor      # inputs before crop/flip
-    augment: Callable          # this batch's crop/flip, for any [B, ..., H, W] tensor
+    augment: Callable          # this batch's crop/flip for target fields [B, ..., H, W] (pads with 0)
     epoch: int                 # from 0
     step: int                  # batch number within the epoch, from 0
     generator: torch.Generator  # per-sample random draws (targets, attacks' starts)
@@ -441,10 +456,17 @@ def attack_batch_size(data):
     return max(1, min(250, 250 * 32 * 32 // pixels))
 
 
+def eval_split(data):
+    """Where the per-epoch check looks: the validation split if one is held out, else the test images."""
+    return "val" if data.val_x is not None else "test"
+
+
 def evaluate(model, data, args, epoch):
-    """Clean accuracy and PGD-L2 accuracy (the official per-epoch check) on the eval subset."""
+    """Clean accuracy and PGD-L2 accuracy (the official per-epoch check) on the first --eval-samples
+    images of eval_split(data)."""
     model.eval()
-    x, y = D.to_float(data.test_x[: args.eval_samples]), data.test_y[: args.eval_samples]
+    x, y = data.split(eval_split(data))
+    x, y = D.to_float(x[: args.eval_samples]), y[: args.eval_samples]
     clean = (predict(model, x) == y).float().mean().item()
     gen = torch.Generator().manual_seed(args.seed + epoch)  # same noise on every (re)run of this epoch
     robust = robust_accuracy(model, x, y, args.eval_eps, "l2", data.box, batch_size=attack_batch_size(data),
@@ -453,14 +475,24 @@ def evaluate(model, data, args, epoch):
     return clean, robust
 
 
+def lr_milestones(epochs, drops):
+    """0-based epochs from which the lr is divided by 10 once more, as the official adjust_learning_rate:
+    1-based epoch e runs at lr * 0.1 ** #{f in drops: e >= f * epochs}, and the last epoch once more
+    (100 epochs, drops 0.5, 0.75: lr for epochs 1-49, lr/10 for 50-74, lr/100 for 75-99, lr/1000 in
+    epoch 100). Never before the first epoch ends, so that a 1-epoch run trains at lr."""
+    if not drops:
+        return []
+    starts = [math.ceil(f * epochs - 1e-9) - 1 for f in drops] + [epochs - 1]
+    return sorted(max(1, s) for s in starts if epochs > 1)
+
+
 def make_optimizer(model, args):
     if args.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    # A drop at fraction f happens after epoch round(f * epochs), never before the first epoch ends.
-    drops = [max(1, round(f * args.epochs)) for f in args.lr_drops]
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=drops, gamma=0.1)
+    # MultiStepLR counts repeated milestones: [1, 1, 1] divides by 1000 from epoch index 1.
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(args.epochs, args.lr_drops), gamma=0.1)
 
 
 def check_finite(loss, logs, epoch, batch):
@@ -542,10 +574,11 @@ def train(args, make_loss=make_classification_loss, run_name="baseline"):
 def setup(args, make_loss, rank, world, device):
     """Data, model, optimiser, random streams and loss, restored from OUT_DIR/model.pt under --resume."""
     data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
-                      args.image_size, args.data_seed).to(device)
-    if len(data.train_y) // world < 2:
-        raise D.UserError(f"{len(data.train_y)} training image(s) for {world} process(es): "
-                          "each process needs at least 2 per batch")
+                      args.image_size, args.data_seed, args.val_samples).to(device)
+    if len(data.train_y) // world < max(2, args.batch_size):
+        raise D.UserError(f"{len(data.train_y)} training image(s) for {world} process(es) of batch {args.batch_size}: "
+                          "each process needs one full batch (the last partial batch is dropped, as the official "
+                          "loader does) of at least 2; lower --batch-size")
     args.augment = resolve_augment(args.augment, data)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device)
@@ -563,7 +596,8 @@ def setup(args, make_loss, rank, world, device):
     adv = "" if args.adv == "none" else f", {args.adv} adversarial training ({args.adv_norm} eps {args.adv_eps:g})"
     procs = "" if world == 1 else f" x {world} processes (global batch {args.batch_size * world})"
     run.log(f"{args.run_name}: {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
-            f"{data.name}, {len(data.train_y)} train images, {args.epochs} epoch{'s' * (args.epochs != 1)}, batch {args.batch_size}{procs}, "
+            f"{data.name}, {len(data.train_y)} train images"
+            f"{f' ({len(data.val_y)} held out for validation)' if data.val_y is not None else ''}, {args.epochs} epoch{'s' * (args.epochs != 1)}, batch {args.batch_size}{procs}, "
             f"{args.optimizer} lr {args.lr:g}, {args.amp}, augment {'on' if args.augment else 'off'}, device {device}"
             f"{adv}; writing {args.out_dir}/", flush=True)
     return run
@@ -590,7 +624,8 @@ def train_epoch(run, epoch):
     start, lr = time.time(), run.opt.param_groups[0]["lr"]
     order = torch.randperm(n, generator=run.order_gen)
     shard = order[: n - n % run.world][run.rank::run.world]  # equal shards: every rank takes as many steps
-    batches = [b for b in shard.split(args.batch_size) if len(b) > 1]  # batch-norm needs 2
+    # The last partial batch is dropped, as the official loader does (drop_last=True).
+    batches = [b for b in shard.split(args.batch_size) if len(b) == args.batch_size]
     progress = Progress(f"epoch {epoch + 1}/{args.epochs}:", sum(map(len, batches)) * run.world, "img", args.log_every,
                         print_fn=run.log)
     sums, seen = {}, 0
@@ -621,10 +656,11 @@ def end_epoch(run, epoch, sums, seen, lr, train_seconds):
             raise D.UserError(f"training diverged in epoch {epoch + 1}: weights are not finite; "
                               f"{run.ckpt_path} keeps the last good epoch ({epoch})")
         clean, robust = evaluate(run.model, run.data, args, epoch)
-        run.metrics.append({"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "test_acc": clean,
-                            f"pgd_l2_{args.eval_eps:g}_acc": robust, "lr": lr,
+        split = eval_split(run.data)
+        run.metrics.append({"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "eval_split": split,
+                            f"{split}_acc": clean, f"{split}_pgd_l2_{args.eval_eps:g}_acc": robust, "lr": lr,
                             "train_seconds": train_seconds, "seconds": time.time() - start})
-        print(f"epoch {epoch + 1}: loss {run.metrics[-1]['loss']:.4f} test acc {clean:.2%} PGD-L2({args.eval_eps:g}) "
+        print(f"epoch {epoch + 1}: loss {run.metrics[-1]['loss']:.4f} {split} acc {clean:.2%} PGD-L2({args.eval_eps:g}) "
               f"acc {robust:.2%} [{run.metrics[-1]['seconds']:.0f}s]", flush=True)
         # Metrics first, then the checkpoint: a crash in between leaves a line that --resume drops.
         write_metrics(run.metrics_path, run.metrics)
@@ -639,12 +675,12 @@ def end_epoch(run, epoch, sums, seen, lr, train_seconds):
 def make_batch(data, idx, augment, epoch, step, generator):
     """The batch of training images idx, with one crop/flip drawn per sample when augmenting."""
     x_clean, y = D.to_float(data.train_x[idx]), data.train_y[idx]
-    if augment:
-        offsets, flips = D.draw_crop_flip(len(idx), 4, generator)
-        aug = lambda t: D.crop_flip(t, offsets, flips)  # noqa: E731
-    else:
-        aug = lambda t: t  # noqa: E731
-    return Batch(aug(x_clean), y, idx, x_clean, aug, epoch, step, generator)
+    if not augment:
+        return Batch(x_clean, y, idx, x_clean, lambda t: t, epoch, step, generator)
+    offsets, flips = D.draw_crop_flip(len(idx), 4, generator)
+    # The image pads with the model's 0 (mid-grey, as the official code's crop in [-1, 1]); fields with 0.
+    return Batch(D.crop_flip(x_clean, offsets, flips, fill=PIXEL_MEAN), y, idx, x_clean,
+                 lambda t: D.crop_flip(t, offsets, flips), epoch, step, generator)
 
 
 def main(argv=None):

@@ -153,6 +153,8 @@ def make_pag_loss(args, data):
     num_classes = data.num_classes
     if args.targets_per_image is None:  # resolved here: a folder dataset knows its classes only now
         args.targets_per_image = min(num_classes, 10)
+    if args.pag_coeff is None:
+        args.pag_coeff = D.pag_coeff_default(args.arch, num_classes)
     k = args.targets_per_image
     if not 1 <= k <= num_classes:
         raise D.UserError(f"--targets-per-image must be in 1..{num_classes}, got {k}")
@@ -175,7 +177,9 @@ def add_pag_args(p):
     p.add_argument("--source", choices=D.SOURCES,
                    help="ground-truth PAG: oi, cm, nn, sbg (default: sbg with --sbg-file, nn for the toy, else cm)")
     p.add_argument("--sbg-file", help="precomputed score-based fields (sbg.py export, or the official release)")
-    p.add_argument("--pag-coeff", type=D.nonneg_float, help="lambda (default: 1.5 resnet18, 3.0 vit, 0.25 cnn, 2.5 toy mlp)")
+    p.add_argument("--pag-coeff", type=D.nonneg_float,
+                   help="lambda (default: 1.5 resnet18, 3.0 vit, 0.25 cnn, 2.5 toy mlp; times 10/C beyond 10 classes, "
+                        "e.g. 0.15 for CIFAR-100 resnet18: the official code's weight)")
     p.add_argument("--pag-first-half-scale", type=D.nonneg_float,
                    help="lambda is multiplied by this in the first half of training (default: 2/3 for vit, else 1)")
     p.add_argument("--targets-per-image", type=D.positive_int,

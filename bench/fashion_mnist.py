@@ -1,50 +1,194 @@
-"""The paper's comparison at CPU scale on real data (Fashion-MNIST), end to end.
+"""The paper's four claims at CPU scale on real data (Fashion-MNIST): seeds, intervals, no test-set tuning.
 
-    python bench/fashion_mnist.py                  # about 80 minutes on 2 CPU cores (--jobs 2)
-    python bench/fashion_mnist.py --quick          # smoke run: tiny subset, 1 epoch, 50 test images
+    python bench/fashion_mnist.py            # 3 seeds, every row and the lambda sweep (hours on 2 CPU cores)
+    python bench/fashion_mnist.py --quick    # smoke run: 2 seeds, tiny subsets, 1 epoch (minutes)
 
-Makes the SBG ground truth (sbg.py train + export on the same training subset), trains
-every row with the same seed, architecture (cnn), data subset, epochs and lambda through
-the ordinary scripts (adversarial training: L2 eps 1.5, 10 steps), evaluates each
-checkpoint with attack.py (clean, AutoAttack L2 eps 1.5 and L-inf eps 0.1 on the same
-first N test images, alignment to the NN ground truth on those test images and to the
-SBG fields on the first N training images), and writes bench/results/fashion_mnist.json
-plus a markdown table (bench/results/fashion_mnist.md) for the README.
+Every model is trained by the ordinary scripts and evaluated by attack.py, once per seed (the seed
+sets initialisation, batch order, PAG targets and attack starts; the training images, the validation
+images and the test images stay fixed):
 
-Jobs run as separate one-thread processes, --jobs at a time (the SBG job first: the
-pag-sbg row and the SBG alignment column wait for it); each writes its log next to its
-checkpoint (OUT_DIR/<row>/*.log). Finished steps are reused (delete OUT_DIR/<row> to
-redo one), so an interrupted run continues where it stopped.
+  rows     vanilla, pag-cm, pag-nn, pag-oi, pag-sbg, pgd-at, trades, pag-cm+pgd-at
+  sweep    pag-cm at every lambda of --lambdas
+
+The protocol (CONFIG below holds every number):
+  1. A validation split (--val-samples training images, a fixed random subset, never trained on) is
+     the only data any choice looks at: every per-epoch check, and lambda.
+  2. lambda for every PAG row = the SELECTION_RULE applied to the sweep's validation accuracies.
+  3. The test images are touched once per model, by the final evaluation: clean accuracy, AutoAttack
+     (APGD-CE + APGD-T, standard settings) L2 and L-inf, and held-out alignment: the cosine between the
+     model's grad log softmax and the targets on those test images, NN targets from the training
+     images and SBG fields exported for the test images by the same denoiser (never the training
+     fields a model was fit to). The denoiser (sbg.py, trained once, seed 0) is a fixed source of
+     ground truth like the data, shared by every seed.
+  4. Claims are computed from the numbers by CLAIM_RULE (claims(), below), never written by hand.
+
+Each finished (model, seed) lands in a small JSON in RESULTS/fashion_mnist_runs/ (committed for the
+full run), so a killed bench, or one started on a fresh machine, continues from those: a model whose
+file is there is not trained again, and a file made with other settings is refused. Checkpoints and
+logs go to --out-dir. Jobs run as one-thread processes, --jobs at a time. At the end:
+fashion_mnist_seeds.json (+ .md), fashion_mnist_lambda.json, and the figures fashion_mnist_tradeoff.png
+and fashion_mnist_alignment.png in RESULTS.
 """
 import json
+import math
 import os
+import random
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data as D  # noqa: E402 - the project's one atomic writer and safe loader
+import data as D  # noqa: E402 - the project's one atomic writer and parser
 RESULTS = os.path.join(ROOT, "bench", "results")
 
-PAG_COEFF = D.ARCH_DEFAULTS["cnn"]["pag_coeff"]  # lambda of every PAG row: the cnn default (README: the sweep)
-ROWS = {  # name -> (script, extra flags, relative training cost: the longest jobs are scheduled first)
-    "vanilla": ("train_baseline.py", [], 1),
-    "pag-cm": ("train_pag.py", ["--source", "cm"], 10),
-    "pag-nn": ("train_pag.py", ["--source", "nn"], 11),
-    "pag-oi": ("train_pag.py", ["--source", "oi"], 10),
-    "pag-sbg": ("train_pag.py", ["--source", "sbg"], 10),  # + --sbg-file, made by sbg.py first
-    "pgd-at": ("train_baseline.py", ["--adv", "pgd", "--adv-norm", "l2"], 11),
-    "trades": ("train_baseline.py", ["--adv", "trades", "--adv-norm", "l2"], 12),
-    "pag-cm+pgd-at": ("train_pag.py", ["--source", "cm", "--adv", "pgd", "--adv-norm", "l2"], 18),
+# Every setting of the bench, in one place (written into the results' config).
+CONFIG = dict(
+    dataset="fashion-mnist", arch="cnn", optimizer="adam", lr=1e-3, lr_drops=None, augment=False, batch_size=64,
+    epochs=10, train_samples=6000, val_samples=1000, test_samples=500, seeds=[0, 1, 2],
+    lambdas=[0.1, 0.25, 0.5, 1.0], selection_split="val",
+    selection_rule="the largest lambda of the sweep whose mean validation clean accuracy (last epoch, over seeds) "
+                   "is at most 10 points below vanilla's; the smallest lambda if none is",
+    selection_max_drop=0.10,
+    attack="AutoAttack APGD-CE + APGD-T (standard settings)", aa_version="apgd", eps_l2=1.5, eps_linf=0.1,
+    adv_training="PGD L2 eps 1.5, 10 steps of 2.5*eps/10; TRADES beta 6",
+    align="mean cos(grad_x log softmax_t, g(x, t)) over all 10 classes on the test images",
+    sbg=dict(epochs=15, seed=0, timestep=300, noise_draws=1),
+    interval="95% Student-t interval over seeds (paired by seed for differences)",
+    correlation_interval="95% percentile bootstrap over seeds (2000 resamples of the seeds, with replacement)",
+    claim_rule="holds: the interval lies above 0 for every comparison of the claim; contradicted: it lies below 0 "
+               "for some comparison; not shown: otherwise",
+)
+QUICK = dict(epochs=1, train_samples=512, val_samples=128, test_samples=50, seeds=[0, 1], lambdas=[0.1, 1.0],
+             sbg=dict(CONFIG["sbg"], epochs=1))
+MODELS = {  # row -> (script, flags); PAG rows also get --pag-coeff (the selected lambda)
+    "vanilla": ("train_baseline.py", []),
+    "pag-cm": ("train_pag.py", ["--source", "cm"]),
+    "pag-nn": ("train_pag.py", ["--source", "nn"]),
+    "pag-oi": ("train_pag.py", ["--source", "oi"]),
+    "pag-sbg": ("train_pag.py", ["--source", "sbg"]),  # + --sbg-file, made by sbg.py first
+    "pgd-at": ("train_baseline.py", ["--adv", "pgd", "--adv-norm", "l2"]),
+    "trades": ("train_baseline.py", ["--adv", "trades", "--adv-norm", "l2"]),
+    "pag-cm+pgd-at": ("train_pag.py", ["--source", "cm", "--adv", "pgd", "--adv-norm", "l2"]),
+}
+PAG_ROWS = [m for m, (script, _) in MODELS.items() if script == "train_pag.py"]
+COST = {"vanilla": 1, "pag-cm": 10, "pag-nn": 11, "pag-oi": 10, "pag-sbg": 10, "pgd-at": 11, "trades": 12,
+        "pag-cm+pgd-at": 18}  # relative training time: the longest ready jobs start first
+METRICS = ("clean", "aa_l2", "aa_linf", "align_nn", "align_sbg")
+
+
+# ----------------------------------------------------------------------------- statistics (pure Python)
+def t_quantile_975(df):
+    """The 0.975 quantile of Student's t with df degrees of freedom (table to 30, then Cornish-Fisher)."""
+    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+             2.045, 2.042]
+    if df <= 30:
+        return table[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_interval(values):
+    """{"per_seed", "mean", "ci95"}: the mean and its 95% Student-t interval (None with one value)."""
+    n, m = len(values), statistics.fmean(values)
+    if n < 2:
+        return {"per_seed": values, "mean": m, "ci95": None}
+    half = t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return {"per_seed": values, "mean": m, "ci95": [m - half, m + half]}
+
+
+def verdict(ci95):
+    """CLAIM_RULE for one comparison: the interval above 0, below 0, or around it."""
+    if ci95 is None:
+        return "not shown"
+    return "holds" if ci95[0] > 0 else "contradicted" if ci95[1] < 0 else "not shown"
+
+
+def paired(a, b, what):
+    """a - b paired by seed: mean difference, its 95% t interval, verdict."""
+    st = mean_interval([x - y for x, y in zip(a, b)])
+    return {"comparison": what, "difference": st["mean"], "ci95": st["ci95"], "per_seed": st["per_seed"],
+            "verdict": verdict(st["ci95"])}
+
+
+def combine(comparisons):
+    """A claim made of several comparisons: holds if all hold, contradicted if any is; the headline
+    difference is the least favourable comparison's (a contradicted one, else the smallest lower bound)."""
+    verdicts = [c["verdict"] for c in comparisons]
+    overall = "holds" if all(v == "holds" for v in verdicts) else "contradicted" if "contradicted" in verdicts \
+        else "not shown"
+    worst = min(comparisons, key=lambda c: (c["verdict"] != "contradicted", c["ci95"][0] if c["ci95"] else -math.inf))
+    return {"verdict": overall, "difference": worst["difference"], "ci95": worst["ci95"],
+            "headline": worst["comparison"], "comparisons": comparisons}
+
+
+def pearson(xs, ys):
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def bootstrap_correlation(points, seeds, resamples=2000, rng_seed=0):
+    """points: [(seed, x, y)]. Pearson r over all points, and its 95% percentile interval from resampling
+    the seeds with replacement (a seed drawn twice brings its points twice)."""
+    rng = random.Random(rng_seed)
+    by_seed = {s: [(x, y) for t, x, y in points if t == s] for s in seeds}
+    r = pearson([p[1] for p in points], [p[2] for p in points])
+    draws = []
+    for _ in range(resamples):
+        pts = [p for s in rng.choices(seeds, k=len(seeds)) for p in by_seed[s]]
+        v = pearson([p[0] for p in pts], [p[1] for p in pts])
+        if v is not None:
+            draws.append(v)
+    draws.sort()
+    ci = [draws[int(0.025 * (len(draws) - 1))], draws[int(math.ceil(0.975 * (len(draws) - 1)))]] if draws else None
+    return r, ci
+
+
+def select_lambda(val_clean, lambdas, max_drop):
+    """SELECTION_RULE: val_clean[name][seed] = validation clean accuracy; names "vanilla" and lambda floats."""
+    base = statistics.fmean(val_clean["vanilla"])
+    ok = [lam for lam in lambdas if statistics.fmean(val_clean[lam]) >= base - max_drop]
+    return max(ok) if ok else min(lambdas)
+
+
+CLAIMS = {  # claim -> (what it says, [(model, compared with)]), each pair on AutoAttack L2 and L-inf
+    "1": ("every PAG source is more robust than vanilla (AutoAttack L2 and L-inf)",
+          [(m, "vanilla") for m in ("pag-cm", "pag-nn", "pag-oi", "pag-sbg")]),
+    "2": ("SBG is the most robust source (AutoAttack L2 and L-inf)", [("pag-sbg", m) for m in ("pag-cm", "pag-nn", "pag-oi")]),
+    "4": ("adding PAG to adversarial training makes it more robust (AutoAttack L2 and L-inf)", [("pag-cm+pgd-at", "pgd-at")]),
 }
 
 
-def torch_load_epoch(path):
-    return D.load_file(path, "denoiser checkpoint")["epoch"]
+def claims(rows):
+    """Claims 1, 2 and 4 from rows[model][metric]["per_seed"], by CLAIM_RULE; "not run" where a row is missing."""
+    out = {}
+    for k, (text, pairs) in CLAIMS.items():
+        if not all(a in rows and b in rows for a, b in pairs):
+            out[k] = {"claim": text, "verdict": "not run", "difference": None, "ci95": None}
+            continue
+        out[k] = combine([paired(rows[a][m]["per_seed"], rows[b][m]["per_seed"], f"{a} - {b}, {m}")
+                          for a, b in pairs for m in ("aa_l2", "aa_linf")])
+        out[k]["claim"] = text
+    return out
 
 
+def claim_3(points, seeds, alignment="align_sbg"):
+    """Claim 3: across PAG models and sweep points, held-out alignment correlates with AutoAttack L2."""
+    if len(points) < 3:
+        return {"claim": "better-aligned models are more robust", "verdict": "not run", "difference": None, "ci95": None}
+    r, ci = bootstrap_correlation([(p["seed"], p[alignment], p["aa_l2"]) for p in points], seeds)
+    return {"claim": f"better-aligned models are more robust: Pearson r of held-out {alignment} with aa_l2 over "
+                     f"{len(points)} (model, seed) points of the PAG rows and the lambda sweep",
+            "verdict": verdict(ci), "difference": r, "ci95": ci, "points": len(points)}
+
+
+# ----------------------------------------------------------------------------- running jobs
 def sh(log, *cmd):
     """Run one of our scripts as a one-thread process, its output appended to `log`; fail loudly."""
     cmd = [sys.executable, *map(str, cmd)]
@@ -57,16 +201,21 @@ def sh(log, *cmd):
             raise D.UserError(f"failed: {' '.join(cmd[1:])} (log: {log})")
 
 
-def run_jobs(jobs, needs, workers):
-    """Run the callables in `jobs` (name -> fn) on `workers` threads, each once every job it needs is done."""
+def run_jobs(jobs, needs, workers, cost=None):
+    """Run the callables in `jobs` (name -> fn) on `workers` threads, each once every job it needs is
+    done, the costliest ready job first."""
+    cost = cost or {}
     pending, running, done, start = list(jobs), {}, set(), time.time()
     stamp = lambda: f"[{(time.time() - start) / 60:5.1f} min]"  # noqa: E731
     with ThreadPoolExecutor(workers) as pool:
         while pending or running:
-            for name in [n for n in pending if needs.get(n, set()) <= done][: workers - len(running)]:
+            ready = sorted((n for n in pending if needs.get(n, set()) <= done), key=lambda n: -cost.get(n, 0))
+            for name in ready[: workers - len(running)]:
                 pending.remove(name)
                 print(f"{stamp()} start {name}", flush=True)
                 running[pool.submit(jobs[name])] = name
+            if not running:
+                raise D.UserError(f"jobs wait on each other: {sorted(pending)}")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 name = running.pop(future)
@@ -76,112 +225,316 @@ def run_jobs(jobs, needs, workers):
     return time.time() - start
 
 
-def main():
-    p = D.Parser(description=__doc__)
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--train-samples", type=int, default=6000)
-    p.add_argument("--n-samples", type=int, default=500, help="test images for every evaluation")
-    p.add_argument("--pag-coeff", type=float, default=PAG_COEFF, help="lambda of every PAG row")
-    p.add_argument("--aa-version", default="apgd", choices=("standard", "apgd"),
-                   help="apgd = AutoAttack's APGD-CE + APGD-T subset (fits the CPU budget; see README)")
-    p.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each")
-    p.add_argument("--out-dir", help="default: runs/fashion_mnist_bench (runs/fashion_mnist_bench_quick with --quick)")
-    p.add_argument("--sbg-epochs", type=int, default=15, help="denoiser epochs for the pag-sbg row")
-    p.add_argument("--sbg-timestep", type=int, default=300, help="noise level of the SBG fields (see sbg.py sweep)")
-    p.add_argument("--sbg-noise-draws", type=int, default=1, help="noise draws averaged per field")
-    p.add_argument("--quick", action="store_true", help="smoke run: 512 images, 1 epoch, 50 test images")
-    args = p.parse_args()
-    if args.quick:
-        args.epochs, args.train_samples, args.n_samples, args.sbg_epochs = 1, 512, 50, 1
-    out_dir = os.path.abspath(args.out_dir or os.path.join("runs", "fashion_mnist_bench" + ("_quick" if args.quick else "")))
-    data_flags = ["--dataset", "fashion-mnist", "--train-samples", args.train_samples]
-    sbg_dir = os.path.join(out_dir, "sbg")
-    sbg_file = os.path.join(sbg_dir, "fields.pt")
-    ROWS["pag-sbg"] = ("train_pag.py", ["--source", "sbg", "--sbg-file", sbg_file], ROWS["pag-sbg"][2])
-    # Adam 1e-3 with a constant lr and no augmentation: in this few-step CPU budget SGD 0.01 (the CIFAR
-    # setting) reached 77.2% clean, and crop + flip or the lr drops cost vanilla 4-9 points (README).
-    common = ["--dataset", "fashion-mnist", "--arch", "cnn", "--optimizer", "adam", "--lr", "1e-3", "--lr-drops=",
-              "--no-augment", "--seed", args.seed, "--epochs", args.epochs, "--train-samples", args.train_samples,
-              "--eval-samples", args.n_samples, "--log-every", 100]
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
 
-    sbg_settings = {"train_samples": args.train_samples, "epochs": args.sbg_epochs, "seed": args.seed,
-                    "timestep": args.sbg_timestep, "noise_draws": args.sbg_noise_draws}
 
-    def make_sbg():  # denoiser + fields, shared by the pag-sbg row and the align_sbg column
-        settings_file = os.path.join(sbg_dir, "settings.json")
-        if os.path.exists(sbg_file):  # reused only if made with these settings, like every row
-            made_with = json.load(open(settings_file)) if os.path.exists(settings_file) else None
-            if made_with != sbg_settings:
-                raise D.UserError(f"{sbg_dir} was made with other settings ({made_with}); delete it or pass another --out-dir")
+class Bench:
+    """One bench run: its settings, folders, and the jobs that fill RESULTS/fashion_mnist_runs/."""
+
+    def __init__(self, cfg, out_dir, results_dir, workers, rows=tuple(MODELS)):
+        self.cfg, self.out_dir, self.results_dir, self.workers = cfg, out_dir, results_dir, workers
+        self.rows = [m for m in MODELS if m in rows]
+        self.runs_dir = os.path.join(results_dir, "fashion_mnist_runs")
+        self.sbg_dir = os.path.join(out_dir, "sbg")
+        self.fields = {s: os.path.join(self.sbg_dir, f"fields_{s}.pt") for s in ("train", "test")}
+        self.lam = None  # the selected lambda, once the sweep is in
+        self.lock = threading.Lock()
+        data = ["--dataset", cfg["dataset"], "--train-samples", cfg["train_samples"], "--val-samples", cfg["val_samples"]]
+        self.data_flags = data
+        self.common = [*data, "--arch", cfg["arch"], "--optimizer", cfg["optimizer"], "--lr", cfg["lr"], "--lr-drops=",
+                       "--no-augment", "--batch-size", cfg["batch_size"], "--epochs", cfg["epochs"],
+                       "--eval-samples", cfg["val_samples"], "--log-every", 100]
+
+    # -- one result file per (model, lambda, seed)
+    def key(self, model, seed, lam=None):
+        return f"{model}_seed{seed}" if lam is None else f"{model}_lambda{lam:g}_seed{seed}"
+
+    def result_path(self, key):
+        return os.path.join(self.runs_dir, key + ".json")
+
+    def read_result(self, key):
+        path = self.result_path(key)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def command(self, model, seed, lam):
+        script, extra = MODELS[model]
+        if model == "pag-sbg":
+            extra = [*extra, "--sbg-file", self.fields["train"]]
+        pag = ["--pag-coeff", lam] if lam is not None else []
+        return [script, *self.common, *extra, *pag, "--seed", seed]
+
+    def settings(self, model, seed, lam):
+        """What a result file must have been made with to be reused (paths are not settings)."""
+        cmd = " ".join(map(str, self.command(model, seed, lam))).replace(self.fields["train"], "SBG_TRAIN_FIELDS")
+        return {"train": cmd, "attack": {k: self.cfg[k] for k in ("test_samples", "aa_version", "eps_l2", "eps_linf")},
+                "sbg": self.cfg["sbg"]}
+
+    def run_dir(self, key):
+        return os.path.join(self.out_dir, key)
+
+    def train_and_attack(self, model, seed, lam=None):
+        """Train (or resume), attack, align to NN targets, and write the result file (its align_sbg still
+        None: the SBG fields may not exist yet); skipped if the file is there, refused if made otherwise."""
+        key, want = self.key(model, seed, lam), self.settings(model, seed, lam)
+        old = self.read_result(key)
+        if old is not None:
+            if old.get("settings") != want:
+                raise D.UserError(f"{self.result_path(key)} was made with other settings; delete it (and "
+                                  f"{self.run_dir(key)}) or pass another --results-dir")
             return
-        ckpt, log = os.path.join(sbg_dir, "denoiser.pt"), os.path.join(sbg_dir, "sbg.log")
-        if not os.path.exists(ckpt) or torch_load_epoch(ckpt) < args.sbg_epochs:
-            sh(log, "sbg.py", "train", *data_flags, "--epochs", args.sbg_epochs, "--seed", args.seed, "--out-dir", sbg_dir,
-               *(["--resume"] if os.path.exists(ckpt) else []))
-        sh(log, "sbg.py", "export", *data_flags, "--checkpoint", ckpt, "--timestep", args.sbg_timestep,
-           "--noise-draws", args.sbg_noise_draws, "--out", sbg_file)
-        D.atomic_write(settings_file, text=json.dumps(sbg_settings))
-
-    def train_and_attack(name):
-        script, extra, _ = ROWS[name]
-        run_dir = os.path.join(out_dir, name)
+        run_dir = self.run_dir(key)
         ckpt, log = os.path.join(run_dir, "model.pt"), os.path.join(run_dir, "run.log")
-        pag = ["--pag-coeff", args.pag_coeff] if script == "train_pag.py" else []
-        cmd = [script, *common, *extra, *pag]
-        command = " ".join(map(str, cmd))
-        done = os.path.join(run_dir, "done.json")
-        if os.path.exists(done):  # reuse a finished row only if it was trained the same way
-            with open(done) as f:
-                if json.load(f).get("command") != command:
-                    raise D.UserError(f"{run_dir} was trained with other settings; delete it or pass another --out-dir")
-        else:
-            start = time.time()
-            sh(log, *cmd, "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
-            D.atomic_write(done, text=json.dumps({"train_seconds": time.time() - start, "command": command}))
-        if not os.path.exists(os.path.join(run_dir, "attack.json")):
-            sh(log, "attack.py", "--checkpoint", ckpt, "--attacks", "clean", "aa-l2", "aa-linf", "align",
-               "--aa-version", args.aa_version, "--n-samples", args.n_samples, "--align-source", "nn",
-               "--out", os.path.join(run_dir, "attack.json"))
+        metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        start = time.time()
+        lines = open(metrics_path).read().splitlines() if os.path.exists(metrics_path) else []
+        if len(lines) < self.cfg["epochs"] or not os.path.exists(ckpt):
+            sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
+            lines = open(metrics_path).read().splitlines()
+        train_seconds, last = time.time() - start, json.loads(lines[-1])
+        res_path = os.path.join(run_dir, "attack_test.json")
+        sh(log, "attack.py", "--checkpoint", ckpt, "--attacks", "clean", "aa-l2", "aa-linf", "align", "--aa-version",
+           self.cfg["aa_version"], "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"],
+           "--n-samples", self.cfg["test_samples"], "--align-source", "nn", "--seed", seed, "--out", res_path)
+        res = json.load(open(res_path))
+        eps_l2, eps_linf = f"{self.cfg['eps_l2']:g}", f"{self.cfg['eps_linf']:g}"
+        D.write_json({"key": key, "model": model, "seed": seed, "lambda": lam, "settings": want,
+                      "val_acc": last["val_acc"], "val_pgd_l2_acc": last[f"val_pgd_l2_{eps_l2}_acc"],
+                      "clean": res["clean_acc"], "aa_l2": res["autoattack_l2"][eps_l2],
+                      "aa_linf": res["autoattack_linf"][eps_linf], "align_nn": res["alignment"]["cos"], "align_sbg": None,
+                      "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - start, 1),
+                      "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}, self.result_path(key))
 
-    def align_sbg(name):  # SBG fields exist for training images only
-        run_dir = os.path.join(out_dir, name)
-        if not os.path.exists(os.path.join(run_dir, "align_sbg.json")):
-            sh(os.path.join(run_dir, "run.log"), "attack.py", "--checkpoint", os.path.join(run_dir, "model.pt"),
-               "--attacks", "align", "--align-source", "sbg", "--sbg-file", sbg_file, "--align-split", "train",
-               "--n-samples", args.n_samples, "--out", os.path.join(run_dir, "align_sbg.json"))
+    def align_sbg(self, model, seed, lam=None):
+        """Held-out SBG alignment of a trained model, into its result file. On a machine without the
+        checkpoint (a bench continued elsewhere) the model is trained and attacked again first, so that
+        every number of a file belongs to one model."""
+        key = self.key(model, seed, lam)
+        result = self.read_result(key)
+        if result["align_sbg"] is not None:
+            return
+        run_dir = self.run_dir(key)
+        if not os.path.exists(os.path.join(run_dir, "model.pt")):
+            os.remove(self.result_path(key))
+            self.train_and_attack(model, seed, lam)
+            result = self.read_result(key)
+        align_path = os.path.join(run_dir, "align_sbg_test.json")
+        start = time.time()
+        sh(os.path.join(run_dir, "run.log"), "attack.py", "--checkpoint", os.path.join(run_dir, "model.pt"), "--attacks",
+           "align", "--align-source", "sbg", "--sbg-file", self.fields["test"], "--align-split", "test",
+           "--n-samples", self.cfg["test_samples"], "--seed", seed, "--out", align_path)
+        result["align_sbg"] = json.load(open(align_path))["alignment"]["cos"]
+        result["seconds"] = round(result["seconds"] + time.time() - start, 1)
+        D.write_json(result, self.result_path(key))
+        print(f"  {key}: clean {result['clean']:.1%}, AA L2 {result['aa_l2']:.1%}, L-inf {result['aa_linf']:.1%}, "
+              f"align NN {result['align_nn']:.3f} SBG {result['align_sbg']:.3f} -> {os.path.relpath(self.result_path(key))}",
+              flush=True)
 
-    # Longest jobs first, so the two workers finish close together.
-    jobs, needs = {"sbg": make_sbg}, {}
-    for name in sorted(args.rows, key=lambda n: -ROWS[n][2]):
-        jobs[name] = lambda n=name: train_and_attack(n)
-        jobs["align-sbg " + name] = lambda n=name: align_sbg(n)
-        needs["align-sbg " + name] = {"sbg", name}
-    needs["pag-sbg"] = {"sbg"}
-    wall = run_jobs(jobs, needs, args.jobs)
+    def make_sbg(self):
+        """Denoiser (trained once, seed 0) and its fields for the training images and the test images."""
+        s = self.cfg["sbg"]
+        settings_file = os.path.join(self.sbg_dir, "settings.json")
+        want = {**s, "data": self.data_flags, "test_samples": self.cfg["test_samples"]}
+        want = json.loads(json.dumps(want))  # as it reads back
+        if all(os.path.exists(p) for p in self.fields.values()):
+            made_with = json.load(open(settings_file)) if os.path.exists(settings_file) else None
+            if made_with != want:
+                raise D.UserError(f"{self.sbg_dir} was made with other settings ({made_with}); delete it or pass another --out-dir")
+            return
+        ckpt, log = os.path.join(self.sbg_dir, "denoiser.pt"), os.path.join(self.sbg_dir, "sbg.log")
+        if not os.path.exists(ckpt) or D.load_file(ckpt, "denoiser checkpoint")["epoch"] < s["epochs"]:
+            sh(log, "sbg.py", "train", *self.data_flags, "--epochs", s["epochs"], "--seed", s["seed"], "--out-dir", self.sbg_dir,
+               *(["--resume"] if os.path.exists(ckpt) else []))
+        for split in ("test", "train"):
+            sh(log, "sbg.py", "export", *self.data_flags, "--checkpoint", ckpt, "--timestep", s["timestep"],
+               "--noise-draws", s["noise_draws"], "--split", split, "--eval-samples", self.cfg["test_samples"],
+               "--seed", s["seed"], "--out", self.fields[split])
+        D.write_json(want, settings_file)
 
-    rows = []
-    for name in args.rows:
-        run_dir = os.path.join(out_dir, name)
-        res, align, done = (json.load(open(os.path.join(run_dir, f))) for f in ("attack.json", "align_sbg.json", "done.json"))
-        rows.append({"name": name, "clean": res["clean_acc"], "aa_l2": res["autoattack_l2"]["1.5"],
-                     "aa_linf": res["autoattack_linf"]["0.1"], "align_nn": res["alignment"]["cos"],
-                     "align_sbg": align["alignment"]["cos"], "train_seconds": round(done["train_seconds"], 1)})
-    aa_name = "AutoAttack (standard)" if args.aa_version == "standard" else "AutoAttack APGD-CE + APGD-T"
-    config = {**{k: v for k, v in vars(args).items() if k not in ("rows", "out_dir")}, "arch": "cnn",
-              "optimizer": "adam", "lr": 1e-3, "lr_drops": None, "augment": False, "attack": aa_name,
-              "eps_l2": 1.5, "eps_linf": 0.1, "wall_minutes": round(wall / 60, 1)}
-    out = os.path.join(RESULTS, "fashion_mnist_quick" if args.quick else "fashion_mnist")
-    os.makedirs(RESULTS, exist_ok=True)
-    lines = [f"| model | clean | {aa_name} L2 1.5 | {aa_name} L∞ 0.1 | align NN (test) | align SBG (train) | train s |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['clean']:.1%} | {r['aa_l2']:.1%} | {r['aa_linf']:.1%} | {r['align_nn']:.3f} | "
-              f"{r['align_sbg']:.3f} | {r['train_seconds']:.0f} |" for r in rows]
-    D.atomic_write(out + ".json", text=json.dumps({"rows": rows, "config": config}, indent=2) + "\n")
-    D.atomic_write(out + ".md", text="\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wall time {wall / 60:.1f} min; wrote {os.path.relpath(out)}.json and {os.path.relpath(out)}.md")
+    def select(self):
+        """SELECTION_RULE on the validation accuracies of vanilla and the sweep (all seeds)."""
+        seeds, lambdas = self.cfg["seeds"], self.cfg["lambdas"]
+        val = {"vanilla": [self.read_result(self.key("vanilla", s))["val_acc"] for s in seeds]}
+        for lam in lambdas:
+            val[lam] = [self.read_result(self.key("pag-cm", s, lam))["val_acc"] for s in seeds]
+        self.lam = select_lambda(val, lambdas, self.cfg["selection_max_drop"])
+        print(f"selected lambda {self.lam:g} (validation clean: vanilla {statistics.fmean(val['vanilla']):.1%}, "
+              + ", ".join(f"{lam:g}: {statistics.fmean(val[lam]):.1%}" for lam in lambdas) + ")", flush=True)
+        return val
+
+    def run(self):
+        seeds, lambdas = self.cfg["seeds"], self.cfg["lambdas"]
+        jobs, needs, cost = {"sbg": self.make_sbg}, {}, {"sbg": 30}
+
+        def add(model, seed, lam, after):
+            """Two jobs for one model: train and attack, then (once the SBG fields exist) align."""
+            name = f"{model}{f' lambda {lam:g}' if isinstance(lam, float) else ''} seed {seed}"
+            value = lambda: self.lam if lam == "selected" else lam  # noqa: E731 - known once "select" ran
+            jobs[name], needs[name], cost[name] = (lambda: self.train_and_attack(model, seed, value())), after, COST[model]
+            jobs["align " + name], needs["align " + name] = (lambda: self.align_sbg(model, seed, value())), {"sbg", name}
+            return name
+        sweep, pag = set(), any(m in PAG_ROWS for m in self.rows)
+        for s in seeds:
+            for model in [m for m in self.rows if m not in PAG_ROWS]:
+                name = add(model, s, None, set())
+                sweep |= {name} if model == "vanilla" else set()
+            for lam in lambdas if pag else []:
+                sweep.add(add("pag-cm", s, lam, set()))
+        if pag:
+            jobs["select"], needs["select"] = self.select, sweep
+        for s in seeds:
+            for model in self.rows:
+                if model in PAG_ROWS and model != "pag-cm":  # the pag-cm row is the sweep's run at the selected lambda
+                    add(model, s, "selected", {"select", "sbg"} if model == "pag-sbg" else {"select"})
+        wall = run_jobs(jobs, needs, self.workers, cost)
+        return self.assemble(wall)
+
+    # -- the tables, claims and figures, from the result files alone
+    def assemble(self, wall):
+        seeds, lambdas, cfg = self.cfg["seeds"], self.cfg["lambdas"], self.cfg
+        pag = any(m in PAG_ROWS for m in self.rows)
+        val = self.select() if pag else {}
+        results = {m: [self.read_result(self.key(m, s, self.lam if m in PAG_ROWS else None)) for s in seeds] for m in self.rows}
+        sweep = {lam: [self.read_result(self.key("pag-cm", s, lam)) for s in seeds] for lam in (lambdas if pag else [])}
+        stat = lambda rs: {k: mean_interval([r[k] for r in rs]) for k in (*METRICS, "val_acc", "val_pgd_l2_acc")}  # noqa: E731
+        rows = {m: stat(rs) for m, rs in results.items()}
+        lambda_rows = {f"{lam:g}": stat(rs) for lam, rs in sweep.items()}
+        found = claims(rows)
+        points = [r for m in self.rows if m in PAG_ROWS and m != "pag-cm+pgd-at" for r in results[m]] + \
+                 [r for lam in lambdas if lam != self.lam for r in sweep[lam]]
+        found["3"] = claim_3(points, seeds)
+        found["3"]["also_nn"] = claim_3(points, seeds, "align_nn")
+        train_minutes = sum(r["train_seconds"] for rs in (*results.values(), *sweep.values()) for r in rs) / 60
+        config = {**cfg, "rows": self.rows, "selected_lambda": self.lam,
+                  "validation_clean_acc": {str(k): v for k, v in val.items()},
+                  "wall_minutes_this_call": round(wall / 60, 1), "train_minutes_sum": round(train_minutes, 1)}
+        seeds_out = {"config": config, "seeds": seeds, "rows": rows, "claims": found}
+        D.write_json(seeds_out, os.path.join(self.results_dir, "fashion_mnist_seeds.json"))
+        D.write_json({"config": config, "seeds": seeds, "rows": lambda_rows},
+                     os.path.join(self.results_dir, "fashion_mnist_lambda.json"))
+        md = markdown(rows, lambda_rows, found, config)
+        D.atomic_write(os.path.join(self.results_dir, "fashion_mnist_seeds.md"), text=md)
+        figures(rows, lambda_rows, points, found["3"], config, self.results_dir)
+        print(md)
+        for f in ("fashion_mnist_seeds.json", "fashion_mnist_seeds.md", "fashion_mnist_lambda.json",
+                  "fashion_mnist_tradeoff.png", "fashion_mnist_alignment.png"):
+            print(f"wrote {os.path.relpath(os.path.join(self.results_dir, f))}")
+        return seeds_out
+
+
+# ----------------------------------------------------------------------------- reports
+def fmt(st, pct=True):
+    """mean [lo, hi] of a metric entry."""
+    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
+    return f"{f(st['mean'])} [{f(st['ci95'][0])}, {f(st['ci95'][1])}]" if st["ci95"] else f(st["mean"])
+
+
+def markdown(rows, lambda_rows, found, config):
+    n = len(config["seeds"])
+    lines = [f"Fashion-MNIST, cnn, {config['train_samples']} training images, {config['epochs']} epochs, {n} seeds "
+             f"({', '.join(map(str, config['seeds']))}); lambda {config['selected_lambda']:g} chosen on the validation "
+             f"split; {config['test_samples']} test images. Mean [95% t interval over seeds], accuracies in %.", "",
+             f"| model | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:g} | "
+             "align NN (test) | align SBG (test) |", "|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        lines.append(f"| {m} | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
+                     f"{fmt(r['align_nn'], False)} | {fmt(r['align_sbg'], False)} |")
+    lines += ["", "λ sweep (PAG-CM):", "", "| λ | validation clean | clean | AA L2 | AA L∞ | align SBG (test) |",
+              "|---|---|---|---|---|---|"]
+    for lam, r in lambda_rows.items():
+        lines.append(f"| {lam} | {fmt(r['val_acc'])} | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
+                     f"{fmt(r['align_sbg'], False)} |")
+    lines += ["", f"Claims ({config['claim_rule']}):", "", "| claim | verdict | headline | difference [95% interval] |",
+              "|---|---|---|---|"]
+    for k in ("1", "2", "3", "4"):
+        c = found[k]
+        ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else "n/a"
+        value = f"{c['difference']:+.3f} {ci}" if c["difference"] is not None else "n/a"
+        lines.append(f"| {k}: {c['claim']} | **{c['verdict']}** | {c.get('headline', 'Pearson r' if k == '3' else '')} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def figures(rows, lambda_rows, points, claim3, config, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def err(st):
+        m = st["mean"] * 100
+        return m, ([[m - st["ci95"][0] * 100], [st["ci95"][1] * 100 - m]] if st["ci95"] else None)
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (m, r) in enumerate(rows.items()):
+        (x, xe), (y, ye) = err(r["clean"]), err(r["aa_l2"])
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color=colours[i % len(colours)], label=m)
+    sweep = [(float(lam), err(r["clean"])[0], err(r["aa_l2"])[0]) for lam, r in lambda_rows.items()]
+    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k--", lw=1, label="PAG-CM λ sweep (means)")
+    for lam, x, y in sweep:
+        ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    ax.set(xlabel=f"clean accuracy (%), {config['test_samples']} test images",
+           ylabel=f"robust accuracy (%), AutoAttack L2 ε={config['eps_l2']:g}",
+           title=f"Fashion-MNIST cnn: clean vs robust, mean and 95% interval over {len(config['seeds'])} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "fashion_mnist_tradeoff.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    models = sorted({(p["model"], p["lambda"]) for p in points}, key=str)
+    for i, (m, lam) in enumerate(models):
+        pts = [p for p in points if p["model"] == m and p["lambda"] == lam]
+        ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], color=colours[i % len(colours)],
+                   label=f"{m} λ={lam:g}")
+    ci = claim3["ci95"]
+    ax.set(xlabel="held-out alignment: mean cos to SBG fields of the test images",
+           ylabel=f"AutoAttack L2 ε={config['eps_l2']:g} robust accuracy (%)",
+           title=f"alignment vs robustness, one point per model and seed: Pearson r = {claim3['difference']:.2f}"
+                 + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "fashion_mnist_alignment.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = D.Parser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()
+                                                                                  if k != "sbg") + ", 1 denoiser epoch")
+    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {CONFIG['seeds']} ({QUICK['seeds']} with --quick)")
+    p.add_argument("--lambdas", type=D.positive_float, nargs="+", help=f"the sweep (default: {CONFIG['lambdas']})")
+    p.add_argument("--epochs", type=D.positive_int, help=f"default: {CONFIG['epochs']}")
+    p.add_argument("--train-samples", type=D.positive_int, help=f"default: {CONFIG['train_samples']}")
+    p.add_argument("--val-samples", type=D.positive_int, help=f"default: {CONFIG['val_samples']}")
+    p.add_argument("--eval-samples", "--n-samples", dest="test_samples", type=D.positive_int,
+                   help=f"test images of the final evaluation (default: {CONFIG['test_samples']})")
+    p.add_argument("--rows", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="models to run (PAG rows bring vanilla and the lambda sweep: the selection needs them)")
+    p.add_argument("--jobs", type=D.positive_int, default=2, help="processes at a time, one thread each")
+    p.add_argument("--out-dir", help="checkpoints and logs (default: runs/fashion_mnist_bench[_quick])")
+    p.add_argument("--results-dir", help="result files, tables and figures (default: bench/results; with --quick: "
+                                         "the --out-dir)")
+    args = p.parse_args(argv)
+    cfg = json.loads(json.dumps({**CONFIG, **(QUICK if args.quick else {})}))
+    for k in ("seeds", "lambdas", "epochs", "train_samples", "val_samples", "test_samples"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    if len(set(cfg["seeds"])) != len(cfg["seeds"]) or len(cfg["seeds"]) < 2:
+        raise D.UserError(f"--seeds needs at least two distinct seeds (intervals are over seeds), got {cfg['seeds']}")
+    if len(set(cfg["lambdas"])) != len(cfg["lambdas"]):
+        raise D.UserError(f"--lambdas has a value twice: {cfg['lambdas']}")
+    cfg["lambdas"] = sorted(cfg["lambdas"])
+    out_dir = os.path.abspath(args.out_dir or os.path.join("runs", "fashion_mnist_bench" + ("_quick" if args.quick else "")))
+    results_dir = os.path.abspath(args.results_dir or (out_dir if args.quick else RESULTS))
+    rows = set(args.rows) | ({"vanilla", "pag-cm"} if set(args.rows) & set(PAG_ROWS) else set())
+    return Bench(cfg, out_dir, results_dir, args.jobs, rows).run()
 
 
 if __name__ == "__main__":

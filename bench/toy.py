@@ -10,7 +10,7 @@ exercises the same code as the image experiments:
     python attack.py --checkpoint DIR/<model>/model.pt --attacks clean pgd-l2 exact-l2 visualize \
         --eps-l2 1 2 5 10 15 20 30 --target runner-up --steps 100
 Both models see the same data and the same initialisation: the seed fixes the draw of the
-data and the initialisation. The outcome depends on both (README: PAG keeps 33-99.8% of the
+data and the initialisation. The outcome depends on both (README: PAG keeps 19.5-96.7% of the
 points at eps 15 over ten seeds), so one seed is an anecdote; report several. The attack is
 targeted L2 PGD toward the other class (runner-up of two), normalised-gradient steps,
 projection onto the eps ball, 100 steps of 2.5*eps/100. In 2-D the eps ball can also be
@@ -180,7 +180,7 @@ def main():
     p = D.Parser(description=__doc__)
     p.add_argument("--out-dir", default=os.path.join("results", "toy"), help="where results go")
     p.add_argument("--seed", type=int, nargs="+", default=[2],
-                   help="seed of the data draw and of both models' initialisation (2: the public re-run's); several: "
+                   help="seed of the data draw and of both models' initialisation (2: an arbitrary draw); several: "
                         "DIR/seed<S>/ each, and DIR/seeds.json and seeds.png with median, min and max over them")
     p.add_argument("--epochs", type=D.positive_int, default=100, help="training epochs of both models")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train and attack")
