@@ -62,7 +62,7 @@ CONFIG = dict(
     claim_rule="holds: the interval lies above 0 for every comparison of the claim; contradicted: it lies below 0 "
                "for some comparison; not shown: otherwise",
 )
-QUICK = dict(epochs=1, train_samples=512, val_samples=128, test_samples=50, seeds=[0, 1], lambdas=[0.1, 1.0],
+QUICK = dict(epochs=1, train_samples=384, val_samples=64, test_samples=32, seeds=[0, 1], lambdas=[0.1, 1.0],
              sbg=dict(CONFIG["sbg"], epochs=1))
 MODELS = {  # row -> (script, flags); PAG rows also get --pag-coeff (the selected lambda)
     "vanilla": ("train_baseline.py", []),
