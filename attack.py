@@ -11,12 +11,15 @@ The PGD is train_baseline.py's (the project's one, which adversarial training us
 import logging
 import math
 import os
+import time
 
 import torch
 
 import data as D
-from train_baseline import (Progress, attack_batch_size, check_perturbation, load_checkpoint, pgd, pick_device, predict,
-                            robust_mask)
+import files
+from train_baseline import (Progress, attack_batch_size, check_data_fits, check_perturbation, load_checkpoint, pgd,
+                            pick_device, predict, robust_mask)
+from models import from_official
 from train_pag import pag_loss, sample_targets
 
 ATTACKS = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "exact-l2", "align", "visualize")
@@ -67,8 +70,8 @@ def import_autoattack():
         raise D.UserError("AutoAttack is not installed: pip install pyautoattack") from None
 
 
-def autoattack_accuracy(model, x, y, eps, norm, box, version="standard", seed=0, batch_size=250, n_iter=None):
-    """Robust accuracy under AutoAttack.
+def autoattack_mask(model, x, y, eps, norm, box, version="standard", seed=0, batch_size=250, n_iter=None):
+    """Per point: classified right both clean and under AutoAttack (examples checked in the eps ball).
 
     version "standard": APGD-CE, APGD-T, FAB-T, Square (Croce & Hein 2020).
     version "apgd": its APGD-CE + APGD-T part with standard settings (the cheap
@@ -97,8 +100,12 @@ def autoattack_accuracy(model, x, y, eps, norm, box, version="standard", seed=0,
         out = adversary.run_standard_evaluation(x, y, bs=batch_size)
     x_adv = out[0] if isinstance(out, tuple) else out  # pyautoattack returns (x_adv, y_adv)
     check_perturbation(x_adv, x, eps, norm, box, f"autoattack-{norm}")
-    clean = predict(model, x) == y
-    return (clean & (predict(model, x_adv) == y)).float().mean().item()
+    return (predict(model, x) == y) & (predict(model, x_adv) == y)
+
+
+def autoattack_accuracy(*args, **kwargs):
+    """Fraction of points that autoattack_mask counts as robust."""
+    return autoattack_mask(*args, **kwargs).float().mean().item()
 
 
 def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_size=100, seed=0, indices=None):
@@ -121,15 +128,17 @@ def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_s
 
 
 # ----------------------------------------------------------------------------- pictures
-def visualize(model, ckpt, data, x, args, path):
-    """Images (paper fig. 1): rows of test images, the original first, then one column per target
+def visualize(model, ckpt, data, x, args, checkpoint):
+    """The picture, computed now and saved by the function returned: (save(path), eps or None).
+
+    Images (paper fig. 1): rows of test images, the original first, then one column per target
     class, each the result of a large-eps targeted L2 PGD toward that class; labelled, eps in the
     title. 2-D: the decision regions, with the ground-truth field of a PAG model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+    run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))
     if not data.is_image:
         import toy_data
 
@@ -137,10 +146,9 @@ def visualize(model, ckpt, data, x, args, path):
         if ckpt["pag_source"]:  # a PAG model: show the field it was trained to follow
             arrows = toy_data.ground_truth_arrows(data.train_x.cpu(), data.train_y.cpu())
         dev = next(model.parameters()).device
-        toy_data.save_toy_figure(path, data.test_x.cpu(), data.test_y.cpu(),
-                                 predict=lambda p: predict(model, p.to(dev), 65536).cpu(), arrows=arrows,
-                                 title=f"{run}: decision regions")
-        return
+        return (lambda path: toy_data.save_toy_figure(path, data.test_x.cpu(), data.test_y.cpu(),
+                                                      predict=lambda p: predict(model, p.to(dev), 65536).cpu(),
+                                                      arrows=arrows, title=f"{run}: decision regions")), None
     n, shown = args.vis_images, min(data.num_classes, 10)
     xs = x[:n]
     eps = args.vis_eps if args.vis_eps is not None else 10 * D.DATASETS[data.name]["eps_l2"]
@@ -149,37 +157,107 @@ def visualize(model, ckpt, data, x, args, path):
     targets = torch.arange(shown, device=x.device).repeat(len(xs))
     adv = pgd(model, src, targets, eps, "l2", steps=args.vis_steps, targeted=True, random_start=False, box=data.box)
     grid = torch.cat([xs[:, None], adv.view(len(xs), shown, *xs.shape[1:])], dim=1).cpu()  # [n, 1 + shown, C, H, W]
-    fig, axes = plt.subplots(len(xs), shown + 1, figsize=(1.1 * (shown + 1), 1.15 * len(xs) + 0.9), squeeze=False)
-    for i in range(len(xs)):
-        for j in range(shown + 1):
-            img = grid[i, j].permute(1, 2, 0).numpy()
-            axes[i, j].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                              vmin=0, vmax=1)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title("original" if j == 0 else f"→ {data.class_name(j - 1)}", fontsize=8)
-    fig.suptitle(f"{run}: targeted L2 PGD toward each class, ε = {eps:g}, {args.vis_steps} steps", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    def save(path):
+        fig, axes = plt.subplots(len(xs), shown + 1, figsize=(1.1 * (shown + 1), 1.15 * len(xs) + 0.9), squeeze=False)
+        for i in range(len(xs)):
+            for j in range(shown + 1):
+                img = grid[i, j].permute(1, 2, 0).numpy()
+                axes[i, j].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                                  vmin=0, vmax=1)
+                axes[i, j].set_xticks([])
+                axes[i, j].set_yticks([])
+                if i == 0:
+                    axes[i, j].set_title("original" if j == 0 else f"→ {data.class_name(j - 1)}", fontsize=8)
+        fig.suptitle(f"{run}: targeted L2 PGD toward each class, ε = {eps:g}, {args.vis_steps} steps", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return save, eps
+
+
+# ----------------------------------------------------------------------------- checkpoints, ours or the authors'
+OFFICIAL_IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 32}
+
+
+def load_any_checkpoint(path, device, dataset=None):
+    """(model in eval mode, checkpoint fields) for this project's model.pt, or for a file of the
+    official PAG-ROB release (models.from_official), whose missing metadata is filled in: the
+    dataset (default CIFAR-10), its default data flags, and weights "official"."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    obj = files.load_file(path, "checkpoint")
+    if isinstance(obj, dict) and ("kind" in obj or "format" in obj):  # ours (checked in full by load_checkpoint)
+        model, ckpt = load_checkpoint(path, device, loaded=obj)
+        if dataset is not None and D.canonical_dataset(dataset) != ckpt["dataset"]:
+            raise D.UserError(f"{path} was trained on {ckpt['dataset']}; --dataset {dataset} is for files without metadata")
+        return model, ckpt
+    dataset = D.canonical_dataset(dataset or "cifar10")
+    if dataset not in OFFICIAL_IMAGE_SIDE:
+        raise D.UserError(f"--dataset {dataset}: official checkpoints are for {', '.join(OFFICIAL_IMAGE_SIDE)}")
+    try:
+        model = from_official(obj, image_size=OFFICIAL_IMAGE_SIDE[dataset])
+    except ValueError as e:
+        raise D.UserError(f"{path} is neither a checkpoint of this project nor an official PAG-ROB one: {e}") from None
+    side = model.patch * 8 if hasattr(model, "patch") else OFFICIAL_IMAGE_SIDE[dataset]
+    arch = "vit" if hasattr(model, "patch") else "resnet18"
+    num_classes = (model.fc[1] if arch == "vit" else model.linear).out_features
+    args = {"dataset": dataset, "data_dir": "data", "download": False, "train_samples": None, "image_size": None,
+            "data_seed": None, "val_samples": None, "seed": 0, "epochs": 0}
+    ckpt = {"arch": arch, "dataset": dataset, "num_classes": num_classes, "input_shape": (3, side, side),
+            "classes": list(D.CLASS_NAMES[dataset]) if dataset in D.CLASS_NAMES else None, "pag_source": None,
+            "weights": "official", "args": args, "epoch": None}
+    print(f"{path}: the official release's {arch} ({num_classes} classes), evaluated on {dataset} "
+          "(images in [0, 1], normalised to [-1, 1] inside, as the official code does)", flush=True)
+    return model.to(device), ckpt
+
+
+# ----------------------------------------------------------------------------- results
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def merge_results(old, new, checkpoint):
+    """attack.json after this call: every earlier entry kept, this call's entries added, and the same
+    measure at the same radius (or alignment source and split) replaced by the newer one. Refuses a
+    file that holds another checkpoint's results."""
+    if old and not files.same_file(old.get("checkpoint", ""), checkpoint) and old.get("checkpoint") != checkpoint:
+        raise D.UserError(f"the results file holds results of {old.get('checkpoint')!r}, not of {checkpoint}; "
+                          "pass another --out")
+    merged = {**old, **{k: v for k, v in new.items() if not isinstance(v, dict) or k in ("clean", "visualize")}}
+    for key, value in new.items():
+        if isinstance(value, dict) and key not in ("clean", "visualize"):
+            merged[key] = {**old.get(key, {}), **value}
+    return merged
+
+
+def print_table(results):
+    print(f"\n{'measure':<30}{'value':>10}  settings")
+    if "clean" in results:
+        print(f"{'clean':<30}{results['clean']['acc']:>10.2%}  {results['clean']['eval_samples']} images")
+    for key in ("pgd_l2", "pgd_linf", "exact_l2", "aa_l2", "aa_linf"):
+        for eps, e in results.get(key, {}).items():
+            how = f"{e.get('version', '')} {e.get('steps', '')}".strip()
+            print(f"{key + ' eps=' + eps:<30}{e['acc']:>10.2%}  {e['eval_samples']} images {how}, {e['made']}")
+    for key, e in results.get("align", {}).items():
+        print(f"{'align ' + key:<30}{e['cos']:>10.4f}  cos, {e['eval_samples']} images, {e['made']}")
 
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
     p = D.Parser(description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="model.pt written by a training script")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by a training script, or its run folder")
     p.add_argument("--attacks", nargs="+", default=["clean", "pgd-l2", "pgd-linf"], choices=ATTACKS, help="what to measure")
-    p.add_argument("--eps-l2", type=D.nonneg_float, nargs="+", help="L2 radii (default: the dataset's, e.g. 0.5 for CIFAR)")
-    p.add_argument("--eps-linf", type=D.nonneg_float, nargs="+", help="L-inf radii (default: 8/255 for CIFAR/STL, 0.1 Fashion-MNIST)")
+    p.add_argument("--eps-l2", type=D.radius, nargs="+", help="L2 radii (default: the dataset's, e.g. 0.5 for CIFAR)")
+    p.add_argument("--eps-linf", type=D.radius, nargs="+", help="L-inf radii (default: 8/255 for CIFAR/STL, 0.1 Fashion-MNIST)")
     p.add_argument("--steps", type=D.positive_int, default=20, help="PGD iterations")
-    p.add_argument("--step-size", type=D.positive_float, help="PGD step (default: 2.5*eps/steps)")
+    p.add_argument("--step-size", type=D.step_size, help="PGD step (default: 2.5*eps/steps)")
     p.add_argument("--pgd-loss", default="margin", choices=("margin", "ce"),
                    help="margin (default: does not saturate on confident models) or ce")
     p.add_argument("--target", default="none", help="PGD target: none (untargeted), runner-up, or a class index")
     p.add_argument("--aa-version", default="standard", choices=("standard", "apgd"),
-                   help="standard AutoAttack, or its APGD-CE + APGD-T subset")
-    p.add_argument("--n-samples", type=D.positive_int, default=1000, help="the first N test images")
+                   help="standard AutoAttack, or its APGD-CE + APGD-T subset (cheaper: the CPU benches use it)")
+    p.add_argument("--eval-samples", "--n-samples", dest="eval_samples", type=D.positive_int, default=1000,
+                   help="the first N test images")
     p.add_argument("--batch-size", type=D.positive_int,
                    help="images per attack batch (default: 250 at 32 px, as many pixels for bigger images: 27 at 96 px)")
     p.add_argument("--align-source", choices=D.SOURCES,
@@ -189,98 +267,117 @@ def main(argv=None):
                    help="images for align: held-out test images, or the training images the model was fit to")
     p.add_argument("--sbg-file", help="fields for --align-source sbg: sbg.py export --split test for test images")
     p.add_argument("--vis-images", type=D.positive_int, default=8, help="test images in the picture (rows)")
-    p.add_argument("--vis-eps", type=D.nonneg_float, help="L2 radius of the pictures' targeted attack (default: 10x the dataset's eps)")
+    p.add_argument("--vis-eps", type=D.radius, help="L2 radius of the pictures' targeted attack (default: 10x the dataset's eps)")
     p.add_argument("--vis-steps", type=D.positive_int, default=60, help="steps of the picture's targeted attack")
-    p.add_argument("--vis-out", help="PNG path (default: next to the checkpoint)")
-    p.add_argument("--out", help="results JSON (default: attack.json next to the checkpoint)")
+    p.add_argument("--vis-out", "--png", dest="vis_out",
+                   help="the picture (default: targeted_attacks.png, or regions.png for 2-D models, next to the checkpoint)")
+    p.add_argument("--out", help="results JSON, merged with what it holds (default: attack.json next to the checkpoint)")
+    p.add_argument("--dataset", help="the dataset of a checkpoint without metadata (the official release: default "
+                                     "cifar10); for this project's checkpoints it must be theirs")
     p.add_argument("--data-dir", help="override the checkpoint's --data-dir")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--cache-dir", default="cache", help="where nearest-neighbour tables are cached")
-    p.add_argument("--seed", type=int, default=0, help="random starts of PGD and AutoAttack, align targets")
+    p.add_argument("--seed", type=D.seed, default=0, help="random starts of PGD and AutoAttack, align targets")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
     args = p.parse_args(argv)
 
+    # Every output is checked before any work: writable, and none of the inputs (it would be overwritten).
+    path = os.path.join(args.checkpoint, "model.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
+    out_dir = os.path.dirname(path)  # paths are written as given
+    out = args.out or os.path.join(out_dir, "attack.json")
+    inputs = [path, args.sbg_file]
+    files.check_output(out, "--out", inputs, (".json",))
     device = pick_device(args.device)
-    model, ckpt = load_checkpoint(args.checkpoint, device)
+    model, ckpt = load_any_checkpoint(path, device, args.dataset)
+    is_image = len(ckpt["input_shape"]) == 3
+    vis_path = None
+    if "visualize" in args.attacks:
+        vis_path = args.vis_out or os.path.join(out_dir, "targeted_attacks.png" if is_image else "regions.png")
+        files.check_output(vis_path, "--vis-out", [*inputs, out], FIGURE_SUFFIXES)
+    if os.path.lexists(out):
+        merge_results(files.read_json_object(out, "results file"), {}, path)  # another checkpoint's file: refused now
     model.requires_grad_(False)  # attacks need input gradients only
     targs = ckpt["args"]
-    data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download or targs.get("download", False),
-                      targs.get("train_samples"), args.n_samples, targs.get("image_size"), targs.get("data_seed"),
-                      targs.get("val_samples")).to(device)
+    data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download or targs["download"],
+                      targs["train_samples"], args.eval_samples, targs["image_size"], targs["data_seed"],
+                      targs["val_samples"]).to(device)
+    check_data_fits(ckpt, data, path)
     x, y = D.to_float(data.test_x), data.test_y
     args.batch_size = args.batch_size or attack_batch_size(data)
     if args.target not in ("none", "runner-up") and not (args.target.isdigit() and int(args.target) < data.num_classes):
         raise D.UserError(f"--target must be none, runner-up or a class in 0..{data.num_classes - 1}, got {args.target!r}")
     if args.align_targets is not None and args.align_targets > data.num_classes:
         raise D.UserError(f"--align-targets must be in 1..{data.num_classes}, got {args.align_targets}")
+    if "exact-l2" in args.attacks and data.is_image:
+        raise D.UserError("exact-l2 searches the whole eps ball and needs 2-D inputs (the toy); use pgd-l2 or aa-l2")
     args.align_source = args.align_source or (ckpt["pag_source"] if ckpt["pag_source"] in ("oi", "cm", "nn") else "nn")
     defaults = D.DATASETS[data.name]
-    eps_l2 = args.eps_l2 or [defaults["eps_l2"]]
-    eps_linf = args.eps_linf or [defaults["eps_linf"]]
-    out_dir = os.path.dirname(args.checkpoint)  # paths are written as given
-    results = {"checkpoint": args.checkpoint, "dataset": data.name, "arch": ckpt["arch"], "n_samples": len(y)}
-    pgd_settings = dict(steps=args.steps, step_size=args.step_size, loss=args.pgd_loss)
+    radii = {"l2": sorted(set(args.eps_l2 or [defaults["eps_l2"]])), "linf": sorted(set(args.eps_linf or [defaults["eps_linf"]]))}
+    made = lambda: time.strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
+    n = len(y)
+    results = {"checkpoint": path, "dataset": data.name, "arch": ckpt["arch"],
+               "pag_source": ckpt["pag_source"], "weights": ckpt.get("weights", "trained")}
     torch.manual_seed(args.seed)
 
-    results["clean_acc"] = (predict(model, x) == y).float().mean().item()
-    for norm, eps_list in (("l2", eps_l2), ("linf", eps_linf)):
-        if f"pgd-{norm}" in args.attacks:
-            results[f"pgd_{norm}"] = {}
-            # Balls are nested: a point is robust at eps only if it survives every radius <= eps
-            # run here (an adversarial example found at a smaller radius is valid at a larger one).
-            survived = torch.ones_like(y, dtype=torch.bool)
-            for eps in sorted(eps_list):
-                print(f"PGD-{norm} eps={eps:g}, {args.steps} steps, target={args.target}", flush=True)
-                survived &= robust_mask(model, x, y, eps, norm, data.box, args.batch_size, args.target,
-                                        Progress(f"  pgd-{norm} eps={eps:g}:", len(x), "img"),
-                                        generator=torch.Generator().manual_seed(args.seed),
-                                        **pgd_settings)
-                results[f"pgd_{norm}"][f"{eps:g}"] = survived.float().mean().item()
-            results["pgd"] = {"steps": args.steps, "step_size": args.step_size or "2.5*eps/steps", "target": args.target,
-                              "loss": args.pgd_loss, "random_start": True,
-                              "nested": "robust at eps = survives every radius <= eps that was run"}
+    results["clean"] = {"acc": (predict(model, x) == y).float().mean().item(), "eval_samples": n, "made": made()}
+    for norm in ("l2", "linf"):
+        if f"pgd-{norm}" not in args.attacks:
+            continue
+        # Balls are nested: a point is robust at eps only if it survives every radius <= eps of this
+        # call (an adversarial example found at a smaller radius is valid at a larger one).
+        survived, results[f"pgd_{norm}"] = torch.ones_like(y, dtype=torch.bool), {}
+        for eps in radii[norm]:
+            print(f"PGD-{norm} eps={eps:g}, {args.steps} steps, target={args.target}", flush=True)
+            survived &= robust_mask(model, x, y, eps, norm, data.box, args.batch_size, args.target,
+                                    Progress(f"  pgd-{norm} eps={eps:g}:", len(x), "img"),
+                                    generator=torch.Generator().manual_seed(args.seed),
+                                    steps=args.steps, step_size=args.step_size, loss=args.pgd_loss)
+            results[f"pgd_{norm}"][f"{eps:g}"] = {
+                "acc": survived.float().mean().item(), "eval_samples": n, "steps": args.steps,
+                "step_size": args.step_size or 2.5 * eps / args.steps, "loss": args.pgd_loss, "target": args.target,
+                "random_start": True, "seed": args.seed, "nested_with": [f"{e:g}" for e in radii[norm]], "made": made()}
     if "exact-l2" in args.attacks:
-        if data.is_image:
-            raise D.UserError("exact-l2 searches the whole eps ball and needs 2-D inputs (the toy); use pgd-l2 or aa-l2")
-        print(f"exact L2 robustness by ray search up to eps={max(eps_l2):g}", flush=True)
-        dist = boundary_distance_2d(model, x, y, max(eps_l2))
-        results["exact_l2"] = {f"{eps:g}": (dist > eps).float().mean().item() for eps in sorted(eps_l2)}
+        print(f"exact L2 robustness by ray search up to eps={max(radii['l2']):g}", flush=True)
+        dist = boundary_distance_2d(model, x, y, max(radii["l2"]))
+        results["exact_l2"] = {f"{eps:g}": {"acc": (dist > eps).float().mean().item(), "eval_samples": n, "made": made()}
+                               for eps in radii["l2"]}
         # per test point, for analyses of where the boundary is (null: farther than the largest eps)
-        results["exact_l2_distance"] = [None if d == float("inf") else round(d, 4) for d in dist.tolist()]
-    for norm, eps_list in (("l2", eps_l2), ("linf", eps_linf)):
-        if f"aa-{norm}" in args.attacks:
-            logging.basicConfig(format="  %(name)s: %(message)s")
-            logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack's own progress lines
-            results[f"autoattack_{norm}"] = {}
-            for eps in eps_list:
-                print(f"AutoAttack ({args.aa_version}) {norm} eps={eps:g}", flush=True)
-                results[f"autoattack_{norm}"][f"{eps:g}"] = autoattack_accuracy(
-                    model, x, y, eps, norm, data.box, args.aa_version, args.seed, args.batch_size)
-            results["autoattack_version"] = args.aa_version
+        results["exact_l2_distance"] = {"max_radius": max(radii["l2"]), "made": made(),
+                                        "distances": [None if d == float("inf") else round(d, 4) for d in dist.tolist()]}
+    for norm in ("l2", "linf"):
+        if f"aa-{norm}" not in args.attacks:
+            continue
+        logging.basicConfig(format="  %(name)s: %(message)s")
+        logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack's own progress lines
+        survived, results[f"aa_{norm}"] = torch.ones_like(y, dtype=torch.bool), {}
+        for eps in radii[norm]:  # nested like PGD's: never more robust at a larger radius
+            print(f"AutoAttack ({args.aa_version}) {norm} eps={eps:g}", flush=True)
+            survived &= autoattack_mask(model, x, y, eps, norm, data.box, args.aa_version, args.seed, args.batch_size)
+            results[f"aa_{norm}"][f"{eps:g}"] = {"acc": survived.float().mean().item(), "eval_samples": n,
+                                                 "version": args.aa_version, "seed": args.seed,
+                                                 "nested_with": [f"{e:g}" for e in radii[norm]], "made": made()}
     if "align" in args.attacks:
-        gt_fn = D.make_source(args.align_source, data, args.cache_dir, seed=targs.get("seed", 0), sbg_file=args.sbg_file,
+        gt_fn = D.make_source(args.align_source, data, args.cache_dir, seed=targs["seed"], sbg_file=args.sbg_file,
                               split=args.align_split)
-        images = data.train_x[: args.n_samples] if args.align_split == "train" else data.test_x
+        images = data.train_x[: args.eval_samples] if args.align_split == "train" else data.test_x
         xa, idx = D.to_float(images), torch.arange(len(images), device=device)  # the first N, with their indices
-        results["alignment"] = {"source": args.align_source, "split": args.align_split, "cos": alignment(
-            model, xa, gt_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx)}
-    if "visualize" in args.attacks:
-        vis_path = args.vis_out or os.path.join(out_dir, "pag_grid.png" if data.is_image else "regions.png")
-        visualize(model, ckpt, data, x, args, vis_path)
-        results["visualization"] = vis_path
-        print(f"wrote {vis_path}")
+        results["align"] = {f"{args.align_source} {args.align_split}": {
+            "cos": alignment(model, xa, gt_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx),
+            "source": args.align_source, "split": args.align_split, "eval_samples": len(xa),
+            "targets": args.align_targets or data.num_classes, "seed": args.seed, "made": made()}}
+    figure = None
+    if vis_path:  # drawn now, written after the numbers (a failed figure loses no result)
+        figure = visualize(model, ckpt, data, x, args, path)
+        results["visualize"] = {"path": vis_path, "eps": figure[1], "steps": args.vis_steps, "made": made()}
 
-    out = args.out or os.path.join(out_dir, "attack.json")
-    D.write_json(results, out)
-    print(f"\n{'measure':<28}{'accuracy':>10}")
-    print(f"{'clean':<28}{results['clean_acc']:>10.2%}")
-    for key in ("pgd_l2", "pgd_linf", "exact_l2", "autoattack_l2", "autoattack_linf"):
-        for eps, acc in results.get(key, {}).items():
-            print(f"{key + ' eps=' + eps:<28}{acc:>10.2%}")
-    if "alignment" in results:
-        print(f"{'alignment cos (' + args.align_source + ')':<28}{results['alignment']['cos']:>10.4f}")
-    print(f"wrote {out}")
-    return results
+    merged = files.update_json(out, lambda old: merge_results(old, results, path), "results file")
+    print_table(results)
+    print(f"wrote {out}" + (f" (merged with its {len(merged) - len(results)} earlier entr{'y' if len(merged) - len(results) == 1 else 'ies'})"
+                            if len(merged) > len(results) else ""))
+    if figure:
+        figure[0](vis_path)
+        print(f"wrote {vis_path}")
+    return merged
 
 
 if __name__ == "__main__":

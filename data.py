@@ -12,36 +12,34 @@ Ground truth g(x, t) for the heuristic sources is r_t(x) - x (the paper, sec. 3;
 Only the direction of g matters (PAG compares by cosine).
 """
 import argparse
-import gzip
 import hashlib
-import json
 import math
 import os
 import sys
 from dataclasses import dataclass
 
-try:
-    import fcntl  # POSIX file locks (RunLock)
-except ImportError:  # Windows
-    fcntl = None
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import files
 import toy_data
+from files import UserError  # noqa: F401 - every script's D.UserError
 
 
 # ----------------------------------------------------------------------------- command lines
-class UserError(Exception):
-    """Bad input from the user: the scripts print it as one line and exit non-zero."""
-
-
 def run_cli(main):
     """Every script's entry point: a UserError (or a failed file operation) becomes one
-    `error: ...` line on stderr and exit status 1, never a traceback."""
+    `error: ...` line on stderr and exit status 1, never a traceback; Ctrl-C one `interrupted:`
+    line and exit status 130."""
     try:
         main()
+    except files.Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted: nothing more was written", file=sys.stderr, flush=True)
+        sys.exit(130)
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # unreadable input, read-only or full disk, no network
@@ -90,6 +88,14 @@ nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_interval = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+# Upper bounds where a larger value only overflows float32 (or memory) deep inside a run.
+radius = _number(float, lambda v: 0 <= v <= 1e6, "a finite radius in [0, 1e6] (larger ones overflow float32 in the attack)")
+step_size = _number(float, lambda v: 0 < v <= 1e6, "a finite step in (0, 1e6] (larger ones overflow float32 in the attack)")
+learning_rate = _number(float, lambda v: 0 < v <= 1e6, "a finite learning rate in (0, 1e6] (larger ones overflow float32)")
+weight_decay = _number(float, lambda v: 0 <= v <= 1e6, "a finite weight decay in [0, 1e6] (larger ones overflow float32)")
+loss_weight = _number(float, lambda v: 0 <= v <= 1e6, "a finite weight in [0, 1e6] (larger ones overflow float32)")
+seed = _number(int, lambda v: 0 <= v < 2 ** 32, "a seed in 0..2^32-1")
+image_side = _number(int, lambda v: 1 <= v <= 1024, "an image side in 1..1024 px (larger ones exhaust memory)")
 
 
 def fractions(text):
@@ -101,95 +107,6 @@ def fractions(text):
     if any(not 0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"every fraction must be in (0, 1), got {text}")
     return values
-
-
-# ----------------------------------------------------------------------------- files
-def atomic_write(path, obj=None, text=None):
-    """The project's one writer: torch.save(obj) or `text` to a temporary file, then rename,
-    so a reader never sees half a file. A failed write (full disk, read-only folder)
-    removes its temporary file and raises UserError naming the file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if text is None:
-            torch.save(obj, tmp)
-        else:
-            with open(tmp, "w") as f:
-                f.write(text)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise UserError(f"could not write {path}: {reason}") from None
-
-
-def write_json(obj, path):
-    """JSON, atomically; NaN and infinity are refused (they are not JSON)."""
-    atomic_write(path, text=json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def load_file(path, what, map_location="cpu"):
-    """torch.load that never runs code from the file (weights_only=True: tensors, numbers,
-    strings and containers only). A missing, truncated or foreign file is a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable {what} ({first[:160]})") from None
-
-
-def remove_stale_temporaries(folder, names):
-    """Delete temporaries of `names` in folder left by killed writers (call while holding its lock)."""
-    if os.path.isdir(folder):
-        for f in os.listdir(folder):
-            if any(f.startswith(n + ".tmp") for n in names):
-                os.remove(os.path.join(folder, f))
-
-
-class RunLock:
-    """One run per directory: FOLDER/run.lock, locked (flock) while the run lives, holding its pid.
-    The kernel drops the lock when its process ends, however it ends, so a killed run's file
-    is simply locked again, and of runs started together exactly one gets it."""
-
-    def __init__(self, folder):
-        self.path, self.fd = os.path.join(folder, "run.lock"), None
-        os.makedirs(folder, exist_ok=True)
-        if fcntl is None:
-            print("note: no POSIX file locks here; one run per directory is not enforced", flush=True)
-            return
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
-                raise UserError(f"{folder} is in use by another run" + (f" (process {other})" if other else "") +
-                                "; wait for it or choose another --out-dir") from None
-            try:  # a run that just ended removed the file we opened: lock the one now at the path
-                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            os.remove(self.path)  # while still locked: nobody locks a file that is on its way out
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 # The project's one table of defaults, per dataset (paper where it says: README "Choices") and per
@@ -351,6 +268,10 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
     else:
         train_x, train_y, test_x, test_y = load_torchvision(name, data_dir, download)
         num_classes = DATASETS[name]["num_classes"]
+    for split, labels in (("training", train_y), ("test", test_y)):
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise UserError(f"{name}: a {split} label is {int(labels.max() if labels.max() >= num_classes else labels.min())}, "
+                            f"outside 0..{num_classes - 1}")
     val_x = val_y = None
     if val_samples is not None:
         if val_samples >= len(train_y):
@@ -386,23 +307,18 @@ def load_torchvision(name, root, download):
     return as_chw(tr.data), torch.tensor(tr.targets), as_chw(te.data), torch.tensor(te.targets)
 
 
-def read_idx(path):
-    """Read an idx file (the MNIST format), gzipped or not, as a uint8 array."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def load_fashion_mnist(root, download):
     """Fashion-MNIST from torchvision's folder, else Debian's package, else a download."""
-    files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
     for folder in (os.path.join(root, "FashionMNIST", "raw"), DEBIAN_FASHION_MNIST):
         for suffix in ("", ".gz"):
-            paths = [os.path.join(folder, f + suffix) for f in files]
+            paths = [os.path.join(folder, f + suffix) for f in names]
             if all(os.path.exists(p) for p in paths):
-                arrays = [torch.from_numpy(read_idx(p).copy()) for p in paths]
+                arrays = [torch.from_numpy(files.read_idx(p).copy()) for p in paths]
+                for images, labels, ip, lp in ((arrays[0], arrays[1], paths[0], paths[1]), (arrays[2], arrays[3], paths[2], paths[3])):
+                    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+                        raise UserError(f"{ip} holds {tuple(images.shape)} images but {lp} {tuple(labels.shape)} labels: "
+                                        "one label per 2-D image is needed")
                 return arrays[0][:, None], arrays[1], arrays[2][:, None], arrays[3]
     if not download:
         raise UserError(f"fashion-mnist not found under {os.path.abspath(root)}/FashionMNIST/raw or {DEBIAN_FASHION_MNIST} "
@@ -416,48 +332,110 @@ def load_fashion_mnist(root, download):
     return tr.data[:, None], tr.targets, te.data[:, None], te.targets
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def scan_folder(path):
+    """ImageFolder's layout, read safely: ([(file, class index)], class names). Class folders are the
+    sorted subfolders of path; images anywhere below them, following links to folders but never into
+    one twice (a link loop) nor into the split or another class, each a regular file (a FIFO would
+    hang the read)."""
+    try:
+        classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    except OSError as e:
+        raise UserError(f"cannot list {path} ({e.strerror})") from None
+    samples = []
+    # Never entered through a link: the split folder and the class folders (images would change class).
+    reserved = {os.path.realpath(path)} | {os.path.realpath(os.path.join(path, c)) for c in classes}
+    for label, name in enumerate(classes):
+        top, seen, found = os.path.join(path, name), set(), []
+        for folder, subfolders, names in os.walk(top, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen or (folder != top and real in reserved):
+                subfolders[:] = []  # a link back to where we have been (a loop), or into another class
+                continue
+            seen.add(real)
+            subfolders.sort()
+            for f in sorted(names):
+                if f.lower().endswith(IMAGE_SUFFIXES):
+                    found.append(files.regular_file(os.path.join(folder, f), "image"))
+        if not found:
+            raise UserError(f"class folder {os.path.join(path, name)} holds no images ({' '.join(IMAGE_SUFFIXES)})")
+        samples += [(f, label) for f in found]
+    return samples, classes
+
+
+def decode_image(file, channels):
+    """One image as an 8-bit PIL image of `channels` (1: "L", 3: "RGB"), its values decoded faithfully
+    to [0, 1] first: 8-bit modes as PIL converts them (a grey image in a colour set is repeated over
+    the channels), 16-bit as v / 65535, 32-bit integers the same if within 0..65535 (PIL reads some
+    16-bit files so), floats as they are if within [0, 1]; anything else is refused, naming the file."""
+    from PIL import Image
+
+    img = Image.open(file)
+    img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            if not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+                raise UserError(f"image {file} is a float image with values outside [0, 1]; convert it to 8 or 16 bits")
+        elif arr.min() < 0 or arr.max() > 65535:
+            raise UserError(f"image {file} holds 32-bit integers outside 0..65535; convert it to 8 or 16 bits")
+        else:
+            arr = arr / 65535
+        img = Image.fromarray(np.round(arr * 255).astype(np.uint8), "L")
+    return img.convert("L" if channels == 1 else "RGB")
+
+
 def load_folder(root, image_size):
     """Bring your own data: root/train/<class>/*.png and root/test/<class>/*.png.
 
-    Refused, naming the culprit: fewer than two classes, a class folder without images,
-    an image that cannot be read, images of different sizes without --image-size."""
+    Every image is decoded faithfully to [0, 1] (decode_image) with one channel count for the whole
+    set (3 if any image has colour, else 1). Refused, naming the culprit: fewer than two classes,
+    a class folder without images, an image that cannot be read or is too large to decode, images
+    of different sizes without --image-size, train and test class folders that differ."""
     from PIL import Image, UnidentifiedImageError
-    from torchvision.datasets import ImageFolder
 
     splits = []
     for split in ("train", "test"):
         path = os.path.join(root, split)
         if not os.path.isdir(path):
             raise UserError(f"folder dataset needs {os.path.abspath(path)} (ImageFolder layout: {split}/<class>/<image>); set --data-dir")
+        samples, classes = scan_folder(path)
+        if len(classes) < 2:
+            raise UserError(f"{path} holds {len(classes)} class folder(s); a classifier needs at least 2")
+        splits.append((samples, classes))
+    if splits[0][1] != splits[1][1]:
+        raise UserError(f"train and test class folders differ under {root}: {splits[0][1]} vs {splits[1][1]}")
+
+    def read(file, how):
         try:
-            splits.append(ImageFolder(path, loader=Image.open))
-        except FileNotFoundError as e:  # a class folder without images (or no class folders at all)
-            raise UserError(f"{path}: {e}") from None
-        if len(splits[-1].classes) < 2:
-            raise UserError(f"{path} holds {len(splits[-1].classes)} class folder(s); a classifier needs at least 2")
-    if splits[0].classes != splits[1].classes:
-        raise UserError(f"train and test class folders differ under {root}: {splits[0].classes} vs {splits[1].classes}")
-    out, mode = [], None
-    for ds in splits:
+            return how(file)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            reason = "too large to decode safely" if isinstance(e, Image.DecompressionBombError) else type(e).__name__
+            raise UserError(f"cannot read image {file} ({reason})") from None
+
+    def header_mode(file):
+        with Image.open(file) as img:
+            return img.mode
+    channels = 3 if any(read(f, header_mode) not in GRAY_MODES for samples, _ in splits for f, _ in samples) else 1
+    out = []
+    for samples, _ in splits:
         xs, ys = [], []
-        for file, label in ds.samples:
-            try:
-                with Image.open(file) as img:
-                    mode = mode or ("L" if img.mode in ("L", "1", "I;16") else "RGB")
-                    img = img.convert(mode)
-            except (UnidentifiedImageError, OSError) as e:
-                raise UserError(f"cannot read image {file} ({type(e).__name__})") from None
+        for file, label in samples:
+            img = read(file, lambda f: decode_image(f, channels))
             if image_size is not None:
                 img = img.resize((image_size, image_size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-            xs.append(torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()))
+            xs.append(torch.from_numpy(arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()))
             ys.append(label)
         if len({x.shape for x in xs}) > 1:
             raise UserError(f"images under {root} differ in size; pass --image-size N to resize them")
         out += [torch.stack(xs), torch.tensor(ys)]
     if out[0].shape[1:] != out[2].shape[1:]:
         raise UserError(f"train images are {tuple(out[0].shape[1:])} but test images {tuple(out[2].shape[1:])}; pass --image-size N")
-    return (*out, splits[0].classes)
+    return (*out, splits[0][1])
 
 
 def make_synthetic(image_size=32, n_train=1024, n_test=512):
@@ -562,18 +540,27 @@ def cached_nearest(data, cache_dir):
     h.update(data.train_y.cpu().numpy().tobytes())
     n, c = len(data.train_y), data.num_classes
     path = os.path.join(cache_dir, f"nn-{data.name}-{n}-{h.hexdigest()[:16]}.pt")
-    if os.path.exists(path):
-        table = load_file(path, "nearest-neighbour cache")
+    if os.path.lexists(path):
+        table = files.load_file(path, "nearest-neighbour cache")
         y = data.train_y.cpu()
-        if not (torch.is_tensor(table) and table.dtype == torch.long and tuple(table.shape) == (n, c)
-                and table.min() >= 0 and table.max() < n and (y[table] == torch.arange(c)).all()):
+        valid = torch.is_tensor(table) and table.layout == torch.strided and table.dtype == torch.long \
+            and tuple(table.shape) == (n, c) and table.min() >= 0 and table.max() < n \
+            and bool((y[table] == torch.arange(c)).all()) \
+            and not bool(((table == torch.arange(n)[:, None]) & (y.bincount(minlength=c) > 1)).any())  # itself: only if alone
+        if valid:  # and a sample of rows searched again: the table holds nearest neighbours, not just any
+            rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:16]
+            x = to_float(data.train_x.cpu()).flatten(1)
+            fresh = nearest_of_class(data.train_x.cpu()[rows], data.train_x.cpu(), y, c, query_idx=rows)
+            dist = lambda idx: (x[idx] - x[rows][:, None]).norm(dim=2)  # noqa: E731
+            valid = bool(torch.allclose(dist(table[rows]), dist(fresh), atol=1e-4))
+        if not valid:
             raise UserError(f"{path} is not a valid nearest-neighbour table for these {n} images; delete it")
         return table.to(data.train_x.device)
-    atomic_write(path + ".probe", text="")  # fail now, not after the search, if the folder is not writable
+    files.atomic_write(path + ".probe", text="")  # fail now, not after the search, if the folder is not writable
     os.remove(path + ".probe")
     print(f"computing nearest neighbours of {n} training images (cached at {path})", flush=True)
     nn_idx = nearest_of_class(data.train_x, data.train_x, data.train_y, c, query_idx=torch.arange(n, device=data.train_x.device))
-    atomic_write(path, nn_idx.cpu())
+    files.atomic_write(path, nn_idx.cpu())
     return nn_idx
 
 
@@ -586,6 +573,10 @@ def make_source(name, data, cache_dir="cache", seed=0, sbg_file=None, split="tra
     use the cached neighbours and exclude the image itself. Every representative comes
     from the training images; for other images (or without idx) `nn` searches them on the fly.
     """
+    empty = (data.train_y.bincount(minlength=data.num_classes) == 0).nonzero().flatten().tolist()
+    if empty and name in ("oi", "cm", "nn"):
+        raise UserError(f"the {name} source needs training images of every class; none of class(es) {empty} "
+                        f"among {len(data.train_y)} (more --train-samples)")
     if name == "oi":
         reps = to_float(data.train_x[one_image_per_class(data.train_y, data.num_classes, torch.Generator().manual_seed(seed))])
         return lambda x, target_classes, idx=None: reps[target_classes] - x[:, None]
@@ -593,9 +584,6 @@ def make_source(name, data, cache_dir="cache", seed=0, sbg_file=None, split="tra
         reps = class_means(data.train_x, data.train_y, data.num_classes)
         return lambda x, target_classes, idx=None: reps[target_classes] - x[:, None]
     if name == "nn":
-        empty = (data.train_y.bincount(minlength=data.num_classes) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise UserError(f"the nn source needs training images of every class; none of class(es) {empty}")
         nn_idx = cached_nearest(data, cache_dir) if split == "train" else None
 
         def gt_nn(x, target_classes, idx=None):
@@ -626,11 +614,13 @@ def load_sbg_file(path, data, split="train"):
     labels). For the latter, the images themselves are compared with ours, so another order or
     subset is refused.
     """
-    obj = load_file(path, "sbg fields file")
+    obj = files.load_file(path, "sbg fields file")
     _, labels_here = data.split(split)
     n, c = len(labels_here), data.num_classes
     expected = (n, c, *data.input_shape)
     if isinstance(obj, dict) and obj.get("kind") == "sbg-fields":  # ours
+        files.require(obj, {"fields": torch.Tensor, "dataset": str, "n": int, "labels": torch.Tensor,
+                            "split": lambda v: v in ("train", "test")}, path, "sbg fields file")
         val_here = None if data.val_y is None else len(data.val_y)
         n_file, file_split = obj["n"], obj.get("split", "train")
         fits = file_split == split and obj["dataset"] == data.name and (
@@ -644,15 +634,22 @@ def load_sbg_file(path, data, split="train"):
     elif split != "train":
         raise UserError(f"{path}: the official release holds fields for training images only")
     else:  # the official release
-        images_and_fields, labels = (obj[0], obj[1]) if isinstance(obj, (tuple, list)) else (obj, None)
-        if not torch.is_tensor(images_and_fields) or tuple(images_and_fields.shape) != (n, 1 + c, *data.input_shape):
-            got = tuple(images_and_fields.shape) if torch.is_tensor(images_and_fields) else type(obj).__name__
+        pair = isinstance(obj, (tuple, list)) and len(obj) == 2 and torch.is_tensor(obj[1]) and obj[1].dim() == 1
+        images_and_fields, labels = obj if pair else (obj, None)
+        if not (torch.is_tensor(images_and_fields) and images_and_fields.is_floating_point()
+                and images_and_fields.layout == torch.strided
+                and tuple(images_and_fields.shape) == (n, 1 + c, *data.input_shape)):
+            got = f"{images_and_fields.dtype} {tuple(images_and_fields.shape)}" if torch.is_tensor(images_and_fields) \
+                else type(obj).__name__
             raise UserError(f"{path}: expected an sbg.py export or an official tensor of shape {(n, 1 + c, *data.input_shape)}, got {got}")
         images = (images_and_fields[:, 0].float() + 1) / 2
         if (images - to_float(data.train_x.cpu())).abs().amax() > 1.5 / 255 or \
-                (labels is not None and not torch.equal(torch.as_tensor(labels).long(), data.train_y.cpu())):
+                (labels is not None and not torch.equal(labels.long(), data.train_y.cpu())):
             raise UserError(f"{path}: its images or labels are not this run's {n} {data.name} training images in order")
         fields = images_and_fields[:, 1:]
-    if tuple(fields.shape) != expected:
-        raise UserError(f"{path}: expected fields of shape {expected}, got {tuple(fields.shape)}")
+    if tuple(fields.shape) != expected or fields.dtype not in (torch.float16, torch.float32, torch.bfloat16) \
+            or fields.layout != torch.strided:
+        raise UserError(f"{path}: expected dense float fields of shape {expected}, got {fields.dtype} {tuple(fields.shape)}")
+    if not bool(torch.isfinite(fields).all()):
+        raise UserError(f"{path} holds fields that are not finite (exported from a diverged denoiser?)")
     return fields

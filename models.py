@@ -183,3 +183,49 @@ def build_model(arch, num_classes, in_channels, image_size):
     if arch == "mlp":
         return mlp(num_classes, in_channels)
     raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+# ----------------------------------------------------------------------------- the authors' released checkpoints
+def official_state_dict(obj):
+    """The state dict inside an official PAG-ROB file: torch.save(model.state_dict()) of a DataParallel
+    model (keys "module.…"), also without that prefix or wrapped as {"state_dict": …} / {"model": …}."""
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model", "model_state_dict", "net"):
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise ValueError("not a state dict of tensors (nor one wrapped as {'state_dict': ...})")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def from_official(obj, image_size=32):
+    """The project's model computing the function of an official checkpoint (ResNet-18 or ViT, the
+    architecture recognised from the keys), for [0, 1] pixels: the official models take [-1, 1]
+    images (their code normalises with mean = std = 0.5), ours normalise inside, so the converted
+    model is evaluated in pixel space like every other. Parameter names are the official ones and
+    the ViT flattens patches in the official (row, column, channel) order, so the weights load as
+    they are. Every key and shape is checked (nothing dropped, nothing left at its random
+    initialisation) and every value must be finite: else ValueError. Depends only on torch.
+    image_size: the ResNet's input side (its weights do not fix it); a ViT's follows from its patch."""
+    state = official_state_dict(obj)
+    if "linear.weight" in state and "layer1.0.conv1.weight" in state:
+        arch, num_classes, in_channels = "resnet18", state["linear.weight"].shape[0], state["conv1.weight"].shape[1]
+    elif "emb.weight" in state and "enc.0.msa.q.weight" in state:
+        arch, num_classes, in_channels = "vit", state["fc.1.weight"].shape[0], 3  # the official ViT has 3 channels
+        patch = math.isqrt(state["emb.weight"].shape[1] // 3)
+        if patch * patch * 3 != state["emb.weight"].shape[1]:
+            raise ValueError(f"emb.weight of shape {tuple(state['emb.weight'].shape)} is no patch embedding of 3-channel patches")
+        image_size = 8 * patch
+    else:
+        raise ValueError(f"neither the official ResNet-18 nor the official ViT (keys such as {sorted(state)[:3]})")
+    model = build_model(arch, num_classes, in_channels, image_size)
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"keys do not match the official {arch}: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, want in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape) or got.is_floating_point() != want.is_floating_point() or got.is_complex():
+            raise ValueError(f"{key} is {got.dtype} {tuple(got.shape)}, the official {arch} has {want.dtype} {tuple(want.shape)}")
+        if got.is_floating_point() and not bool(torch.isfinite(got.to(want.dtype)).all()):
+            raise ValueError(f"{key} holds values that are not finite (in {want.dtype})")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.eval()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data as D
+import files
 from train_baseline import CHECKPOINT_FORMAT, Progress, pick_device, read_checkpoint, resume_checkpoint, setup_distributed
 
 # Flags that may differ between `sbg.py train` and its --resume: more --epochs continue a finished run.
@@ -100,13 +101,21 @@ def sbg_field(denoiser, x, target_classes, alpha_bar, noise, null_class, timeste
 
 
 # ----------------------------------------------------------------------------- jobs
+DENOISER = "denoiser checkpoint of sbg.py train"
+_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100_000  # noqa: E731
+DENOISER_FIELDS = {"model": dict, "epoch": lambda v: isinstance(v, int) and v >= 0, "dataset": lambda v: v in D.DATASETS,
+                   "num_classes": _count, "args": dict,
+                   "input_shape": lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(map(_count, v))}
+
+
 def load_denoiser(path, device):
-    ckpt = read_checkpoint(path, "sbg-denoiser", "denoiser checkpoint of sbg.py train")
-    try:
-        net = Denoiser(ckpt["input_shape"][0], ckpt["num_classes"], ckpt["args"]["width"])
-        net.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError, TypeError, ValueError):
-        raise D.UserError(f"{path}: weights do not fit the denoiser it describes") from None
+    """A denoiser checkpoint, checked (fields, and weights against the network they describe: keys,
+    shapes, dtypes, finite), so that an export never writes fields of a broken network."""
+    ckpt = read_checkpoint(path, "sbg-denoiser", DENOISER, DENOISER_FIELDS)
+    files.require(ckpt["args"], {"width": lambda v: _count(v) and v % 8 == 0, "timesteps": _count}, path, DENOISER)
+    net = Denoiser(ckpt["input_shape"][0], ckpt["num_classes"], ckpt["args"]["width"])
+    files.check_state_dict(net, ckpt["model"], path, DENOISER)
+    net.load_state_dict(ckpt["model"])
     return net.to(device).eval(), ckpt
 
 
@@ -126,7 +135,7 @@ def get_images(args):
 def train(args):
     """Fit the denoiser; under torchrun every process takes a shard of each epoch (DDP)."""
     rank, world, device = setup_distributed(args)
-    with D.RunLock(args.out_dir) if rank == 0 else nullcontext():
+    with files.RunLock(args.out_dir) if rank == 0 else nullcontext():
         _train(args, rank, world, device)
 
 
@@ -145,7 +154,7 @@ def _train(args, rank, world, device):
     path = os.path.join(args.out_dir, "denoiser.pt")
     start = 0
     if rank == 0:
-        D.remove_stale_temporaries(args.out_dir, ("denoiser.pt",))
+        files.remove_stale_temporaries(args.out_dir, ("denoiser.pt",))
     if args.resume:
         ckpt = resume_checkpoint(path, args, "sbg-denoiser", "denoiser checkpoint of sbg.py train", RESUME_MAY_CHANGE)
         net.load_state_dict(ckpt["model"])
@@ -190,7 +199,7 @@ def _train(args, rank, world, device):
             if not math.isfinite(total):
                 raise D.UserError(f"denoiser training diverged in epoch {epoch + 1} (loss {total}); "
                                   f"{path} keeps the last good epoch")
-            D.atomic_write(path, {"format": CHECKPOINT_FORMAT, "kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
+            files.atomic_write(path, {"format": CHECKPOINT_FORMAT, "kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
                            "generator": order_gen.get_state(), "sample_generators": states, "epoch": epoch + 1,
                            "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
                            "input_shape": tuple(data.input_shape)})
@@ -226,7 +235,9 @@ def export(args):
             acc += sbg_field(net, xb, all_classes[: len(xb)].to(device), abar, noise, c, args.timestep)
         fields[s: s + len(xb)] = (acc / args.noise_draws).half().cpu()
         progress(s + len(xb))
-    D.atomic_write(args.out, {"kind": "sbg-fields", "fields": fields, "dataset": data.name, "n": len(x_all),
+    if not bool(torch.isfinite(fields).all()):  # e.g. values beyond float16's range
+        raise D.UserError(f"the fields of {args.checkpoint} are not finite at timestep {args.timestep}; nothing written")
+    files.atomic_write(args.out, {"kind": "sbg-fields", "fields": fields, "dataset": data.name, "n": len(x_all),
                    "split": args.split, "train_samples": args.train_samples, "val_samples": args.val_samples,
                    "labels": labels.cpu().clone(), "timestep": args.timestep,
                    "alpha_bar": abar, "noise_draws": args.noise_draws, "denoiser": args.checkpoint})
@@ -248,6 +259,10 @@ def sweep(args):
     device = pick_device(args.device)
     net, ckpt = load_denoiser(args.checkpoint, device)
     check_timesteps(args.sweep_timesteps, ckpt)
+    if args.sweep_images < 4:
+        raise D.UserError(f"--sweep-images must be at least 4 (its picture shows 4 images), got {args.sweep_images}")
+    if args.out:
+        files.check_output(args.out, "--out", [args.checkpoint], (".json",))
     args.train_samples = args.sweep_images
     data = get_images(args)
     x = (D.to_float(data.train_x) * 2 - 1).to(device)
@@ -281,7 +296,7 @@ def sweep(args):
         save_image(grid / scale * 0.5 + 0.5, args.png, nrow=c + 1, padding=1, pad_value=1.0)
         print(f"wrote {args.png} (rows: 4 images x timesteps {args.sweep_timesteps})")
     if args.out:
-        D.write_json({"rows": table, "best_timestep": best["timestep"], "images": len(x)}, args.out)
+        files.write_json({"rows": table, "best_timestep": best["timestep"], "images": len(x)}, args.out)
         print(f"wrote {args.out}")
     return table
 
@@ -295,14 +310,14 @@ def main(argv=None):
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--train-samples", type=D.positive_int, help="the first N training images (must match train_pag.py's)")
     p.add_argument("--val-samples", type=D.positive_int, help="training images held out for validation (must match train_pag.py's)")
-    p.add_argument("--image-size", type=D.positive_int, help="resize folder images / size of synthetic images")
+    p.add_argument("--image-size", type=D.image_side, help="resize folder images / size of synthetic images")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, data order and noise draws")
+    p.add_argument("--seed", type=D.seed, default=0, help="initialisation, data order and noise draws")
     p.add_argument("--batch-size", type=D.positive_int, default=128, help="images per step (train) or per pass (export)")
     # train
     p.add_argument("--out-dir", default=os.path.join("runs", "sbg"), help="train: where denoiser.pt goes")
     p.add_argument("--epochs", type=D.positive_int, default=20, help="train: epochs")
-    p.add_argument("--lr", type=D.positive_float, default=1e-3, help="train: Adam learning rate")
+    p.add_argument("--lr", type=D.learning_rate, default=1e-3, help="train: Adam learning rate")
     p.add_argument("--width", type=D.positive_int, default=32, help="train: U-Net base channels (64 or more for CIFAR on a GPU)")
     p.add_argument("--timesteps", type=D.positive_int, default=1000, help="train: diffusion steps of the schedule")
     p.add_argument("--p-uncond", type=D.unit_interval, default=0.1, help="train: probability of dropping the class label")
@@ -329,6 +344,7 @@ def main(argv=None):
     if args.job == "export":
         if not args.out:
             raise D.UserError("sbg.py export needs --out FILE")
+        files.check_output(args.out, "--out", [args.checkpoint])
         export(args)
     else:
         sweep(args)

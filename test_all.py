@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import attack
 import data as D
+import files
 import toy_data
 import train_baseline as T
 from models import build_model
@@ -40,6 +41,44 @@ def assert_one_line_error(proc, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     for frag in fragments:
         assert frag in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- smoke: every command line once, in seconds
+SMOKE = ["--dataset", "synthetic", "--arch", "cnn", "--image-size", "8", "--train-samples", "32", "--eval-samples", "16",
+         "--batch-size", "16", "--eval-steps", "1", "--epochs", "1"]
+
+
+@pytest.mark.smoke
+def test_smoke_train_baseline_then_attack(tmp_path):
+    run("train_baseline.py", *SMOKE, "--out-dir", tmp_path)
+    proc = run("attack.py", "--checkpoint", tmp_path, "--attacks", "clean", "pgd-l2", "--steps", "2", "--eval-samples", "16")
+    res = json.loads((tmp_path / "attack.json").read_text())
+    assert 0 <= res["pgd_l2"]["0.5"]["acc"] <= res["clean"]["acc"] <= 1 and "wrote" in proc.stdout
+
+
+@pytest.mark.smoke
+def test_smoke_train_pag(tmp_path):
+    run("train_pag.py", *SMOKE, "--targets-per-image", "3", "--out-dir", tmp_path)
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert 0 <= line["pag"] <= 2 and line["epoch"] == 1
+
+
+@pytest.mark.smoke
+def test_smoke_sbg_train_and_export(tmp_path):
+    data_args = ["--dataset", "synthetic", "--image-size", "8", "--train-samples", "16"]
+    run("sbg.py", "train", *data_args, "--epochs", "1", "--width", "8", "--out-dir", tmp_path)
+    run("sbg.py", "export", *data_args, "--checkpoint", tmp_path / "denoiser.pt", "--noise-draws", "1", "--out", tmp_path / "f.pt")
+    assert torch.load(tmp_path / "f.pt", weights_only=True)["fields"].shape == (16, 10, 3, 8, 8)
+
+
+@pytest.mark.smoke
+def test_smoke_toy_data_and_toy_bench(tmp_path):
+    run("toy_data.py", "--out", tmp_path / "toy_data.png")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--out-dir", str(tmp_path / "b"),
+                           "--epochs", "1", "--seed", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert set(metrics) == {"vanilla", "pag", "attack"} and (tmp_path / "toy_data.png").stat().st_size > 1000
 
 
 # ----------------------------------------------------------------------------- models
@@ -102,6 +141,7 @@ def analytic_pag_loss(weight, bias, x, gt_grad, target_classes):
     return (1 - cos).mean()
 
 
+@pytest.mark.smoke
 def test_pag_loss_matches_analytic_linear_model_value_and_parameter_gradient():
     torch.manual_seed(0)
     model = nn.Linear(6, 4).double()
@@ -120,6 +160,7 @@ def test_pag_loss_matches_analytic_linear_model_value_and_parameter_gradient():
     assert g_ours_w.abs().sum() > 0
 
 
+@pytest.mark.smoke
 def test_pag_loss_is_zero_for_aligned_and_two_for_opposite_targets():
     torch.manual_seed(0)
     model = build_model("cnn", 10, 1, 12).double().eval()
@@ -309,6 +350,7 @@ def test_nearest_of_class_agrees_with_the_toy_reference():
     assert (D.nearest_of_class(test_x, train_x, train_y, 2) == toy_data.exact_nearest_of_class(test_x, train_x, train_y)).all()
 
 
+@pytest.mark.smoke
 def test_sources_cm_oi_nn(tmp_path):
     d = tiny_data()
     x = D.to_float(d.train_x[:8])
@@ -332,6 +374,7 @@ def test_sources_cm_oi_nn(tmp_path):
     assert torch.allclose(D.make_source("nn", d, cache_dir=str(tmp_path))(x, t, idx), g)  # from the cache
 
 
+@pytest.mark.smoke
 def test_crop_flip_matches_per_sample_reference_and_moves_fields_with_image():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 8, 8, generator=gen)
@@ -351,6 +394,7 @@ def test_crop_flip_matches_per_sample_reference_and_moves_fields_with_image():
     assert flips.any() and (~flips).any()
 
 
+@pytest.mark.smoke
 def test_training_crops_pad_images_with_the_models_zero_and_fields_with_zero():
     """The official code crops images in [-1, 1] with zero padding: mid-grey. Our images are [0, 1] pixels,
     so they pad with 0.5, which the model's Normalize maps to 0; target fields pad with 0."""
@@ -372,7 +416,7 @@ def test_fashion_mnist_idx_reader(tmp_path):
     header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in arr.shape)
     with gzip.open(tmp_path / "a.gz", "wb") as f:
         f.write(header + arr.tobytes())
-    assert (D.read_idx(str(tmp_path / "a.gz")) == arr).all()
+    assert (files.read_idx(str(tmp_path / "a.gz")) == arr).all()
 
 
 def test_folder_dataset(tmp_path):
@@ -488,9 +532,9 @@ def test_baseline_and_pag_cli_one_epoch_and_attack_reads_the_checkpoint(tmp_path
                "align", "visualize", "--n-samples", "20", "--steps", "3", "--cache-dir", tmp_path / "cache",
                "--vis-images", "2", "--vis-steps", "2", "--out", out)
     res = json.loads(out.read_text())
-    assert res["n_samples"] == 20 and set(res["pgd_l2"]) == {"0.5"} and set(res["pgd_linf"]) == {f"{8 / 255:g}"}
-    assert res["pgd_l2"]["0.5"] <= res["clean_acc"] and -1 <= res["alignment"]["cos"] <= 1
-    assert os.path.getsize(res["visualization"]) > 0 and "clean" in proc.stdout
+    assert res["clean"]["eval_samples"] == 20 and set(res["pgd_l2"]) == {"0.5"} and set(res["pgd_linf"]) == {f"{8 / 255:g}"}
+    assert res["pgd_l2"]["0.5"]["acc"] <= res["clean"]["acc"] and -1 <= res["align"]["nn test"]["cos"] <= 1
+    assert os.path.getsize(res["visualize"]["path"]) > 0 and "clean" in proc.stdout
 
 
 @pytest.mark.parametrize("script,extra", [("train_baseline.py", []),
@@ -614,7 +658,7 @@ def test_numbers_are_validated_where_they_are_parsed(tmp_path):
     assert_cli_error(train_pag.main, [*base, "--pag-coeff", "inf"], "--pag-coeff")
     assert_cli_error(sbg.main, ["train", "--p-uncond", "2"], "--p-uncond")
     assert_cli_error(sbg.main, ["export", "--timestep", "-3"], "--timestep")
-    assert_cli_error(T.main, [*TINY, "--train-samples", "1", "--out-dir", tmp_path / "one"], "at least 2")
+    assert_cli_error(T.main, [*TINY, "--train-samples", "1", "--out-dir", tmp_path / "one"], "one full batch")
     assert not (tmp_path / "r").exists()
     T.main(list(map(str, [*TINY, "--epochs", "1", "--out-dir", tmp_path / "m"])))
     ckpt = tmp_path / "m" / "model.pt"
@@ -630,9 +674,9 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     import argparse
     import train_pag
     # Real divergence: nothing is saved, the error names the epoch, the batch and the term.
-    assert_cli_error(T.main, [*TINY, "--lr", "1e9", "--epochs", "2", "--out-dir", tmp_path / "lr"], "epoch 1, batch", "CE")
+    assert_cli_error(T.main, [*TINY, "--lr", "1e6", "--epochs", "2", "--out-dir", tmp_path / "lr"], "epoch 1, batch", "CE")
     assert not (tmp_path / "lr" / "model.pt").exists()
-    assert_cli_error(train_pag.main, [*TINY, "--pag-coeff", "1e30", "--source", "cm", "--epochs", "2",
+    assert_cli_error(train_pag.main, [*TINY, "--pag-coeff", "1e6", "--lr", "1", "--source", "cm", "--epochs", "2",
                                       "--out-dir", tmp_path / "pag"], "diverged", "PAG")
     # A term that turns NaN in the second epoch: epoch 1 stays, metrics stay JSON, --resume continues.
     def make_loss(bad_epoch):
@@ -701,7 +745,7 @@ def test_failed_writes_leave_nothing_behind_and_say_so(tmp_path, monkeypatch):
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(D.UserError, match="could not write .*model.pt: PytorchStreamWriter failed"):
-        D.atomic_write(str(tmp_path / "model.pt"), {"w": torch.zeros(1)})
+        files.atomic_write(str(tmp_path / "model.pt"), {"w": torch.zeros(1)})
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
     # An output or cache folder that cannot be made (a file is in the way): one line, before any work.
@@ -724,8 +768,8 @@ def test_failed_writes_leave_nothing_behind_and_say_so(tmp_path, monkeypatch):
 def test_one_run_per_directory_and_stale_temporaries(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
-    # Another process holds both folders (data.RunLock, as a run does) and stays.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, data; locks = [data.RunLock(f) for f in sys.argv[1:]]; "
+    # Another process holds both folders (files.RunLock, as a run does) and stays.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, files; locks = [files.RunLock(f) for f in sys.argv[1:]]; "
                                "print('held', flush=True); time.sleep(60)", str(out), str(tmp_path / "s")],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -750,16 +794,16 @@ def test_one_run_per_directory_and_stale_temporaries(tmp_path):
 
 def test_of_runs_started_together_on_one_folder_exactly_one_runs(tmp_path):
     """Six processes take the same (stale) lock at once, three times over: one wins each time."""
-    script = ("import os, sys, time, data\n"
+    script = ("import os, sys, time, files\n"
               "folder, me = sys.argv[1], sys.argv[2]\n"
               "open(os.path.join(folder, 'ready' + me), 'w').close()\n"
               "while sum(f.startswith('ready') for f in os.listdir(folder)) < 6:\n"
               "    time.sleep(0.001)\n"
               "try:\n"
-              "    with data.RunLock(os.path.join(folder, 'run')):\n"
+              "    with files.RunLock(os.path.join(folder, 'run')):\n"
               "        print('won', flush=True)\n"
               "        time.sleep(1.0)\n"
-              "except data.UserError as e:\n"
+              "except files.UserError as e:\n"
               "    print(e, flush=True)\n")
     for trial in range(3):
         folder = tmp_path / str(trial)
@@ -774,10 +818,402 @@ def test_of_runs_started_together_on_one_folder_exactly_one_runs(tmp_path):
 
 
 def test_without_posix_locks_a_run_says_the_folder_is_not_locked(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(D, "fcntl", None)  # as on Windows
-    with D.RunLock(str(tmp_path / "r")):
+    monkeypatch.setattr(files, "fcntl", None)  # as on Windows
+    with files.RunLock(str(tmp_path / "r")):
         assert "one run per directory is not enforced" in capsys.readouterr().out
-    assert os.listdir(tmp_path / "r") == []
+    assert not (tmp_path / "r").exists()  # it made the folder, and nothing was written into it
+
+# ----------------------------------------------------------------------------- trustworthy numbers and files
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One TINY run, trained once: a folder with model.pt and metrics.jsonl that tests copy."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    T.main(list(map(str, [*TINY, "--epochs", "1", "--out-dir", out])))
+    return out
+
+
+def copy_run(tiny_run, dest):
+    import shutil
+    shutil.copytree(tiny_run, dest)
+    return dest
+
+
+def test_robustness_numbers_are_never_silently_wrong(tmp_path, tiny_run):
+    ckpt = tiny_run / "model.pt"
+    # Radii and steps that overflow float32 are refused where they are parsed.
+    for flags in (["--eps-l2", "1e300"], ["--step-size", "1e308"], ["--eps-linf", "1e308"], ["--vis-eps", "1e40"]):
+        assert_cli_error(attack.main, ["--checkpoint", ckpt, "--out", tmp_path / "a.json", *flags], flags[0], "float32")
+    # An attack that produced non-finite points is never counted.
+    x = torch.rand(4, 3, 8, 8)
+    with pytest.raises(D.UserError, match="non-finite"):
+        T.check_perturbation(x + float("nan"), x, 1.0, "l2", (0.0, 1.0), "pgd-l2")
+    # Robust accuracy never rises with eps, for PGD and for AutoAttack (nested radii within a call).
+    res = attack.main(["--checkpoint", str(ckpt), "--attacks", "pgd-l2", "aa-linf", "--eps-l2", "2", "0.1", "0.5",
+                       "--eps-linf", "0.01", "0.2", "--aa-version", "apgd", "--steps", "3", "--eval-samples", "24",
+                       "--out", str(tmp_path / "n.json")])
+    for key in ("pgd_l2", "aa_linf"):
+        accs = [res[key][e]["acc"] for e in sorted(res[key], key=float)]
+        assert accs == sorted(accs, reverse=True) and res[key][min(res[key], key=float)]["acc"] <= res["clean"]["acc"]
+    # Weights that are not float32 (float64 beyond float32's range, complex) or not finite are refused.
+    good = torch.load(ckpt, weights_only=True)
+    name = next(k for k, v in good["model"].items() if v.is_floating_point())
+    for bad, fragment in [(good["model"][name].double().fill_(1e300), "float64"), (good["model"][name].to(torch.complex64), "complex"),
+                          (good["model"][name].clone().fill_(float("nan")), "not finite")]:
+        torch.save({**good, "model": {**good["model"], name: bad}}, tmp_path / "bad.pt")
+        assert_cli_error(attack.main, ["--checkpoint", tmp_path / "bad.pt", "--out", tmp_path / "b.json"], fragment)
+    assert not (tmp_path / "b.json").exists()
+
+
+def make_folder(root, classes, size=8, mode="RGB", value=None, n=3):
+    from PIL import Image
+    for split in ("train", "test"):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(n):
+                Image.new(mode, (size, size), value if value is not None else (i * 40, 0, 0)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_folder_images_decode_faithfully_or_are_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+    root = make_folder(tmp_path / "f", ["cat", "dog"], mode="L", value=7)
+    cat = root / "train" / "cat"
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(cat / "sixteen.png")  # 16-bit: 32768 / 65535 -> 128
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(cat / "float.tiff")   # float: 0.5 -> 128
+    Image.fromarray(np.full((8, 8), 65535, np.int32)).save(cat / "int.tiff")     # 32-bit within 16 bits -> 255
+    d = D.get_data("folder", str(root))
+    files_in_order = sorted(["0.png", "1.png", "2.png", "float.tiff", "int.tiff", "sixteen.png"])
+    values = {f: int(d.train_x[i].float().mean()) for i, f in enumerate(files_in_order)}
+    assert d.train_x.shape[1] == 1 and values["sixteen.png"] == 128 and values["float.tiff"] == 128
+    assert values["int.tiff"] == 255 and values["0.png"] == 7
+    # One colour image makes the whole set RGB, grey images repeated over the channels (whichever comes first).
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(root / "train" / "dog" / "zz_colour.png")
+    d = D.get_data("folder", str(root))
+    assert d.train_x.shape[1] == 3 and (d.train_x[:6] == d.train_x[:6, :1]).all() and d.train_x[-1, 0].max() == 200
+    assert d.test_x.shape[1] == 3
+    for bad, fragment in [(np.full((8, 8), 70000, np.int32), "outside 0..65535"), (np.full((8, 8), 2.5, np.float32), "outside [0, 1]")]:
+        Image.fromarray(bad).save(cat / "bad.tiff")
+        assert_cli_error(T.main, ["--dataset", "folder", "--data-dir", root, "--out-dir", tmp_path / "o"], "bad.tiff", fragment)
+    os.remove(cat / "bad.tiff")
+    # A link loop is followed once: no image is read twice, no label changes.
+    os.symlink(root / "train", root / "train" / "cat" / "loop")
+    assert len(D.get_data("folder", str(root)).train_y) == 10
+    os.mkfifo(cat / "pipe.png")  # a FIFO would hang the read
+    assert_cli_error(T.main, ["--dataset", "folder", "--data-dir", root, "--out-dir", tmp_path / "o"], "pipe.png", "not a regular file")
+    os.remove(cat / "pipe.png")
+    Image.new("1", (14000, 14000)).save(cat / "bomb.png")  # 196 M pixels: PIL's decompression-bomb limit
+    assert_cli_error(T.main, ["--dataset", "folder", "--data-dir", root, "--out-dir", tmp_path / "o"], "bomb.png", "too large")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_refuses_data_with_other_classes(tmp_path):
+    root = make_folder(tmp_path / "f", ["cat", "dog"])
+    flags = ["--dataset", "folder", "--data-dir", root, "--batch-size", "2", "--eval-steps", "1", "--epochs", "2"]
+    T.main(list(map(str, [*flags, "--stop-after-epoch", "1", "--out-dir", tmp_path / "r"])))
+    assert torch.load(tmp_path / "r" / "model.pt", weights_only=True)["classes"] == ["cat", "dog"]
+    make_folder(root, ["bird"])  # a class folder added since (it sorts first: every label would shift)
+    assert_cli_error(attack.main, ["--checkpoint", tmp_path / "r", "--attacks", "clean"], "2 classes", "bird")
+    assert_cli_error(T.main, [*flags, "--out-dir", tmp_path / "r", "--resume"], "2 classes")
+
+
+def test_every_file_kind_is_checked_against_its_schema(tmp_path, tiny_run):
+    import sbg
+    ckpt = torch.load(tiny_run / "model.pt", weights_only=True)
+    name = next(iter(ckpt["model"]))
+    broken = {"no pag_source": ({k: v for k, v in ckpt.items() if k != "pag_source"}, "'pag_source'"),
+              "no input_shape": ({k: v for k, v in ckpt.items() if k != "input_shape"}, "'input_shape'"),
+              "negative epoch": ({**ckpt, "epoch": -1}, "'epoch'"),
+              "epoch beyond the run": ({**ckpt, "epoch": 5}, "epoch 5"),
+              "bad args": ({**ckpt, "args": {**ckpt["args"], "train_samples": "all"}}, "'train_samples'"),
+              "wrong shape": ({**ckpt, "model": {**ckpt["model"], name: torch.zeros(3)}}, name),
+              "missing weight": ({**ckpt, "model": {k: v for k, v in ckpt["model"].items() if k != name}}, "missing 1"),
+              "extra weight": ({**ckpt, "model": {**ckpt["model"], "extra.weight": torch.zeros(1)}}, "unexpected 1"),
+              "no optimizer (resume)": ({k: v for k, v in ckpt.items() if k != "optimizer"}, "'optimizer'")}
+    for case, (obj, fragment) in broken.items():
+        run_dir = tmp_path / case.replace(" ", "_").replace("(", "").replace(")", "")
+        run_dir.mkdir()
+        torch.save(obj, run_dir / "model.pt")
+        assert_cli_error(T.main, [*TINY, "--epochs", "1", "--out-dir", run_dir, "--resume"], fragment)
+        if "resume" not in case:
+            assert_cli_error(attack.main, ["--checkpoint", run_dir / "model.pt", "--out", run_dir / "a.json"], fragment)
+    # metrics.jsonl: a NaN (which would fail a whole epoch later), a FIFO (which would hang)
+    run_dir = copy_run(tiny_run, tmp_path / "m")
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1, "loss": NaN}\n')
+    assert_cli_error(T.main, [*TINY, "--epochs", "1", "--out-dir", run_dir, "--resume"], "line 1", "finite")
+    os.remove(run_dir / "metrics.jsonl")
+    os.mkfifo(run_dir / "metrics.jsonl")
+    assert_cli_error(T.main, [*TINY, "--epochs", "1", "--out-dir", run_dir, "--resume"], "not a regular file")
+    # SBG fields, ours and the official layout
+    data = D.get_data("synthetic", train_samples=12, image_size=8)
+    ours = {"kind": "sbg-fields", "fields": torch.zeros(12, 10, 3, 8, 8, dtype=torch.float16), "dataset": "synthetic",
+            "n": 12, "split": "train", "labels": data.train_y, "val_samples": None}
+    for obj, fragment in [({k: v for k, v in ours.items() if k != "dataset"}, "'dataset'"),
+                          ({**ours, "fields": ours["fields"].fill_(float("nan"))}, "not finite"),
+                          ((torch.zeros(12, 11, 3, 8, 8),), "official tensor"),
+                          ((torch.zeros(12, 11, 3, 8, 8, dtype=torch.complex64), data.train_y), "official tensor")]:
+        torch.save(obj, tmp_path / "f.pt")
+        with pytest.raises(D.UserError, match=fragment):
+            D.load_sbg_file(str(tmp_path / "f.pt"), data)
+    # The nearest-neighbour cache: sparse, or every image its own neighbour, or not the nearest ones
+    d = D.get_data("synthetic", train_samples=40, image_size=8)
+    table = D.nearest_of_class(d.train_x, d.train_x, d.train_y, 10, query_idx=torch.arange(40))
+    D.cached_nearest(d, str(tmp_path / "c"))
+    (path,) = (tmp_path / "c").iterdir()
+    self_table = table.clone()
+    self_table[torch.arange(40), d.train_y] = torch.arange(40)
+    shuffled = table.clone()
+    for t in range(10):  # another member of the right class: not the nearest
+        members = (d.train_y == t).nonzero().flatten()
+        shuffled[:, t] = members[(members.view(-1, 1) == table[:, t]).float().argmax(0).add(1) % len(members)]
+    for bad in (table.to_sparse(), self_table, shuffled):
+        torch.save(bad, path)
+        with pytest.raises(D.UserError, match="not a valid nearest-neighbour table"):
+            D.cached_nearest(d, str(tmp_path / "c"))
+    # idx files: truncated, a label file shorter than the images, a label out of range
+    import gzip
+    root = tmp_path / "fm" / "FashionMNIST" / "raw"
+    root.mkdir(parents=True)
+
+    def idx(path, array, cut=0):
+        raw = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
+        (root / path).write_bytes(raw[: len(raw) - cut])
+    import numpy as np
+    images, labels = np.zeros((20, 28, 28), np.uint8), np.arange(20, dtype=np.uint8) % 10
+    for cut_images, labels_now, fragment in [(5, labels, "header says"), (0, labels[:15], "one label per"),
+                                             (0, np.where(labels == 3, 200, labels).astype(np.uint8), "label is 200")]:
+        for prefix in ("train", "t10k"):
+            idx(f"{prefix}-images-idx3-ubyte", images, cut_images)
+            idx(f"{prefix}-labels-idx1-ubyte", labels_now)
+        with pytest.raises(D.UserError, match=fragment):
+            D.get_data("fashion-mnist", str(tmp_path / "fm"))
+    # A denoiser whose weights are not finite exports nothing.
+    sbg_data = ["--dataset", "synthetic", "--image-size", "16", "--train-samples", "16"]
+    sbg.main(["train", *sbg_data, "--epochs", "1", "--width", "8", "--out-dir", str(tmp_path / "dn")])
+    dn = torch.load(tmp_path / "dn" / "denoiser.pt", weights_only=True)
+    key = next(k for k, v in dn["model"].items() if v.is_floating_point())
+    torch.save({**dn, "model": {**dn["model"], key: dn["model"][key].fill_(float("nan"))}}, tmp_path / "dn" / "nan.pt")
+    assert_cli_error(sbg.main, ["export", *sbg_data, "--checkpoint", tmp_path / "dn" / "nan.pt", "--out", tmp_path / "x.pt"],
+                     "not finite")
+    assert not (tmp_path / "x.pt").exists()
+    del gzip
+
+
+def test_options_that_would_fail_deep_inside_are_refused_where_parsed(tmp_path, tiny_run):
+    import sbg
+    import train_pag
+    out = ["--out-dir", tmp_path / "r"]
+    for flags, fragment in [(["--seed", "1e20"], "--seed"), (["--seed", str(2 ** 40)], "2^32"), (["--lr", "1e308"], "--lr"),
+                            (["--weight-decay", "1e300"], "--weight-decay"), (["--image-size", "200000"], "1024"),
+                            (["--adv-eps", "1e308"], "--adv-eps")]:
+        assert_cli_error(T.main, [*TINY, *out, *flags], fragment)
+    assert_cli_error(T.main, ["--dataset", "synthetic", "--image-size", "12", "--arch", "vit", *out], "vit", "12 px")
+    assert_cli_error(train_pag.main, [*TINY, *out, "--source", "oi", "--train-samples", "5", "--batch-size", "2"],
+                     "oi source", "class(es)")
+    assert_cli_error(attack.main, ["--checkpoint", tiny_run, "--eps-linf", "1e308"], "--eps-linf")
+    assert_cli_error(sbg.main, ["sweep", "--checkpoint", tmp_path / "none.pt", "--sweep-images", "3"], "not exist")
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_result_or_user_file_is_lost(tmp_path, tiny_run):
+    import sbg
+    run_dir = copy_run(tiny_run, tmp_path / "r")
+    before = (run_dir / "model.pt").read_bytes()
+    assert_cli_error(attack.main, ["--checkpoint", run_dir / "model.pt", "--out", run_dir / "model.pt"], "also an input")
+    assert_cli_error(attack.main, ["--checkpoint", run_dir, "--attacks", "visualize", "--vis-out", run_dir / "model.pt"],
+                     "also an input")
+    assert (run_dir / "model.pt").read_bytes() == before
+    # A bad figure path or an unwritable results file is found before any attack runs.
+    (tmp_path / "file").write_text("in the way")
+    for flags, fragment in [(["--attacks", "visualize", "--vis-out", tmp_path / "grid.txt"], "suffix"),
+                            (["--out", tmp_path / "file" / "a.json"], "could not write"),
+                            (["--attacks", "visualize", "--vis-out", tmp_path / "file" / "g.png"], "could not write")]:
+        assert_cli_error(attack.main, ["--checkpoint", run_dir, *flags], fragment)
+    assert not (run_dir / "attack.json").exists()
+    # The JSON is written before the figure: a figure that fails to save loses no number.
+    # sbg.py export never overwrites its own denoiser.
+    sbg_data = ["--dataset", "synthetic", "--image-size", "16", "--train-samples", "16"]
+    sbg.main(["train", *sbg_data, "--epochs", "1", "--width", "8", "--out-dir", str(tmp_path / "dn")])
+    den = (tmp_path / "dn" / "denoiser.pt").read_bytes()
+    assert_cli_error(sbg.main, ["export", *sbg_data, "--checkpoint", tmp_path / "dn" / "denoiser.pt",
+                                "--out", tmp_path / "dn" / "denoiser.pt"], "also an input")
+    assert (tmp_path / "dn" / "denoiser.pt").read_bytes() == den
+    # A planted run.lock link: refused, its target untouched.
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "p").mkdir()
+    os.symlink(target, tmp_path / "p" / "run.lock")
+    assert_cli_error(T.main, [*TINY, "--epochs", "1", "--out-dir", tmp_path / "p"], "run.lock")
+    assert target.read_text() == "keep me"
+    # Stale-temporary cleanup removes only the exact temporaries this project makes.
+    run_dir2 = copy_run(tiny_run, tmp_path / "t")
+    (run_dir2 / "model.pt.tmpl_notes").write_text("a user's notes")
+    (run_dir2 / "model.pt.tmp4242").write_text("half")
+    T.main(list(map(str, [*TINY, "--epochs", "1", "--out-dir", run_dir2, "--resume"])))
+    assert (run_dir2 / "model.pt.tmpl_notes").read_text() == "a user's notes" and not (run_dir2 / "model.pt.tmp4242").exists()
+
+
+# ----------------------------------------------------------------------------- a researcher's second hour
+def test_attack_results_merge_across_calls_and_concurrent_processes(tmp_path, tiny_run):
+    run_dir = copy_run(tiny_run, tmp_path / "r")
+    base = ["--checkpoint", str(run_dir), "--eval-samples", "16", "--steps", "2"]  # a run folder is a checkpoint
+    attack.main([*base, "--attacks", "clean", "pgd-l2", "--eps-l2", "0.5", "1"])
+    first = json.loads((run_dir / "attack.json").read_text())
+    attack.main([*base, "--attacks", "visualize", "--vis-images", "1", "--vis-steps", "1"])
+    merged = json.loads((run_dir / "attack.json").read_text())
+    assert merged["pgd_l2"] == first["pgd_l2"] and merged["visualize"]["path"].endswith("targeted_attacks.png")
+    assert os.path.exists(run_dir / "targeted_attacks.png") and not os.path.exists(run_dir / "pag_grid.png")
+    attack.main([*base, "--attacks", "pgd-l2", "--eps-l2", "0.5", "--steps", "3"])  # same attack and radius: replaced
+    again = json.loads((run_dir / "attack.json").read_text())
+    assert again["pgd_l2"]["0.5"]["steps"] == 3 and again["pgd_l2"]["1"] == first["pgd_l2"]["1"]
+    assert {"made", "eval_samples", "steps", "loss", "seed"} <= set(again["pgd_l2"]["0.5"])
+    # Two processes at once on one checkpoint: both results stay.
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "attack.py"), *base, "--attacks", *which],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for which in (["pgd-linf"], ["align"])]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    final = json.loads((run_dir / "attack.json").read_text())
+    assert "pgd_linf" in final and "nn test" in final["align"] and final["pgd_l2"] == again["pgd_l2"]
+    assert "visualize" in final
+    other = copy_run(tiny_run, tmp_path / "other")
+    assert_cli_error(attack.main, ["--checkpoint", other, "--out", run_dir / "attack.json", "--attacks", "clean"],
+                     "results of")
+    (tmp_path / "text.pt").write_text("not a checkpoint at all")
+    code, err = cli(attack.main, ["--checkpoint", tmp_path / "text.pt"])
+    assert code == 1 and err.strip().endswith(")") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_says_what_is_saved_and_resumes(tmp_path, signal_name):
+    import signal
+    import time
+    args = [*TINY, "--train-samples", "256", "--epochs", "4", "--lr-drops=", "--out-dir", tmp_path / "r"]
+    proc = subprocess.Popen([sys.executable, "train_baseline.py", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "r" / "model.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signal_name))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("interrupted: ") and "holds epoch" in line and line.endswith("--resume")
+    command = line.split("continue with: ")[1].split()
+    assert command[:2] == ["python", "train_baseline.py"]
+    run(*command[1:])
+    rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_a_failed_start_leaves_no_folder_and_the_last_line_says_what_next(tmp_path):
+    assert_cli_error(T.main, ["--dataset", "cifar10", "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "r"], "not found")
+    assert not (tmp_path / "r").exists()
+    proc = run("train_pag.py", *TINY, "--epochs", "1", "--lr-drops=", "--out-dir", tmp_path / "p")
+    first, last = proc.stdout.splitlines()[0], proc.stdout.strip().splitlines()[-1]
+    assert "PAG source cm lambda 0.25" in first and "x C = 2.5" in first
+    assert last.startswith("done: ") and f"python attack.py --checkpoint {tmp_path / 'p' / 'model.pt'}" in last
+    # No schedule depends on the epochs (no lr drops): a finished run continues for longer.
+    run("train_pag.py", *TINY, "--epochs", "2", "--lr-drops=", "--out-dir", tmp_path / "p", "--resume")
+    assert len((tmp_path / "p" / "metrics.jsonl").read_text().splitlines()) == 2
+    proc = run("train_pag.py", *TINY, "--epochs", "3", "--out-dir", tmp_path / "p", "--resume", check=False)
+    assert_one_line_error(proc, "--lr-drops")  # the schedule changed: refused
+    run("toy_data.py", "--out", tmp_path / "toy" / "t.png")
+    assert (tmp_path / "toy" / "t.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- the authors' released checkpoints
+def official_resnet18_forward(sd, x):
+    """The official models/resnet.py ResNet-18, restated from its file in functional form (eval mode):
+    inputs in [-1, 1]."""
+    bn = lambda t, p: F.batch_norm(t, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"], sd[p + ".bias"],  # noqa: E731
+                                   False, 0.0, 1e-5)
+    out = F.relu(bn(F.conv2d(x, sd["conv1.weight"], padding=1), "bn1"))
+    for layer, stride in ((1, 1), (2, 2), (3, 2), (4, 2)):
+        for block in (0, 1):
+            p, s = f"layer{layer}.{block}", stride if block == 0 else 1
+            h = F.relu(bn(F.conv2d(out, sd[p + ".conv1.weight"], stride=s, padding=1), p + ".bn1"))
+            h = bn(F.conv2d(h, sd[p + ".conv2.weight"], padding=1), p + ".bn2")
+            short = bn(F.conv2d(out, sd[p + ".shortcut.0.weight"], stride=s), p + ".shortcut.1") \
+                if p + ".shortcut.0.weight" in sd else out
+            out = F.relu(h + short)
+    return F.linear(F.adaptive_avg_pool2d(out, 1).flatten(1), sd["linear.weight"], sd["linear.bias"])
+
+
+def official_vit_forward(sd, x, heads=12, layers=7):
+    """The official models/ViT.py + vit_layers.py, restated in functional form: patches flattened as
+    (row, column, channel), attention scaled by sqrt(width), GELU after both MLP linears."""
+    b, p = x.shape[0], x.shape[-1] // 8
+    words = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 4, 5, 1).reshape(b, 64, -1)
+    lin = lambda t, k: F.linear(t, sd[k + ".weight"], sd[k + ".bias"])  # noqa: E731
+    ln = lambda t, k: F.layer_norm(t, t.shape[-1:], sd[k + ".weight"], sd[k + ".bias"])  # noqa: E731
+    out = torch.cat([sd["cls_token"].repeat(b, 1, 1), lin(words, "emb")], dim=1) + sd["pos_emb"]
+    for i in range(layers):
+        e = f"enc.{i}"
+        h = ln(out, e + ".la1")
+        f = h.shape[-1]
+        q, k, v = (lin(h, f"{e}.msa.{n}").view(b, -1, heads, f // heads).transpose(1, 2) for n in "qkv")
+        score = torch.softmax(torch.einsum("bhif,bhjf->bhij", q, k) / f ** 0.5, dim=-1)
+        out = lin(torch.einsum("bhij,bhjf->bihf", score, v).flatten(2), e + ".msa.o") + out
+        out = F.gelu(lin(F.gelu(lin(ln(out, e + ".la2"), e + ".mlp.0")), e + ".mlp.3")) + out
+    return lin(ln(out[:, 0], "fc.0"), "fc.1")
+
+
+def random_official_state(arch, seed):
+    """Random weights in the official layout: every parameter and batch-norm statistic random, so that a
+    key read under the wrong name changes the predictions."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = build_model(arch, 10, 3, 32).state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("running_var"):
+            out[k] = torch.rand(v.shape, generator=gen) + 0.5
+        elif k.endswith(".weight") and v.dim() == 1:  # batch-norm and layer-norm scales near 1
+            out[k] = 1 + 0.1 * torch.randn(v.shape, generator=gen)
+        elif v.is_floating_point():
+            out[k] = torch.randn(v.shape, generator=gen) * (0.02 if "emb" in k or "msa" in k or "mlp" in k or "fc.1" in k else 0.1)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("arch,wrap", [("resnet18", "module"), ("resnet18", "plain"), ("vit", "module"), ("vit", "state_dict")])
+def test_official_checkpoints_compute_the_official_function_through_attack_py(tmp_path, arch, wrap):
+    sd = random_official_state(arch, 0)
+    saved = {"module": {"module." + k: v for k, v in sd.items()}, "plain": sd, "state_dict": {"state_dict": sd}}[wrap]
+    torch.save(saved, tmp_path / "official.pt")
+    model, ckpt = attack.load_any_checkpoint(str(tmp_path / "official.pt"), torch.device("cpu"), "synthetic")
+    assert ckpt["weights"] == "official" and ckpt["arch"] == arch
+    x = D.to_float(D.get_data("synthetic", test_samples=40).test_x)
+    forward = official_resnet18_forward if arch == "resnet18" else official_vit_forward
+    with torch.no_grad():
+        ref = forward(sd, (x - 0.5) / 0.5)  # the official model takes [-1, 1] images
+        ours = model(x)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4) and torch.equal(ours.argmax(1), ref.argmax(1))
+    spread = ref - ref.mean(0)  # the part of the logits that depends on the image: far above the tolerance
+    assert spread.abs().max() > 1e-2 and torch.allclose(ours - ours.mean(0), spread, atol=1e-5)
+    if wrap == "module":  # the whole command line: its table, and results that say whose weights they are
+        proc = run("attack.py", "--checkpoint", tmp_path / "official.pt", "--dataset", "synthetic", "--attacks", "clean",
+                   "--eval-samples", "40")
+        res = json.loads((tmp_path / "attack.json").read_text())
+        assert res["weights"] == "official" and "official release" in proc.stdout
+        y = D.get_data("synthetic", test_samples=40).test_y
+        assert res["clean"]["acc"] == pytest.approx((ref.argmax(1) == y).float().mean().item())
+
+
+def test_official_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
+    sd = random_official_state("resnet18", 1)
+    cases = {"missing": {k: v for k, v in sd.items() if k != "layer2.0.bn1.weight"},
+             "extra": {**sd, "layer5.weight": torch.zeros(1)},
+             "shape": {**sd, "linear.weight": torch.zeros(10, 256)},
+             "finite": {**sd, "conv1.weight": sd["conv1.weight"].clone().fill_(float("inf"))},
+             "state dict": {"weights": [1, 2, 3]},
+             "neither": {"conv.weight": torch.zeros(3)}}
+    for fragment, obj in cases.items():
+        torch.save({"module." + k: v for k, v in obj.items()} if fragment not in ("state dict",) else obj, tmp_path / "o.pt")
+        assert_cli_error(attack.main, ["--checkpoint", tmp_path / "o.pt", "--dataset", "synthetic", "--attacks", "clean"],
+                         "official", {"missing": "missing", "extra": "unexpected", "shape": "linear.weight",
+                                      "finite": "not finite", "state dict": "state dict", "neither": "neither"}[fragment])
+
 
 # ----------------------------------------------------------------------------- a newcomer's first hour
 @pytest.mark.parametrize("epochs,expected", [(1, [0.01]), (2, [0.01, 1e-5]), (3, [0.01, 0.001, 1e-5])])
@@ -952,7 +1388,7 @@ def test_no_import_cycle_among_the_projects_modules():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 found.add(node.module.split(".")[0])
         graph[name] = found & ours
-    assert graph["models"] == set() and graph["toy_data"] == set() and graph["data"] == {"toy_data"}
+    assert graph["models"] == graph["toy_data"] == graph["files"] == set() and graph["data"] == {"toy_data", "files"}
     done, visiting = set(), []
 
     def visit(n):
@@ -1010,7 +1446,7 @@ def test_toy_bench_runs_through_the_scripts(tmp_path):
         assert sorted(m["x1"] for m in modes) == [-50, -30, -10, 10, 30, 50]
         for e in EPS_TOY:  # per-mode distances and attack.py's exact-l2 agree: all robust iff every mode is far
             assert (exact[name][e] == 1.0) == all(m["min_dist"] is None or m["min_dist"] > float(e) for m in modes)
-        dist = json.loads((tmp_path / name / "attack.json").read_text())["exact_l2_distance"]
+        dist = json.loads((tmp_path / name / "attack.json").read_text())["exact_l2_distance"]["distances"]
         assert len(dist) == 600
         for e in EPS_TOY:  # the accuracies are the fraction of points farther than eps
             far = sum(d is None or d > float(e) for d in dist) / 600
@@ -1026,7 +1462,7 @@ def test_toy_data_seed_reaches_training_and_the_attack(tmp_path):
     model, ckpt = attack.load_checkpoint(str(tmp_path / "model.pt"))
     assert ckpt["args"]["data_seed"] == 3
     reported = torch.tensor([float("inf") if d is None else d for d in
-                             json.loads((tmp_path / "attack.json").read_text())["exact_l2_distance"]])
+                             json.loads((tmp_path / "attack.json").read_text())["exact_l2_distance"]["distances"]])
     assert reported.isfinite().sum() > 50  # enough points near a boundary to tell the draws apart
     with torch.no_grad():  # the attack measured the points of draw 3, not those of the default draw
         for seed, same in ((3, True), (0, False)):
@@ -1060,6 +1496,7 @@ def test_toy_bench_summarises_several_seeds(tmp_path):
     assert dup.returncode == 2 and "twice" in dup.stderr and not (tmp_path / "dup").exists()
 
 
+@pytest.mark.smoke
 def test_boundary_distance_2d_matches_the_analytic_distance_to_a_line():
     # logits [0, w.x + b]: class 1 where w.x + b > 0; the boundary is a line at |w.x + b| / |w|.
     w, b = torch.tensor([3.0, -4.0]), 2.0
@@ -1346,6 +1783,7 @@ def test_torchrun_resume_and_refusals(tmp_path):
 
 
 # ----------------------------------------------------------------------------- score-based gradients
+@pytest.mark.smoke
 def test_sbg_field_equals_the_analytic_gradient_of_log_posterior_for_gaussian_classes():
     import sbg
     torch.manual_seed(0)
@@ -1404,7 +1842,7 @@ def test_sbg_train_export_and_train_pag_with_the_file(tmp_path):
     x8 = D.to_float(D.get_data("synthetic", test_samples=8, image_size=16).test_x)
     fields8 = test_fields["fields"][:8].float()
     expected = attack.alignment(model, x8, lambda xb, t, idx: fields8[idx[:, None], t], 10, indices=torch.arange(8))
-    assert json.loads((tmp_path / "t.json").read_text())["alignment"]["cos"] == pytest.approx(expected, abs=1e-6)
+    assert json.loads((tmp_path / "t.json").read_text())["align"]["sbg test"]["cos"] == pytest.approx(expected, abs=1e-6)
     assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align",
                               "--align-source", "sbg", "--sbg-file", tmp_path / "ft.pt", "--n-samples", "20", check=False),
                           "12 synthetic test images")  # fields for 12 test images, 20 asked for
@@ -1414,7 +1852,7 @@ def test_sbg_train_export_and_train_pag_with_the_file(tmp_path):
                               "--n-samples", "8", check=False), "needs 2-D inputs")
     proc = run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align", "--align-source", "sbg",
                "--sbg-file", tmp_path / "f.pt", "--align-split", "train", "--n-samples", "8", "--out", tmp_path / "a.json")
-    assert -1 <= json.loads((tmp_path / "a.json").read_text())["alignment"]["cos"] <= 1
+    assert -1 <= json.loads((tmp_path / "a.json").read_text())["align"]["sbg train"]["cos"] <= 1
 
 
 def test_sbg_train_under_torchrun_and_resume(tmp_path):

@@ -8,6 +8,7 @@ class t is the way to the nearest training point of class t: g(x, t) = nn_t(x) -
 This file imports nothing of ours: it is the toy's data module and its picture.
 """
 import argparse
+import os
 
 import torch
 
@@ -119,12 +120,15 @@ def save_toy_figure(path, points, labels, predict=None, arrows=None, title=""):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="toy_data.png", help="PNG to write")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="which draw of the data")
+    parser.add_argument("--out", default=os.path.join("results", "toy", "toy_data.png"), help="PNG to write")
     parser.add_argument("--arrows", type=int, default=60, help="how many ground-truth arrows to draw")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.arrows < 0 or not args.out.lower().endswith((".png", ".pdf", ".svg")):
+        parser.error("--arrows must be >= 0 and --out a .png, .pdf or .svg file")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     train_x, train_y, _, _ = make_toy(args.seed)
     # Arrows toward the *other* class from a random subset: the field PAG learns.
     save_toy_figure(args.out, train_x, train_y, arrows=ground_truth_arrows(train_x, train_y, args.arrows, args.seed),

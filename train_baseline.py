@@ -16,6 +16,10 @@ import argparse
 import json
 import math
 import os
+import shlex
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data as D
+import files
 from models import ARCHS, PIXEL_MEAN, build_model
 
 # Flags that may differ between a run and its --resume (everything else must match).
@@ -43,9 +48,9 @@ def add_common_args(p):
     p.add_argument("--epochs", type=D.positive_int, default=100, help="training epochs (the paper: 100)")
     p.add_argument("--batch-size", type=D.positive_int, help="default: 64 (CIFAR, fashion-mnist, folder), 32 (STL), 128 (toy)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd (paper), adam (fashion-mnist, toy)")
-    p.add_argument("--lr", type=D.positive_float, help="default: 0.01 (paper, toy), 1e-3 (fashion-mnist)")
-    p.add_argument("--momentum", type=D.nonneg_float, default=0.9, help="SGD only")
-    p.add_argument("--weight-decay", type=D.nonneg_float, help="default: 1e-4 with SGD, 0 with Adam")
+    p.add_argument("--lr", type=D.learning_rate, help="default: 0.01 (paper, toy), 1e-3 (fashion-mnist)")
+    p.add_argument("--momentum", type=D.unit_interval, default=0.9, help="SGD only")
+    p.add_argument("--weight-decay", type=D.weight_decay, help="default: 1e-4 with SGD, 0 with Adam")
     p.add_argument("--lr-drops", type=D.fractions, metavar="F1,F2",
                    help="lr is divided by 10 from the first epoch e >= F*epochs (counting from 1) of each fraction F, "
                         "and once more in the last epoch, as the official schedule (never in the first epoch); "
@@ -53,26 +58,26 @@ def add_common_args(p):
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop (padding 4) + flip per sample; default: on for CIFAR, STL and folder images "
                         "of 32 px or more, off for fashion-mnist")
-    p.add_argument("--seed", type=int, default=3407, help="the official configs' seed")
-    p.add_argument("--data-seed", type=int, help="toy only: which draw of the data (default 0)")
+    p.add_argument("--seed", type=D.seed, default=3407, help="the official configs' seed")
+    p.add_argument("--data-seed", type=D.seed, help="toy only: which draw of the data (default 0)")
     p.add_argument("--train-samples", type=D.positive_int, help="train on the first N training images (default: all)")
     p.add_argument("--val-samples", type=D.positive_int,
                    help="hold out N training images (a fixed random subset) as a validation split, never trained on; "
                         "the per-epoch evaluation then uses it instead of the test images (default: none)")
     p.add_argument("--eval-samples", type=D.positive_int, default=1000,
                    help="per-epoch evaluation on the first N test images (validation images with --val-samples)")
-    p.add_argument("--eval-eps", type=D.nonneg_float, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
+    p.add_argument("--eval-eps", type=D.radius, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
     p.add_argument("--eval-steps", type=D.positive_int, default=7, help="per-epoch PGD-L2 steps (step 1.5*eps/steps, as the official code)")
     p.add_argument("--adv", default="none", choices=("none", "pgd", "trades"), help="adversarial training: Madry PGD-AT or TRADES")
     p.add_argument("--adv-norm", default="linf", choices=("linf", "l2"), help="threat model of --adv")
-    p.add_argument("--adv-eps", type=D.nonneg_float, help="default: the dataset's eps (8/255 L-inf, 0.5 L2 for CIFAR; 0.1, 1.5 fashion-mnist)")
+    p.add_argument("--adv-eps", type=D.radius, help="default: the dataset's eps (8/255 L-inf, 0.5 L2 for CIFAR; 0.1, 1.5 fashion-mnist)")
     p.add_argument("--adv-steps", type=D.positive_int, default=10, help="PGD steps of --adv")
-    p.add_argument("--adv-step-size", type=D.positive_float, help="default: 2.5*eps/steps (2/255 for 8/255 and 10 steps)")
-    p.add_argument("--trades-beta", type=D.nonneg_float, default=6.0, help="weight of the TRADES KL term")
+    p.add_argument("--adv-step-size", type=D.step_size, help="default: 2.5*eps/steps (2/255 for 8/255 and 10 steps)")
+    p.add_argument("--trades-beta", type=D.loss_weight, default=6.0, help="weight of the TRADES KL term")
     p.add_argument("--amp", default="fp32", choices=("fp32", "bf16"),
                    help="training precision: fp32 (on a GPU, matmuls and convolutions use TF32 where it has it), "
                         "or bf16 autocast (losses and cosines stay in fp32)")
-    p.add_argument("--image-size", type=D.positive_int, help="resize folder images / size of synthetic images")
+    p.add_argument("--image-size", type=D.image_side, help="resize folder images / size of synthetic images")
     p.add_argument("--out-dir", help="default: runs/<baseline|pag_SOURCE>[_pgdat|_trades]_<dataset>_<arch>")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/model.pt")
     p.add_argument("--stop-after-epoch", type=D.positive_int, help="exit after this epoch (time-limited jobs; continue with --resume)")
@@ -214,7 +219,11 @@ def pgd(model, x, y, eps, norm="l2", steps=10, step_size=None, targeted=False, r
 
 
 def check_perturbation(x_adv, x, eps, norm, box, name):
-    """Refuse to count adversarial examples outside their eps ball or the input box."""
+    """Refuse to count adversarial examples outside their eps ball or the input box, or not finite
+    (a point the model cannot classify would silently count as robust or not)."""
+    if not bool(torch.isfinite(x_adv).all()):
+        raise D.UserError(f"{name}: the attack produced non-finite inputs at eps {eps:g}; a radius or step this "
+                          "large overflows float32 here")
     dist_ = (x_adv - x).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
     if (dist_ > eps * (1 + 1e-4) + 1e-6).any():
         raise RuntimeError(f"{name}: perturbation of {dist_.max().item():.6g} exceeds eps {eps:g} ({norm})")
@@ -341,14 +350,15 @@ LOSS_TERMS = {"ce": "CE", "adv": "adversarial", "pag": "PAG"}  # the logged term
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args, data, epoch):
-    """model.pt: the one schema, read back by load_checkpoint (attack.py) and resume_checkpoint."""
-    D.atomic_write(path, {
+    """model.pt: the one schema, read back (and checked) by read_checkpoint and load_checkpoint."""
+    files.atomic_write(path, {
         "format": CHECKPOINT_FORMAT, "kind": "classifier",
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "generator": order_gen.get_state(), "sample_generators": sample_gen_states,
         "torch_rng": torch.get_rng_state(), "epoch": epoch,
         "arch": args.arch, "dataset": args.dataset, "num_classes": data.num_classes,
-        "input_shape": tuple(data.input_shape), "args": vars(args),
+        "input_shape": tuple(data.input_shape), "classes": list(data.classes) if data.classes else None,
+        "args": vars(args),
         "pag_source": getattr(args, "source", None),  # None: no PAG term (baseline or adversarial training)
     })
 
@@ -359,41 +369,101 @@ def finite_weights(state_dict):
     return bool(torch.stack(checks).all()) if checks else True
 
 
-def read_checkpoint(path, kind, what):
-    """A checkpoint of `kind`, loaded without running code and checked for its format."""
-    ckpt = D.load_file(path, what)
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+_rng_state = lambda v: torch.is_tensor(v) and v.dtype == torch.uint8 and v.dim() == 1  # noqa: E731
+# What every classifier checkpoint holds (attack.py needs these), what --resume needs besides, and the
+# training flags attack.py reads back to rebuild the data, each with its check.
+CLASSIFIER_FIELDS = {
+    "model": dict, "epoch": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "arch": lambda v: v in ARCHS, "dataset": lambda v: v in D.DATASETS,
+    "num_classes": lambda v: _count(v) and v >= 2, "pag_source": _optional(lambda v: v in D.SOURCES),
+    "input_shape": lambda v: isinstance(v, (tuple, list)) and len(v) in (1, 3) and all(_count(d) for d in v),
+    "classes": _optional(lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v)),
+    "args": dict,
+}
+RESUME_FIELDS = {"optimizer": dict, "scheduler": dict, "generator": _rng_state, "torch_rng": _rng_state,
+                 "sample_generators": lambda v: isinstance(v, list) and len(v) >= 1 and all(map(_rng_state, v))}
+DATA_ARGS = {"data_dir": str, "download": bool, "epochs": _count, "seed": int, "train_samples": _optional(_count),
+             "val_samples": _optional(_count), "image_size": _optional(_count), "data_seed": _optional(lambda v: isinstance(v, int))}
+
+
+def read_checkpoint(path, kind, what, fields=None, loaded=None):
+    """A checkpoint of `kind`, loaded without running code (or `loaded` already), checked for its
+    format and for `fields` (files.require: each key's presence and type or value)."""
+    ckpt = files.load_file(path, what) if loaded is None else loaded
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise D.UserError(f"{path} is not a {what}")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise D.UserError(f"{path} has checkpoint format {ckpt.get('format')}, this code reads {CHECKPOINT_FORMAT}")
+        raise D.UserError(f"{path} has checkpoint format {ckpt.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")
+    return files.require(ckpt, fields or {}, path, what)
+
+
+CLASSIFIER = "checkpoint of train_baseline.py / train_pag.py"
+
+
+def read_classifier(path, resume=False, loaded=None):
+    """A classifier checkpoint with every field its readers use checked, its training flags included,
+    and its epoch within its run's epochs."""
+    ckpt = read_checkpoint(path, "classifier", CLASSIFIER, {**CLASSIFIER_FIELDS, **(RESUME_FIELDS if resume else {})}, loaded)
+    files.require(ckpt["args"], DATA_ARGS, path, "checkpoint's training flags")
+    if ckpt["epoch"] > ckpt["args"]["epochs"]:
+        raise D.UserError(f"{path}: epoch {ckpt['epoch']} of a {ckpt['args']['epochs']}-epoch run is not valid")
     return ckpt
 
 
-def load_checkpoint(path, device="cpu"):
-    """Rebuild the model of a model.pt: (model in eval mode, checkpoint dict). Refuses, with a
-    one-line UserError, files that are not our checkpoints and weights that are not finite."""
-    ckpt = read_checkpoint(path, "classifier", "checkpoint of train_baseline.py / train_pag.py")
+def build_for(ckpt, path):
+    """The model a checkpoint's fields describe (not yet loaded)."""
     shape = ckpt["input_shape"]
     try:
-        model = build_model(ckpt["arch"], ckpt["num_classes"], shape[0], shape[-1] if len(shape) == 3 else None)
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError, KeyError, TypeError):
-        raise D.UserError(f"{path}: weights do not fit a {ckpt.get('arch')} model") from None
-    if not finite_weights(ckpt["model"]):
-        raise D.UserError(f"{path} holds weights that are not finite (a diverged run)")
+        return build_model(ckpt["arch"], ckpt["num_classes"], shape[0], shape[-1] if len(shape) == 3 else None)
+    except ValueError as e:
+        raise D.UserError(f"{path}: {e}") from None
+
+
+def load_checkpoint(path, device="cpu", loaded=None):
+    """Rebuild the model of a model.pt: (model in eval mode, checkpoint dict). Refuses, in one line,
+    files that are not our checkpoints, fields that are missing or wrong, and weights that do not
+    fit the model exactly (keys, shapes, dtypes) or are not finite."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")  # a run folder
+    ckpt = read_classifier(path, loaded=loaded)
+    model = build_for(ckpt, path)
+    files.check_state_dict(model, ckpt["model"], path, CLASSIFIER)
+    model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
 
-def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE):
+def check_data_fits(ckpt, data, path):
+    """Refuse data that is not what the checkpoint's model was trained on: its classes (names and
+    count) and its input shape. A class folder added since, or another dataset, would be scored
+    or trained with labels that mean something else."""
+    names = list(data.classes) if data.classes else None
+    if data.num_classes != ckpt["num_classes"] or (ckpt["classes"] is not None and names != list(ckpt["classes"])):
+        raise D.UserError(f"{path} was trained on {ckpt['num_classes']} classes {ckpt['classes'] or ''}, but the data "
+                          f"has {data.num_classes} {names or ''}")
+    if tuple(data.input_shape) != tuple(ckpt["input_shape"]):
+        raise D.UserError(f"{path} was trained on inputs of shape {tuple(ckpt['input_shape'])}, the data's are "
+                          f"{tuple(data.input_shape)} (--image-size?)")
+
+
+def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE, fields=None):
     """For --resume: the checkpoint at path, refusing one made with other settings (both trainers)."""
     if not os.path.isfile(path):
         raise D.UserError(f"--resume: no checkpoint at {path}")
-    ckpt = read_checkpoint(path, kind, what)
+    ckpt = read_classifier(path, resume=True) if kind == "classifier" else read_checkpoint(path, kind, what, fields)
     old, new = ckpt.get("args", {}), vars(args)
+    if kind == "classifier" and not old.get("lr_drops") and old.get("pag_first_half_scale", 1.0) in (1.0, None) \
+            and new.get("epochs", 0) >= ckpt["epoch"]:
+        may_change = may_change | {"epochs"}  # no schedule depends on them: a run may be continued for longer
     changed = sorted(k for k in set(old) | set(new) if k not in may_change and old.get(k) != new.get(k))
     if changed:
         k = changed[0]
-        raise D.UserError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {path}, now {new.get(k)!r}")
+        hint = "; the lr schedule (or lambda's) depends on them: start a new run to train longer" if k == "epochs" else ""
+        raise D.UserError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {path}, now {new.get(k)!r}{hint}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(ckpt["sample_generators"]) != world:
         raise D.UserError(f"--resume: {path} was written by {len(ckpt['sample_generators'])} process(es), this run has {world}")
@@ -401,9 +471,11 @@ def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE):
 
 
 def read_metrics(path, last_epoch):
-    """metrics.jsonl's lines up to last_epoch (later ones were written before a crash)."""
-    if not os.path.exists(path):
+    """metrics.jsonl's lines up to last_epoch (later ones were written before a crash), each checked:
+    a JSON object with an integer epoch, in order, and only finite numbers (they are written again)."""
+    if not os.path.lexists(path):
         return []
+    files.regular_file(path, "metrics file")
     with open(path) as f:
         lines = f.read().splitlines()
     rows = []
@@ -412,15 +484,18 @@ def read_metrics(path, last_epoch):
             row = json.loads(line)
         except ValueError:
             row = None
-        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-            raise D.UserError(f"{path} line {n} is not a metrics line; repair or delete the file")
+        numbers_ok = isinstance(row, dict) and all(math.isfinite(v) for v in row.values()
+                                                   if isinstance(v, float))
+        if not numbers_ok or not isinstance(row.get("epoch"), int) or row["epoch"] != n:
+            raise D.UserError(f"{path} line {n} is not a valid metrics line (epoch {n}, finite numbers); "
+                              "repair or delete the file")
         rows.append(row)
     return [r for r in rows if r["epoch"] <= last_epoch]
 
 
 def write_metrics(path, rows):
     """The whole file, atomically (it is small): never a torn line."""
-    D.atomic_write(path, text="".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+    files.atomic_write(path, text="".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------- progress
@@ -534,6 +609,7 @@ class Run:
     rank: int
     world: int
     start_epoch: int = 0
+    saved_epoch: int = 0          # the epoch OUT_DIR/model.pt holds
     metrics: list = field(default_factory=list)
 
     def log(self, *a, **k):
@@ -549,25 +625,47 @@ class Run:
         return os.path.join(self.args.out_dir, "metrics.jsonl")
 
 
+def resume_command():
+    """This run's command line with --resume: what continues it after an interruption."""
+    argv = list(sys.argv)
+    return shlex.join(["python", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def train(args, make_loss=make_classification_loss, run_name="baseline"):
     """Train a classifier with loss_fn = make_loss(args, data), called per batch as
     loss_fn(model, train_model, batch: Batch) -> (loss tensor, dict of floats to log);
     model is the plain module, train_model the one to run training forwards through
-    (the DDP wrapper under torchrun). run_name: a name, or a function of the resolved args."""
+    (the DDP wrapper under torchrun). run_name: a name, or a function of the resolved args.
+    Ctrl-C or SIGTERM (what clusters send before a kill) ends it with one line naming the last
+    saved epoch and the command that continues it, exit status 130."""
     args = resolve_defaults(args, run_name)
     rank, world, device = setup_distributed(args)
-    with D.RunLock(args.out_dir) if rank == 0 else nullcontext():
-        run = setup(args, make_loss, rank, world, device)
-        for epoch in range(run.start_epoch, args.epochs):
-            sums, seen, lr, seconds = train_epoch(run, epoch)
-            end_epoch(run, epoch, sums, seen, lr, seconds)
-            if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
-                run.log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
-                break
-        if run.start_epoch >= args.epochs:
-            run.log(f"{run.ckpt_path} already finished {args.epochs} epochs")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    run = None
+    try:
+        with files.RunLock(args.out_dir) if rank == 0 else nullcontext():
+            run = setup(args, make_loss, rank, world, device)
+            for epoch in range(run.start_epoch, args.epochs):
+                sums, seen, lr, seconds = train_epoch(run, epoch)
+                end_epoch(run, epoch, sums, seen, lr, seconds)
+                if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
+                    run.log(f"stopping after epoch {epoch + 1} as asked; continue with: {resume_command()}")
+                    break
+            if run.start_epoch >= args.epochs:
+                run.log(f"{run.ckpt_path} already finished {args.epochs} epochs")
+    except KeyboardInterrupt:
+        saved = run.saved_epoch if run is not None else 0
+        where = f"{run.ckpt_path} holds epoch {saved} of {args.epochs}" if saved else "no epoch was saved"
+        raise files.Interrupted(f"{where}; continue with: {resume_command()}" if saved else where) from None
     if world > 1:
         dist.destroy_process_group()
+    run.log(f"done: {run.ckpt_path} holds epoch {run.saved_epoch} of {args.epochs}; evaluate it with: python attack.py "
+            f"--checkpoint {run.ckpt_path} --attacks clean aa-l2 aa-linf align")
     return run.model, run.data
 
 
@@ -581,19 +679,25 @@ def setup(args, make_loss, rank, world, device):
                           "loader does) of at least 2; lower --batch-size")
     args.augment = resolve_augment(args.augment, data)
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device)
+    try:
+        model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device)
+    except ValueError as e:  # e.g. vit on 28 px images
+        raise D.UserError(f"--arch {args.arch} on {data.name} images of {data.input_shape[-1]} px: {e} (--image-size)") from None
     opt, sched = make_optimizer(model, args)
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     run = Run(args, data, model, train_model, opt, sched, torch.Generator().manual_seed(args.seed),
               torch.Generator().manual_seed(args.seed * 1000 + 1 + rank), make_loss(args, data), rank, world)
     if rank == 0:
-        D.remove_stale_temporaries(args.out_dir, ("model.pt", "metrics.jsonl"))
+        files.remove_stale_temporaries(args.out_dir, ("model.pt", "metrics.jsonl"))
     if args.resume:
         resume(run)
     elif os.path.exists(run.ckpt_path):
         raise D.UserError(f"{run.ckpt_path} exists; pass --resume to continue it or choose another --out-dir")
     adv = "" if args.adv == "none" else f", {args.adv} adversarial training ({args.adv_norm} eps {args.adv_eps:g})"
+    if getattr(args, "source", None):  # train_pag.py's: resolved by make_loss
+        adv = (f", PAG source {args.source} lambda {args.pag_coeff:g} (x C = {args.pag_coeff * data.num_classes:g}), "
+               f"{args.targets_per_image} targets per image") + adv
     procs = "" if world == 1 else f" x {world} processes (global batch {args.batch_size * world})"
     run.log(f"{args.run_name}: {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
             f"{data.name}, {len(data.train_y)} train images"
@@ -605,14 +709,20 @@ def setup(args, make_loss, rank, world, device):
 
 def resume(run):
     """--resume: every state of the run as OUT_DIR/model.pt left it, and the metrics lines up to it."""
-    ckpt = resume_checkpoint(run.ckpt_path, run.args, "classifier", "checkpoint of train_baseline.py / train_pag.py")
+    path = run.ckpt_path
+    ckpt = resume_checkpoint(path, run.args, "classifier", CLASSIFIER)
+    check_data_fits(ckpt, run.data, path)
+    files.check_state_dict(run.model, ckpt["model"], path, CLASSIFIER)
     run.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
-    run.sched.load_state_dict(ckpt["scheduler"])
-    run.order_gen.set_state(ckpt["generator"])
-    run.sample_gen.set_state(ckpt["sample_generators"][run.rank])
-    torch.set_rng_state(ckpt["torch_rng"])
-    run.start_epoch = ckpt["epoch"]
+    try:  # the training state, already checked for its types: what is left is whether it fits this run
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.sched.load_state_dict(ckpt["scheduler"])
+        run.order_gen.set_state(ckpt["generator"])
+        run.sample_gen.set_state(ckpt["sample_generators"][run.rank])
+        torch.set_rng_state(ckpt["torch_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise D.UserError(f"{path}: its optimiser or random state does not fit this run ({str(e).splitlines()[0][:120]})") from None
+    run.start_epoch = run.saved_epoch = ckpt["epoch"]
     run.metrics = read_metrics(run.metrics_path, run.start_epoch) if run.rank == 0 else []
     run.log(f"resuming {run.ckpt_path} after epoch {run.start_epoch}")
 
@@ -670,6 +780,7 @@ def end_epoch(run, epoch, sums, seen, lr, train_seconds):
             print(f"wrote {run.ckpt_path} and {run.metrics_path} (updated every epoch)", flush=True)
     if run.world > 1:
         dist.barrier()
+    run.saved_epoch = epoch + 1
 
 
 def make_batch(data, idx, augment, epoch, step, generator):

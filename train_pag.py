@@ -177,10 +177,10 @@ def add_pag_args(p):
     p.add_argument("--source", choices=D.SOURCES,
                    help="ground-truth PAG: oi, cm, nn, sbg (default: sbg with --sbg-file, nn for the toy, else cm)")
     p.add_argument("--sbg-file", help="precomputed score-based fields (sbg.py export, or the official release)")
-    p.add_argument("--pag-coeff", type=D.nonneg_float,
+    p.add_argument("--pag-coeff", type=D.loss_weight,
                    help="lambda (default: 1.5 resnet18, 3.0 vit, 0.25 cnn, 2.5 toy mlp; times 10/C beyond 10 classes, "
                         "e.g. 0.15 for CIFAR-100 resnet18: the official code's weight)")
-    p.add_argument("--pag-first-half-scale", type=D.nonneg_float,
+    p.add_argument("--pag-first-half-scale", type=D.loss_weight,
                    help="lambda is multiplied by this in the first half of training (default: 2/3 for vit, else 1)")
     p.add_argument("--targets-per-image", type=D.positive_int,
                    help="k target classes per image (default: all classes, at most 10)")

@@ -42,7 +42,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data as D  # noqa: E402 - the project's one atomic writer and parser
+import data as D  # noqa: E402 - the project's parser
+import files  # noqa: E402 - the one atomic writer
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 # Every setting of the bench, in one place (written into the results' config).
@@ -304,10 +305,10 @@ class Bench:
            "--n-samples", self.cfg["test_samples"], "--align-source", "nn", "--seed", seed, "--out", res_path)
         res = json.load(open(res_path))
         eps_l2, eps_linf = f"{self.cfg['eps_l2']:g}", f"{self.cfg['eps_linf']:g}"
-        D.write_json({"key": key, "model": model, "seed": seed, "lambda": lam, "settings": want,
+        files.write_json({"key": key, "model": model, "seed": seed, "lambda": lam, "settings": want,
                       "val_acc": last["val_acc"], "val_pgd_l2_acc": last[f"val_pgd_l2_{eps_l2}_acc"],
-                      "clean": res["clean_acc"], "aa_l2": res["autoattack_l2"][eps_l2],
-                      "aa_linf": res["autoattack_linf"][eps_linf], "align_nn": res["alignment"]["cos"], "align_sbg": None,
+                      "clean": res["clean"]["acc"], "aa_l2": res["aa_l2"][eps_l2]["acc"],
+                      "aa_linf": res["aa_linf"][eps_linf]["acc"], "align_nn": res["align"]["nn test"]["cos"], "align_sbg": None,
                       "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - start, 1),
                       "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}, self.result_path(key))
 
@@ -329,9 +330,9 @@ class Bench:
         sh(os.path.join(run_dir, "run.log"), "attack.py", "--checkpoint", os.path.join(run_dir, "model.pt"), "--attacks",
            "align", "--align-source", "sbg", "--sbg-file", self.fields["test"], "--align-split", "test",
            "--n-samples", self.cfg["test_samples"], "--seed", seed, "--out", align_path)
-        result["align_sbg"] = json.load(open(align_path))["alignment"]["cos"]
+        result["align_sbg"] = json.load(open(align_path))["align"]["sbg test"]["cos"]
         result["seconds"] = round(result["seconds"] + time.time() - start, 1)
-        D.write_json(result, self.result_path(key))
+        files.write_json(result, self.result_path(key))
         print(f"  {key}: clean {result['clean']:.1%}, AA L2 {result['aa_l2']:.1%}, L-inf {result['aa_linf']:.1%}, "
               f"align NN {result['align_nn']:.3f} SBG {result['align_sbg']:.3f} -> {os.path.relpath(self.result_path(key))}",
               flush=True)
@@ -348,14 +349,14 @@ class Bench:
                 raise D.UserError(f"{self.sbg_dir} was made with other settings ({made_with}); delete it or pass another --out-dir")
             return
         ckpt, log = os.path.join(self.sbg_dir, "denoiser.pt"), os.path.join(self.sbg_dir, "sbg.log")
-        if not os.path.exists(ckpt) or D.load_file(ckpt, "denoiser checkpoint")["epoch"] < s["epochs"]:
+        if not os.path.exists(ckpt) or files.load_file(ckpt, "denoiser checkpoint")["epoch"] < s["epochs"]:
             sh(log, "sbg.py", "train", *self.data_flags, "--epochs", s["epochs"], "--seed", s["seed"], "--out-dir", self.sbg_dir,
                *(["--resume"] if os.path.exists(ckpt) else []))
         for split in ("test", "train"):
             sh(log, "sbg.py", "export", *self.data_flags, "--checkpoint", ckpt, "--timestep", s["timestep"],
                "--noise-draws", s["noise_draws"], "--split", split, "--eval-samples", self.cfg["test_samples"],
                "--seed", s["seed"], "--out", self.fields[split])
-        D.write_json(want, settings_file)
+        files.write_json(want, settings_file)
 
     def select(self):
         """SELECTION_RULE on the validation accuracies of vanilla and the sweep (all seeds)."""
@@ -415,11 +416,11 @@ class Bench:
                   "validation_clean_acc": {str(k): v for k, v in val.items()},
                   "wall_minutes_this_call": round(wall / 60, 1), "train_minutes_sum": round(train_minutes, 1)}
         seeds_out = {"config": config, "seeds": seeds, "rows": rows, "claims": found}
-        D.write_json(seeds_out, os.path.join(self.results_dir, "fashion_mnist_seeds.json"))
-        D.write_json({"config": config, "seeds": seeds, "rows": lambda_rows},
+        files.write_json(seeds_out, os.path.join(self.results_dir, "fashion_mnist_seeds.json"))
+        files.write_json({"config": config, "seeds": seeds, "rows": lambda_rows},
                      os.path.join(self.results_dir, "fashion_mnist_lambda.json"))
         md = markdown(rows, lambda_rows, found, config)
-        D.atomic_write(os.path.join(self.results_dir, "fashion_mnist_seeds.md"), text=md)
+        files.atomic_write(os.path.join(self.results_dir, "fashion_mnist_seeds.md"), text=md)
         figures(rows, lambda_rows, points, found["3"], config, self.results_dir)
         print(md)
         for f in ("fashion_mnist_seeds.json", "fashion_mnist_seeds.md", "fashion_mnist_lambda.json",
@@ -508,8 +509,8 @@ def main(argv=None):
     p = D.Parser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()
                                                                                   if k != "sbg") + ", 1 denoiser epoch")
-    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {CONFIG['seeds']} ({QUICK['seeds']} with --quick)")
-    p.add_argument("--lambdas", type=D.positive_float, nargs="+", help=f"the sweep (default: {CONFIG['lambdas']})")
+    p.add_argument("--seeds", type=D.seed, nargs="+", help=f"default: {CONFIG['seeds']} ({QUICK['seeds']} with --quick)")
+    p.add_argument("--lambdas", type=D.loss_weight, nargs="+", help=f"the sweep (default: {CONFIG['lambdas']})")
     p.add_argument("--epochs", type=D.positive_int, help=f"default: {CONFIG['epochs']}")
     p.add_argument("--train-samples", type=D.positive_int, help=f"default: {CONFIG['train_samples']}")
     p.add_argument("--val-samples", type=D.positive_int, help=f"default: {CONFIG['val_samples']}")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
+import files  # noqa: E402
 import train_baseline as T  # noqa: E402
 import train_pag as P  # noqa: E402
 from models import build_model  # noqa: E402
@@ -206,7 +207,7 @@ def main(argv=None):
                    f"{ms(row['ce_seconds']):>8} {ms(row['pag_seconds']):>9} {ms(row['naive_seconds']):>9} "
                    f"{row.get('pag_over_naive', float('nan')):>7.2f} | {gib(row['pag_peak_gib']):>7} {gib(row['naive_peak_gib']):>7}"),
                   flush=True)
-            D.write_json(results, out)  # after every row: a killed run keeps what it measured
+            files.write_json(results, out)  # after every row: a killed run keeps what it measured
     print(f"wrote {os.path.relpath(out)}")
 
 

@@ -29,6 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data as D  # noqa: E402 - ours, found through ROOT
+import files  # noqa: E402
 from train_baseline import load_checkpoint  # noqa: E402
 from toy_data import CENTRES, SLOPE  # noqa: E402
 
@@ -121,8 +122,9 @@ def run_seed(seed, out_dir, epochs, device):
     results, exact, boundaries, models = {}, {}, {}, {}
     for name, script in (("vanilla", "train_baseline.py"), ("pag", "train_pag.py")):
         run_dir = os.path.join(out_dir, name)
-        if os.path.exists(os.path.join(run_dir, "model.pt")):
-            os.remove(os.path.join(run_dir, "model.pt"))  # a fresh experiment every time
+        for old in ("model.pt", "attack.json"):  # a fresh experiment every time (attack.json would merge)
+            if os.path.exists(os.path.join(run_dir, old)):
+                os.remove(os.path.join(run_dir, old))
         log = os.path.join(run_dir, "run.log")
         if os.path.exists(log):
             os.remove(log)
@@ -132,14 +134,14 @@ def run_seed(seed, out_dir, epochs, device):
                    "--eps-l2", *EPS, "--target", "runner-up", "--steps", STEPS, "--n-samples", 600, "--device", device)
         with open(os.path.join(run_dir, "attack.json")) as f:
             res = json.load(f)
-        results[name] = {"clean_acc": res["clean_acc"], "robust_acc": {str(e): res["pgd_l2"][f"{e:g}"] for e in EPS}}
-        exact[name] = {str(e): res["exact_l2"][f"{e:g}"] for e in EPS}
+        results[name] = {"clean_acc": res["clean"]["acc"], "robust_acc": {str(e): res["pgd_l2"][f"{e:g}"]["acc"] for e in EPS}}
+        exact[name] = {str(e): res["exact_l2"][f"{e:g}"]["acc"] for e in EPS}
         models[name], _ = load_checkpoint(os.path.join(run_dir, "model.pt"))  # once, for the report and the figure
-        boundaries[name] = boundary_report(models[name], res["exact_l2_distance"])
+        boundaries[name] = boundary_report(models[name], res["exact_l2_distance"]["distances"])
     results["attack"] = (f"targeted L2 PGD toward the other class, {STEPS} normalised-gradient steps of 2.5*eps/{STEPS}, "
                          "projection onto the eps ball, random start, margin loss; 600 balanced test points")
-    D.write_json(results, os.path.join(out_dir, "metrics.json"))  # exactly the shape tools read (atomic)
-    D.write_json({"exact_robust_acc": exact, "how": "distance to the decision boundary by ray search "
+    files.write_json(results, os.path.join(out_dir, "metrics.json"))  # exactly the shape tools read (atomic)
+    files.write_json({"exact_robust_acc": exact, "how": "distance to the decision boundary by ray search "
                 "(360 rays, samples every 0.25 refined by bisection): attack-free", "boundaries": boundaries,
                 "config": {"seed": seed, "data_seed": seed, "epochs": epochs}}, os.path.join(out_dir, "exact.json"))
 
@@ -179,7 +181,7 @@ def summarise(per_seed):
 def main():
     p = D.Parser(description=__doc__)
     p.add_argument("--out-dir", default=os.path.join("results", "toy"), help="where results go")
-    p.add_argument("--seed", type=int, nargs="+", default=[2],
+    p.add_argument("--seed", type=D.seed, nargs="+", default=[2],
                    help="seed of the data draw and of both models' initialisation (2: an arbitrary draw); several: "
                         "DIR/seed<S>/ each, and DIR/seeds.json and seeds.png with median, min and max over them")
     p.add_argument("--epochs", type=D.positive_int, default=100, help="training epochs of both models")
@@ -194,7 +196,7 @@ def main():
     per_seed = [(s, run_seed(s, os.path.join(out_dir, f"seed{s}"), args.epochs, args.device)) for s in args.seed]
     summary = summarise(per_seed)
     summary["config"] = {"epochs": args.epochs}
-    D.write_json(summary, os.path.join(out_dir, "seeds.json"))
+    files.write_json(summary, os.path.join(out_dir, "seeds.json"))
     seeds_figure(summary, os.path.join(out_dir, "seeds.png"))
     print(f"\nover seeds {args.seed}: exact robust accuracy, median [min, max]")
     print(f"{'eps':>5} {'vanilla':>22} {'PAG':>22}")
