@@ -256,6 +256,8 @@ def main(argv=None):
     p.add_argument("--target", default="none", help="PGD target: none (untargeted), runner-up, or a class index")
     p.add_argument("--aa-version", default="standard", choices=("standard", "apgd"),
                    help="standard AutoAttack, or its APGD-CE + APGD-T subset (cheaper: the CPU benches use it)")
+    p.add_argument("--aa-iterations", type=D.positive_int,
+                   help="override AutoAttack's iterations (smoke runs only: then it is not the standard attack)")
     p.add_argument("--eval-samples", "--n-samples", dest="eval_samples", type=D.positive_int, default=1000,
                    help="the first N test images")
     p.add_argument("--batch-size", type=D.positive_int,
@@ -352,9 +354,12 @@ def main(argv=None):
         survived, results[f"aa_{norm}"] = torch.ones_like(y, dtype=torch.bool), {}
         for eps in radii[norm]:  # nested like PGD's: never more robust at a larger radius
             print(f"AutoAttack ({args.aa_version}) {norm} eps={eps:g}", flush=True)
-            survived &= autoattack_mask(model, x, y, eps, norm, data.box, args.aa_version, args.seed, args.batch_size)
+            survived &= autoattack_mask(model, x, y, eps, norm, data.box, args.aa_version, args.seed, args.batch_size,
+                                        n_iter=args.aa_iterations)
+            version = args.aa_version + (f" ({args.aa_iterations} iterations: not the standard attack)"
+                                         if args.aa_iterations else "")
             results[f"aa_{norm}"][f"{eps:g}"] = {"acc": survived.float().mean().item(), "eval_samples": n,
-                                                 "version": args.aa_version, "seed": args.seed,
+                                                 "version": version, "seed": args.seed,
                                                  "nested_with": [f"{e:g}" for e in radii[norm]], "made": made()}
     if "align" in args.attacks:
         gt_fn = D.make_source(args.align_source, data, args.cache_dir, seed=targs["seed"], sbg_file=args.sbg_file,

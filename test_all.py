@@ -1215,6 +1215,48 @@ def test_official_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
                                       "finite": "not finite", "state dict": "state dict", "neither": "neither"}[fragment])
 
 
+def test_paper_table_quick_trains_attacks_tabulates_and_resumes(tmp_path):
+    pt = load_bench("paper_table")
+    argv = ["--quick", "--rows", "vanilla", "pag-sbg", "pag-sbg-vit", "--out-dir", str(tmp_path)]
+    out = pt.main(argv)
+    assert set(out["rows"]) == {"vanilla", "pag-sbg", "pag-sbg-vit"}
+    for row, r in out["rows"].items():
+        assert 0 <= r["aa_l2"] <= r["clean"] <= 1 and 0 <= r["aa_linf"] <= r["clean"] and r["weights"] == "trained"
+        assert r["paper_aa_l2"] is None  # synthetic data: the paper has no numbers for it
+    assert "--arch vit" in out["rows"]["pag-sbg-vit"]["command"] and "--arch cnn" in out["rows"]["vanilla"]["command"]
+    saved = json.loads((tmp_path / "paper_table_synthetic.json").read_text())
+    assert saved["rows"] == out["rows"] and "not the standard attack" in saved["config"]["attack"]
+    runs = tmp_path / "paper_table_synthetic_runs"
+    made = {p.name: json.loads(p.read_text())["made"] for p in runs.iterdir()}
+    (runs / "pag-sbg_seed3407.json").unlink()  # killed before this row finished: only it runs again
+    again = pt.main(argv)
+    after = {p.name: json.loads(p.read_text())["made"] for p in runs.iterdir()}
+    assert {k: v for k, v in after.items() if k != "pag-sbg_seed3407.json"} == \
+        {k: v for k, v in made.items() if k != "pag-sbg_seed3407.json"} and again["rows"].keys() == out["rows"].keys()
+    assert_cli_error(pt.main, ["--rows", "pag-sbg", "--out-dir", tmp_path / "x"], "--sbg-file")
+    # The released files, evaluated as they are: names as in the release, or ROW=PATH.
+    (tmp_path / "release").mkdir()
+    torch.save({"module." + k: v for k, v in random_official_state("resnet18", 2).items()}, tmp_path / "release" / "rn18-c10-CM.pt")
+    torch.save(random_official_state("vit", 3), tmp_path / "vit.pt")
+    off = pt.main(["--quick", "--official-checkpoints", str(tmp_path / "release"), "--official", f"pag-sbg-vit={tmp_path / 'vit.pt'}",
+                   "--out-dir", str(tmp_path / "off")])
+    assert set(off["rows"]) == {"pag-cm", "pag-sbg-vit"} and all(r["weights"] == "official" for r in off["rows"].values())
+
+
+def test_paper_table_puts_each_number_beside_the_papers(tmp_path):
+    pt = load_bench("paper_table")
+    cfg = json.loads(json.dumps({**pt.CONFIG, "quick": False, "sbg_file": None, "dataset": "cifar10"}))
+    bench = pt.PaperTable(cfg, str(tmp_path), 1, ["vanilla", "pag-sbg", "pag-sbg-vit"], {})
+    for row, (clean, l2, linf) in {"pag-sbg": (0.8, 0.5, 0.2), "pag-sbg-vit": (0.7, 0.4, 0.1)}.items():
+        files.write_json({"clean": clean, "aa_l2": l2, "aa_linf": linf, "settings": {"train": "cmd"}},
+                         bench.result_path(bench.key(row, 3407)))
+    table = bench.table(0.0)
+    assert table["rows"]["pag-sbg"]["paper_aa_l2"] == pytest.approx(0.5539) and table["rows"]["pag-sbg-vit"]["paper_aa_l2"] is None
+    md = (tmp_path / "paper_table_cifar10.md").read_text()
+    assert "| pag-sbg | trained | 80.00 | 50.00 | 55.39 | -5.39 | 20.00 | 23.97 | -3.97 |" in md
+    assert "Not finished yet: vanilla" in md and "vanilla" not in table["rows"]
+
+
 # ----------------------------------------------------------------------------- a newcomer's first hour
 @pytest.mark.parametrize("epochs,expected", [(1, [0.01]), (2, [0.01, 1e-5]), (3, [0.01, 0.001, 1e-5])])
 def test_lr_never_drops_before_the_first_epoch_ends_and_metrics_log_the_rate_used(tmp_path, epochs, expected):

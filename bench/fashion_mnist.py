@@ -234,21 +234,44 @@ def git_commit():
 
 
 class Bench:
-    """One bench run: its settings, folders, and the jobs that fill RESULTS/fashion_mnist_runs/."""
+    """One bench run: its settings, folders, and the jobs that fill RESULTS/<name>_runs/: train every
+    (row, lambda, seed) with the ordinary scripts, attack it with attack.py, keep one result file each.
+    The scale lives in cfg and in the few members a thin entry may override (bench/paper_table.py):
+    models, name, align (held-out alignment jobs), common_flags, attack_command, measures."""
+    models = MODELS
+    name = "fashion_mnist"
+    align = True
 
-    def __init__(self, cfg, out_dir, results_dir, workers, rows=tuple(MODELS)):
+    def __init__(self, cfg, out_dir, results_dir, workers, rows=None):
         self.cfg, self.out_dir, self.results_dir, self.workers = cfg, out_dir, results_dir, workers
-        self.rows = [m for m in MODELS if m in rows]
-        self.runs_dir = os.path.join(results_dir, "fashion_mnist_runs")
+        self.rows = [m for m in self.models if rows is None or m in rows]
+        self.runs_dir = os.path.join(results_dir, f"{self.name}_runs")
         self.sbg_dir = os.path.join(out_dir, "sbg")
         self.fields = {s: os.path.join(self.sbg_dir, f"fields_{s}.pt") for s in ("train", "test")}
         self.lam = None  # the selected lambda, once the sweep is in
         self.lock = threading.Lock()
+        self.data_flags, self.common = self.common_flags(cfg)
+
+    def common_flags(self, cfg):
+        """(the data flags sbg.py shares, every training command's flags)."""
         data = ["--dataset", cfg["dataset"], "--train-samples", cfg["train_samples"], "--val-samples", cfg["val_samples"]]
-        self.data_flags = data
-        self.common = [*data, "--arch", cfg["arch"], "--optimizer", cfg["optimizer"], "--lr", cfg["lr"], "--lr-drops=",
-                       "--no-augment", "--batch-size", cfg["batch_size"], "--epochs", cfg["epochs"],
-                       "--eval-samples", cfg["val_samples"], "--log-every", 100]
+        return data, [*data, "--arch", cfg["arch"], "--optimizer", cfg["optimizer"], "--lr", cfg["lr"], "--lr-drops=",
+                      "--no-augment", "--batch-size", cfg["batch_size"], "--epochs", cfg["epochs"],
+                      "--eval-samples", cfg["val_samples"], "--log-every", 100]
+
+    def attack_command(self, ckpt, seed, out):
+        """The final evaluation on the test images: clean, AutoAttack L2 and L-inf, NN alignment."""
+        return ["attack.py", "--checkpoint", ckpt, "--attacks", "clean", "aa-l2", "aa-linf", "align", "--aa-version",
+                self.cfg["aa_version"], "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"],
+                "--n-samples", self.cfg["test_samples"], "--align-source", "nn", "--seed", seed, "--out", out]
+
+    def measures(self, res):
+        """The numbers a result file keeps from attack.py's results."""
+        eps_l2, eps_linf = f"{self.cfg['eps_l2']:g}", f"{self.cfg['eps_linf']:g}"
+        out = {"clean": res["clean"]["acc"], "aa_l2": res["aa_l2"][eps_l2]["acc"], "aa_linf": res["aa_linf"][eps_linf]["acc"]}
+        if self.align:
+            out.update(align_nn=res["align"]["nn test"]["cos"], align_sbg=None)
+        return out
 
     # -- one result file per (model, lambda, seed)
     def key(self, model, seed, lam=None):
@@ -265,8 +288,8 @@ class Bench:
             return json.load(f)
 
     def command(self, model, seed, lam):
-        script, extra = MODELS[model]
-        if model == "pag-sbg":
+        script, extra = self.models[model]
+        if "sbg" in extra:  # --source sbg
             extra = [*extra, "--sbg-file", self.fields["train"]]
         pag = ["--pag-coeff", lam] if lam is not None else []
         return [script, *self.common, *extra, *pag, "--seed", seed]
@@ -295,22 +318,19 @@ class Bench:
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
         start = time.time()
         lines = open(metrics_path).read().splitlines() if os.path.exists(metrics_path) else []
-        if len(lines) < self.cfg["epochs"] or not os.path.exists(ckpt):
+        if len(lines) < self.cfg.get("epochs", math.inf) or not os.path.exists(ckpt):  # else: trained already
             sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
             lines = open(metrics_path).read().splitlines()
         train_seconds, last = time.time() - start, json.loads(lines[-1])
         res_path = os.path.join(run_dir, "attack_test.json")
-        sh(log, "attack.py", "--checkpoint", ckpt, "--attacks", "clean", "aa-l2", "aa-linf", "align", "--aa-version",
-           self.cfg["aa_version"], "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"],
-           "--n-samples", self.cfg["test_samples"], "--align-source", "nn", "--seed", seed, "--out", res_path)
+        sh(log, *self.attack_command(ckpt, seed, res_path))
         res = json.load(open(res_path))
-        eps_l2, eps_linf = f"{self.cfg['eps_l2']:g}", f"{self.cfg['eps_linf']:g}"
+        split = last["eval_split"]  # the per-epoch check's images: "val" (choices look there) or "test"
+        pgd = next(k for k in last if k.startswith(f"{split}_pgd_l2_"))
         files.write_json({"key": key, "model": model, "seed": seed, "lambda": lam, "settings": want,
-                      "val_acc": last["val_acc"], "val_pgd_l2_acc": last[f"val_pgd_l2_{eps_l2}_acc"],
-                      "clean": res["clean"]["acc"], "aa_l2": res["aa_l2"][eps_l2]["acc"],
-                      "aa_linf": res["aa_linf"][eps_linf]["acc"], "align_nn": res["align"]["nn test"]["cos"], "align_sbg": None,
-                      "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - start, 1),
-                      "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}, self.result_path(key))
+                          f"{split}_acc": last[f"{split}_acc"], f"{split}_pgd_l2_acc": last[pgd], **self.measures(res),
+                          "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - start, 1),
+                          "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}, self.result_path(key))
 
     def align_sbg(self, model, seed, lam=None):
         """Held-out SBG alignment of a trained model, into its result file. On a machine without the
@@ -370,16 +390,23 @@ class Bench:
         return val
 
     def run(self):
-        seeds, lambdas = self.cfg["seeds"], self.cfg["lambdas"]
+        """Every job, the SBG fields first where a row or the alignment needs them; returns the wall seconds."""
+        seeds, lambdas = self.cfg["seeds"], self.cfg.get("lambdas")
         jobs, needs, cost = {"sbg": self.make_sbg}, {}, {"sbg": 30}
 
         def add(model, seed, lam, after):
             """Two jobs for one model: train and attack, then (once the SBG fields exist) align."""
             name = f"{model}{f' lambda {lam:g}' if isinstance(lam, float) else ''} seed {seed}"
             value = lambda: self.lam if lam == "selected" else lam  # noqa: E731 - known once "select" ran
-            jobs[name], needs[name], cost[name] = (lambda: self.train_and_attack(model, seed, value())), after, COST[model]
-            jobs["align " + name], needs["align " + name] = (lambda: self.align_sbg(model, seed, value())), {"sbg", name}
+            jobs[name], needs[name], cost[name] = (lambda: self.train_and_attack(model, seed, value())), after, COST.get(model, 10)
+            if self.align:
+                jobs["align " + name], needs["align " + name] = (lambda: self.align_sbg(model, seed, value())), {"sbg", name}
             return name
+        if not lambdas:  # no sweep: every row at its scripts' defaults (lambda included)
+            for s in seeds:
+                for model in self.rows:
+                    add(model, s, None, {"sbg"} if "sbg" in self.models[model][1] else set())
+            return run_jobs(jobs, needs, self.workers, cost)
         sweep, pag = set(), any(m in PAG_ROWS for m in self.rows)
         for s in seeds:
             for model in [m for m in self.rows if m not in PAG_ROWS]:
@@ -393,8 +420,7 @@ class Bench:
             for model in self.rows:
                 if model in PAG_ROWS and model != "pag-cm":  # the pag-cm row is the sweep's run at the selected lambda
                     add(model, s, "selected", {"select", "sbg"} if model == "pag-sbg" else {"select"})
-        wall = run_jobs(jobs, needs, self.workers, cost)
-        return self.assemble(wall)
+        return run_jobs(jobs, needs, self.workers, cost)
 
     # -- the tables, claims and figures, from the result files alone
     def assemble(self, wall):
@@ -535,7 +561,8 @@ def main(argv=None):
     out_dir = os.path.abspath(args.out_dir or os.path.join("runs", "fashion_mnist_bench" + ("_quick" if args.quick else "")))
     results_dir = os.path.abspath(args.results_dir or (out_dir if args.quick else RESULTS))
     rows = set(args.rows) | ({"vanilla", "pag-cm"} if set(args.rows) & set(PAG_ROWS) else set())
-    return Bench(cfg, out_dir, results_dir, args.jobs, rows).run()
+    bench = Bench(cfg, out_dir, results_dir, args.jobs, rows)
+    return bench.assemble(bench.run())
 
 
 if __name__ == "__main__":
