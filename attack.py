@@ -329,7 +329,7 @@ def main(argv=None):
         # call (an adversarial example found at a smaller radius is valid at a larger one).
         survived, results[f"pgd_{norm}"] = torch.ones_like(y, dtype=torch.bool), {}
         for eps in radii[norm]:
-            print(f"PGD-{norm} eps={eps:g}, {args.steps} steps, target={args.target}", flush=True)
+            print(f"pgd-{norm} eps={eps:g}, {args.steps} steps, target={args.target}", flush=True)
             survived &= robust_mask(model, x, y, eps, norm, data.box, args.batch_size, args.target,
                                     Progress(f"  pgd-{norm} eps={eps:g}:", len(x), "img"),
                                     generator=torch.Generator().manual_seed(args.seed),
@@ -353,7 +353,7 @@ def main(argv=None):
         logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack's own progress lines
         survived, results[f"aa_{norm}"] = torch.ones_like(y, dtype=torch.bool), {}
         for eps in radii[norm]:  # nested like PGD's: never more robust at a larger radius
-            print(f"AutoAttack ({args.aa_version}) {norm} eps={eps:g}", flush=True)
+            print(f"aa-{norm} eps={eps:g}: AutoAttack ({args.aa_version})", flush=True)
             survived &= autoattack_mask(model, x, y, eps, norm, data.box, args.aa_version, args.seed, args.batch_size,
                                         n_iter=args.aa_iterations)
             version = args.aa_version + (f" ({args.aa_iterations} iterations: not the standard attack)"

@@ -334,7 +334,7 @@ def main(argv=None):
     p.add_argument("--sweep-timesteps", type=D.nonneg_int, nargs="+", default=[50, 100, 200, 300, 400, 600, 800],
                    help="sweep: noise levels to measure")
     p.add_argument("--sweep-images", type=D.positive_int, default=64, help="sweep: training images to measure on")
-    p.add_argument("--png", help="sweep: draw the fields of 4 images at every timestep")
+    p.add_argument("--vis-out", "--png", dest="png", help="sweep: draw the fields of 4 images at every timestep (a PNG)")
     args = p.parse_args(argv)
     if args.job == "train":
         train(args)

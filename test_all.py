@@ -1365,9 +1365,13 @@ def test_every_help_shows_its_defaults(monkeypatch):
 
 # Each piece the README offers for copy-paste, with the same-file helpers it needs (README "Copy-paste pieces").
 COPY_PASTE = {
-    "train_pag.pag_loss": ("train_pag", ["sample_targets", "couples_samples", "_fp32", "input_gradients", "pag_loss"]),
-    "train_pag.chunked_pag_loss": ("train_pag", ["couples_samples", "_fp32", "input_gradients", "pag_loss", "local_pass",
-                                                 "chunked_pag_loss"]),
+    "train_pag.pag_loss": ("train_pag", ["FORMULATIONS", "sample_targets", "couples_samples", "_fp32", "input_gradients",
+                                         "pag_loss"]),
+    "train_pag.chunked_pag_loss": ("train_pag", ["FORMULATIONS", "couples_samples", "_fp32", "input_gradients", "pag_loss",
+                                                 "local_pass", "chunked_pag_loss"]),
+    "models.from_official": ("models", ["PIXEL_MEAN", "PIXEL_STD", "ARCHS", "Normalize", "BasicBlock", "ResNet18",
+                                        "Attention", "EncoderLayer", "ViT", "SmallCNN", "mlp", "build_model",
+                                        "official_state_dict", "from_official"]),
     "train_baseline.pgd": ("train_baseline", ["per_sample_norm", "project", "random_in_ball", "attack_loss", "pgd"]),
     "data sources": ("data", ["to_float", "class_means", "one_image_per_class", "nearest_of_class"]),
     "data.crop_flip": ("data", ["draw_crop_flip", "crop_flip"]),
@@ -1381,8 +1385,10 @@ def test_copy_paste_pieces_run_alone_with_math_and_torch():
     section = readme[readme.index("Copy-paste pieces"):].split("\n## ")[0]
     pasted = {}
     for piece, (module, names) in COPY_PASTE.items():
-        source = "import math\nimport torch\nimport torch.nn.functional as F\n\n" + "\n\n".join(
-            inspect.getsource(getattr(importlib.import_module(module), n)) for n in names)
+        mod = importlib.import_module(module)
+        source = "import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n" + "\n\n".join(
+            inspect.getsource(getattr(mod, n)) if callable(getattr(mod, n)) else f"{n} = {getattr(mod, n)!r}"
+            for n in names)  # constants as their value
         namespace = {}
         exec(compile(source, piece, "exec"), namespace)  # a file holding only these, importing math and torch
         pasted[piece] = namespace
@@ -1395,6 +1401,12 @@ def test_copy_paste_pieces_run_alone_with_math_and_torch():
     p = pasted["train_pag.pag_loss"]
     assert torch.equal(p["sample_targets"](3, 10, 4, gen()), t)
     assert torch.allclose(p["pag_loss"](model, x, gt, t), pag_loss(model, x, gt, t), atol=1e-12)
+    with pytest.raises(ValueError, match="per-column"):  # a typo is a built-in error naming the choices, no NameError
+        p["pag_loss"](model, x, gt, t, formulation="per_column")
+    official = build_model("vit", 10, 3, 32).eval()
+    pasted_vit = pasted["models.from_official"]["from_official"]({"module." + k: v for k, v in official.state_dict().items()})
+    xv = torch.rand(2, 3, 32, 32)
+    assert torch.equal(pasted_vit(xv), official(xv))
     c = pasted["train_pag.chunked_pag_loss"]
     from train_pag import chunked_pag_loss
     assert abs(c["chunked_pag_loss"](model, x, gt, t, 2.0, 3)[2] - chunked_pag_loss(model, x, gt, t, 2.0, 3)[2]) < 1e-10

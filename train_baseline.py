@@ -770,7 +770,7 @@ def end_epoch(run, epoch, sums, seen, lr, train_seconds):
         run.metrics.append({"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "eval_split": split,
                             f"{split}_acc": clean, f"{split}_pgd_l2_{args.eval_eps:g}_acc": robust, "lr": lr,
                             "train_seconds": train_seconds, "seconds": time.time() - start})
-        print(f"epoch {epoch + 1}: loss {run.metrics[-1]['loss']:.4f} {split} acc {clean:.2%} PGD-L2({args.eval_eps:g}) "
+        print(f"epoch {epoch + 1}: loss {run.metrics[-1]['loss']:.4f} {split} acc {clean:.2%} pgd-l2({args.eval_eps:g}) "
               f"acc {robust:.2%} [{run.metrics[-1]['seconds']:.0f}s]", flush=True)
         # Metrics first, then the checkpoint: a crash in between leaves a line that --resume drops.
         write_metrics(run.metrics_path, run.metrics)
