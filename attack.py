@@ -321,7 +321,8 @@ def main(argv=None):
                "pag_source": ckpt["pag_source"], "weights": ckpt.get("weights", "trained")}
     torch.manual_seed(args.seed)
 
-    results["clean"] = {"acc": (predict(model, x) == y).float().mean().item(), "eval_samples": n, "made": made()}
+    if "clean" in args.attacks:
+        results["clean"] = {"acc": (predict(model, x) == y).float().mean().item(), "eval_samples": n, "made": made()}
     for norm in ("l2", "linf"):
         if f"pgd-{norm}" not in args.attacks:
             continue
@@ -377,8 +378,8 @@ def main(argv=None):
 
     merged = files.update_json(out, lambda old: merge_results(old, results, path), "results file")
     print_table(results)
-    print(f"wrote {out}" + (f" (merged with its {len(merged) - len(results)} earlier entr{'y' if len(merged) - len(results) == 1 else 'ies'})"
-                            if len(merged) > len(results) else ""))
+    kept = sorted(k for k in merged if k not in results)
+    print(f"wrote {out}" + (f" (kept its earlier {', '.join(kept)})" if kept else ""))
     if figure:
         figure[0](vis_path)
         print(f"wrote {vis_path}")
