@@ -566,10 +566,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
                "--resume", check=False)
     assert_one_line_error(proc, "--arch", "cnn", "resnet18")
     assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "missing.pt", check=False), "does not exist")
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    (tmp_path / "junk.pt").write_text("neither a checkpoint")
     assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "junk.pt", check=False), "not a readable checkpoint")
     torch.save({"hello": 1}, tmp_path / "dict.pt")
-    assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "dict.pt", check=False), "not a checkpoint")
+    assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "dict.pt", check=False), "neither a checkpoint")
     ckpt = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
     ckpt["arch"] = "resnet18"  # weights of a cnn labelled as another arch
     torch.save(ckpt, tmp_path / "wrong.pt")
@@ -848,7 +848,7 @@ def test_robustness_numbers_are_never_silently_wrong(tmp_path, tiny_run):
     with pytest.raises(D.UserError, match="non-finite"):
         T.check_perturbation(x + float("nan"), x, 1.0, "l2", (0.0, 1.0), "pgd-l2")
     # Robust accuracy never rises with eps, for PGD and for AutoAttack (nested radii within a call).
-    res = attack.main(["--checkpoint", str(ckpt), "--attacks", "pgd-l2", "aa-linf", "--eps-l2", "2", "0.1", "0.5",
+    res = attack.main(["--checkpoint", str(ckpt), "--attacks", "clean", "pgd-l2", "aa-linf", "--eps-l2", "2", "0.1", "0.5",
                        "--eps-linf", "0.01", "0.2", "--aa-version", "apgd", "--steps", "3", "--eval-samples", "24",
                        "--out", str(tmp_path / "n.json")])
     for key in ("pgd_l2", "aa_linf"):

@@ -401,6 +401,7 @@ class Bench:
             jobs[name], needs[name], cost[name] = (lambda: self.train_and_attack(model, seed, value())), after, COST.get(model, 10)
             if self.align:
                 jobs["align " + name], needs["align " + name] = (lambda: self.align_sbg(model, seed, value())), {"sbg", name}
+                cost["align " + name] = 100  # cheap, and it completes a result file: first whenever ready
             return name
         if not lambdas:  # no sweep: every row at its scripts' defaults (lambda included)
             for s in seeds:
