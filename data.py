@@ -347,7 +347,15 @@ def scan_folder(path):
         raise UserError(f"cannot list {path} ({e.strerror})") from None
     samples = []
     # Never entered through a link: the split folder and the class folders (images would change class).
-    reserved = {os.path.realpath(path)} | {os.path.realpath(os.path.join(path, c)) for c in classes}
+    reals = [os.path.realpath(os.path.join(path, c)) for c in classes]
+    for i, real in enumerate(reals):  # two class names for one folder: every image would be in both
+        if real == os.path.realpath(path):
+            raise UserError(f"class folder {os.path.join(path, classes[i])} is a link to its own split folder")
+        if real in reals[:i]:
+            other = classes[reals.index(real)]
+            raise UserError(f"class folders {os.path.join(path, other)} and {os.path.join(path, classes[i])} are one "
+                            "folder (a link): its images would have two labels")
+    reserved = {os.path.realpath(path), *reals}
     for label, name in enumerate(classes):
         top, seen, found = os.path.join(path, name), set(), []
         for folder, subfolders, names in os.walk(top, followlinks=True):

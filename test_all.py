@@ -899,6 +899,9 @@ def test_folder_images_decode_faithfully_or_are_refused(tmp_path):
     # A link loop is followed once: no image is read twice, no label changes.
     os.symlink(root / "train", root / "train" / "cat" / "loop")
     assert len(D.get_data("folder", str(root)).train_y) == 10
+    os.symlink(root / "train" / "dog", root / "train" / "pup")  # one folder under two class names
+    assert_cli_error(T.main, ["--dataset", "folder", "--data-dir", root, "--out-dir", tmp_path / "o"], "dog", "pup", "two labels")
+    os.remove(root / "train" / "pup")
     os.mkfifo(cat / "pipe.png")  # a FIFO would hang the read
     assert_cli_error(T.main, ["--dataset", "folder", "--data-dir", root, "--out-dir", tmp_path / "o"], "pipe.png", "not a regular file")
     os.remove(cat / "pipe.png")

@@ -45,7 +45,9 @@ ROWS = {  # row -> (script, flags): the paper's defaults, nothing else
     "pag-sbg": ("train_pag.py", ["--source", "sbg"]),
     "pag-sbg-vit": ("train_pag.py", ["--source", "sbg", "--arch", "vit"]),
 }
-# The release's file names for --official-checkpoints DIR (its Drive files; other names: --official ROW=PATH).
+# File names for --official-checkpoints DIR. The release's README links five Drive files without naming
+# them; these follow the one name seen in public use (a fork loads "rn18-c10-SBG.pt"). Other names:
+# --official ROW=PATH.
 OFFICIAL_FILES = {"pag-oi": "rn18-c10-OI.pt", "pag-cm": "rn18-c10-CM.pt", "pag-nn": "rn18-c10-NN.pt",
                   "pag-sbg": "rn18-c10-SBG.pt", "pag-sbg-vit": "vit-c10-SBG.pt"}
 CONFIG = dict(seeds=[3407], test_samples=1000, aa_version="standard", eps_l2=0.5, eps_linf=8 / 255, aa_iterations=None,
