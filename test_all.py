@@ -6,6 +6,7 @@ the CLI tests run the real scripts on tiny `synthetic` / `toy` data.
 import json
 import os
 import subprocess
+import shutil
 import sys
 
 import pytest
@@ -1699,7 +1700,6 @@ def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
     victim = res / "fashion_mnist_runs" / "pag-sbg_lambda{:g}_seed1.json".format(seeds["config"]["selected_lambda"])
     victim.unlink()
     for p in (tmp_path / "runs").glob("pag-sbg_*seed1"):  # its checkpoint too, as on a fresh machine
-        import shutil
         shutil.rmtree(p)
     again = fm.main(argv)
     after = {p.name: json.loads(p.read_text()) for p in (res / "fashion_mnist_runs").iterdir()}
@@ -1707,6 +1707,16 @@ def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
     assert after[victim.name] == {**runs[victim.name], "made": after[victim.name]["made"], "seconds": after[victim.name]["seconds"],
                                   "train_seconds": after[victim.name]["train_seconds"]}  # the same model again
     assert again["rows"] == out["rows"]
+    # The denoiser is kept with the results (a fresh machine exports the same fields from it); an earlier
+    # bench's file without its SBG alignment is completed, from the checkpoint where it is still there.
+    assert (res / "fashion_mnist_sbg" / "denoiser.pt").is_file()
+    shutil.rmtree(tmp_path / "runs" / "sbg")
+    partial = res / "fashion_mnist_runs" / "vanilla_seed0.json"
+    partial.write_text(json.dumps({**after["vanilla_seed0.json"], "align_sbg": None}))
+    fm.main(argv)
+    done = json.loads(partial.read_text())
+    assert done["align_sbg"] == pytest.approx(after["vanilla_seed0.json"]["align_sbg"], abs=1e-6)
+    assert done["clean"] == after["vanilla_seed0.json"]["clean"] and done["made"] != after["vanilla_seed0.json"]["made"]
     assert_cli_error(fm.main, [*argv, "--epochs", "2"], "made with other settings")
 
 

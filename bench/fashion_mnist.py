@@ -24,8 +24,9 @@ The protocol (CONFIG below holds every number):
 
 Each finished (model, seed) lands in a small JSON in RESULTS/fashion_mnist_runs/ (committed for the
 full run), so a killed bench, or one started on a fresh machine, continues from those: a model whose
-file is there is not trained again, and a file made with other settings is refused. Checkpoints and
-logs go to --out-dir. Jobs run as one-thread processes, --jobs at a time. At the end:
+file is there is not trained again, and a file made with other settings is refused. The denoiser
+(3 MB) is kept beside them in RESULTS/fashion_mnist_sbg/ (committed too: every machine exports the same
+fields from it); checkpoints, logs and the fields go to --out-dir. Jobs run as one-thread processes, --jobs at a time. At the end:
 fashion_mnist_seeds.json (+ .md), fashion_mnist_lambda.json, and the figures fashion_mnist_tradeoff.png
 and fashion_mnist_alignment.png in RESULTS.
 """
@@ -237,7 +238,7 @@ class Bench:
     """One bench run: its settings, folders, and the jobs that fill RESULTS/<name>_runs/: train every
     (row, lambda, seed) with the ordinary scripts, attack it with attack.py, keep one result file each.
     The scale lives in cfg and in the few members a thin entry may override (bench/paper_table.py):
-    models, name, align (held-out alignment jobs), common_flags, attack_command, measures."""
+    models, name, align (held-out alignment in every job), common_flags, attack_command, measures."""
     models = MODELS
     name = "fashion_mnist"
     align = True
@@ -246,10 +247,13 @@ class Bench:
         self.cfg, self.out_dir, self.results_dir, self.workers = cfg, out_dir, results_dir, workers
         self.rows = [m for m in self.models if rows is None or m in rows]
         self.runs_dir = os.path.join(results_dir, f"{self.name}_runs")
-        self.sbg_dir = os.path.join(out_dir, "sbg")
+        # The denoiser is a fixed source of ground truth like the data: it lives beside the result files
+        # (committed, 3 MB), so a bench continued on a fresh machine exports the same fields from it.
+        self.denoiser_dir = os.path.join(results_dir, f"{self.name}_sbg")
+        self.sbg_dir = os.path.join(out_dir, "sbg")  # the fields (hundreds of MB), remade from the denoiser
         self.fields = {s: os.path.join(self.sbg_dir, f"fields_{s}.pt") for s in ("train", "test")}
         self.lam = None  # the selected lambda, once the sweep is in
-        self.lock = threading.Lock()
+        self.sbg_done = threading.Event()  # set when the "sbg" job has ended (made the fields, or failed)
         self.data_flags, self.common = self.common_flags(cfg)
 
     def common_flags(self, cfg):
@@ -312,7 +316,9 @@ class Bench:
             if old.get("settings") != want:
                 raise D.UserError(f"{self.result_path(key)} was made with other settings; delete it (and "
                                   f"{self.run_dir(key)}) or pass another --results-dir")
-            return
+            if not self.align or old.get("align_sbg") is not None:
+                return
+            # else: an earlier bench's file without its SBG alignment: made again (resumed where it can be)
         run_dir = self.run_dir(key)
         ckpt, log = os.path.join(run_dir, "model.pt"), os.path.join(run_dir, "run.log")
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -324,59 +330,62 @@ class Bench:
         train_seconds, last = time.time() - start, json.loads(lines[-1])
         res_path = os.path.join(run_dir, "attack_test.json")
         sh(log, *self.attack_command(ckpt, seed, res_path))
-        res = json.load(open(res_path))
+        measured = self.measures(json.load(open(res_path)))
+        if self.align:  # the held-out SBG alignment, so that a result file is complete when it lands
+            self.sbg_done.wait()
+            if not os.path.exists(self.fields["test"]):
+                raise D.UserError(f"the SBG fields were not made ({self.fields['test']}); see {self.sbg_dir}/sbg.log")
+            align_path = os.path.join(run_dir, "align_sbg_test.json")
+            sh(log, "attack.py", "--checkpoint", ckpt, "--attacks", "align", "--align-source", "sbg", "--sbg-file",
+               self.fields["test"], "--align-split", "test", "--n-samples", self.cfg["test_samples"], "--seed", seed,
+               "--out", align_path)
+            measured["align_sbg"] = json.load(open(align_path))["align"]["sbg test"]["cos"]
         split = last["eval_split"]  # the per-epoch check's images: "val" (choices look there) or "test"
         pgd = next(k for k in last if k.startswith(f"{split}_pgd_l2_"))
-        files.write_json({"key": key, "model": model, "seed": seed, "lambda": lam, "settings": want,
-                          f"{split}_acc": last[f"{split}_acc"], f"{split}_pgd_l2_acc": last[pgd], **self.measures(res),
-                          "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - start, 1),
-                          "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}, self.result_path(key))
-
-    def align_sbg(self, model, seed, lam=None):
-        """Held-out SBG alignment of a trained model, into its result file. On a machine without the
-        checkpoint (a bench continued elsewhere) the model is trained and attacked again first, so that
-        every number of a file belongs to one model."""
-        key = self.key(model, seed, lam)
-        result = self.read_result(key)
-        if result["align_sbg"] is not None:
-            return
-        run_dir = self.run_dir(key)
-        if not os.path.exists(os.path.join(run_dir, "model.pt")):
-            os.remove(self.result_path(key))
-            self.train_and_attack(model, seed, lam)
-            result = self.read_result(key)
-        align_path = os.path.join(run_dir, "align_sbg_test.json")
-        start = time.time()
-        sh(os.path.join(run_dir, "run.log"), "attack.py", "--checkpoint", os.path.join(run_dir, "model.pt"), "--attacks",
-           "align", "--align-source", "sbg", "--sbg-file", self.fields["test"], "--align-split", "test",
-           "--n-samples", self.cfg["test_samples"], "--seed", seed, "--out", align_path)
-        result["align_sbg"] = json.load(open(align_path))["align"]["sbg test"]["cos"]
-        result["seconds"] = round(result["seconds"] + time.time() - start, 1)
+        result = {"key": key, "model": model, "seed": seed, "lambda": lam, "settings": want,
+                  f"{split}_acc": last[f"{split}_acc"], f"{split}_pgd_l2_acc": last[pgd], **measured,
+                  "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - start, 1),
+                  "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}
         files.write_json(result, self.result_path(key))
-        print(f"  {key}: clean {result['clean']:.1%}, AA L2 {result['aa_l2']:.1%}, L-inf {result['aa_linf']:.1%}, "
-              f"align NN {result['align_nn']:.3f} SBG {result['align_sbg']:.3f} -> {os.path.relpath(self.result_path(key))}",
-              flush=True)
+        print(f"  {key}: clean {result['clean']:.1%}, AA L2 {result['aa_l2']:.1%}, L-inf {result['aa_linf']:.1%}"
+              + (f", align NN {result['align_nn']:.3f} SBG {result['align_sbg']:.3f}" if self.align else "")
+              + f" -> {os.path.relpath(self.result_path(key))}", flush=True)
 
     def make_sbg(self):
-        """Denoiser (trained once, seed 0) and its fields for the training images and the test images."""
+        """The denoiser (trained once, seed 0, kept in RESULTS/<name>_sbg/) and its fields for the training
+        images and the test images (in --out-dir)."""
         s = self.cfg["sbg"]
+        want = json.loads(json.dumps({**s, "data": self.data_flags}))  # as it reads back
+        want_fields = {**want, "test_samples": self.cfg["test_samples"]}
         settings_file = os.path.join(self.sbg_dir, "settings.json")
-        want = {**s, "data": self.data_flags, "test_samples": self.cfg["test_samples"]}
-        want = json.loads(json.dumps(want))  # as it reads back
         if all(os.path.exists(p) for p in self.fields.values()):
             made_with = json.load(open(settings_file)) if os.path.exists(settings_file) else None
-            if made_with != want:
+            if made_with != want_fields:
                 raise D.UserError(f"{self.sbg_dir} was made with other settings ({made_with}); delete it or pass another --out-dir")
             return
-        ckpt, log = os.path.join(self.sbg_dir, "denoiser.pt"), os.path.join(self.sbg_dir, "sbg.log")
+        ckpt, log = os.path.join(self.denoiser_dir, "denoiser.pt"), os.path.join(self.sbg_dir, "sbg.log")
+        denoiser_settings = os.path.join(self.denoiser_dir, "settings.json")
+        if os.path.exists(ckpt):
+            made_with = json.load(open(denoiser_settings)) if os.path.exists(denoiser_settings) else None
+            if made_with != want:
+                raise D.UserError(f"{ckpt} was made with other settings ({made_with}); delete {self.denoiser_dir} "
+                                  "or pass another --results-dir")
+        else:
+            files.write_json(want, denoiser_settings)
         if not os.path.exists(ckpt) or files.load_file(ckpt, "denoiser checkpoint")["epoch"] < s["epochs"]:
-            sh(log, "sbg.py", "train", *self.data_flags, "--epochs", s["epochs"], "--seed", s["seed"], "--out-dir", self.sbg_dir,
-               *(["--resume"] if os.path.exists(ckpt) else []))
+            sh(log, "sbg.py", "train", *self.data_flags, "--epochs", s["epochs"], "--seed", s["seed"],
+               "--out-dir", self.denoiser_dir, *(["--resume"] if os.path.exists(ckpt) else []))
         for split in ("test", "train"):
             sh(log, "sbg.py", "export", *self.data_flags, "--checkpoint", ckpt, "--timestep", s["timestep"],
                "--noise-draws", s["noise_draws"], "--split", split, "--eval-samples", self.cfg["test_samples"],
                "--seed", s["seed"], "--out", self.fields[split])
-        files.write_json(want, settings_file)
+        files.write_json(want_fields, settings_file)
+
+    def sbg_job(self):
+        try:
+            self.make_sbg()
+        finally:  # jobs waiting for the fields go on (and fail in one line if they are missing)
+            self.sbg_done.set()
 
     def select(self):
         """SELECTION_RULE on the validation accuracies of vanilla and the sweep (all seeds)."""
@@ -392,16 +401,14 @@ class Bench:
     def run(self):
         """Every job, the SBG fields first where a row or the alignment needs them; returns the wall seconds."""
         seeds, lambdas = self.cfg["seeds"], self.cfg.get("lambdas")
-        jobs, needs, cost = {"sbg": self.make_sbg}, {}, {"sbg": 30}
+        # "sbg" starts first: with alignment on, every model waits for its fields after its attack.
+        jobs, needs, cost = {"sbg": self.sbg_job}, {}, {"sbg": math.inf}
 
         def add(model, seed, lam, after):
-            """Two jobs for one model: train and attack, then (once the SBG fields exist) align."""
+            """One job per model: train, attack, align (once the SBG fields exist), write its result file."""
             name = f"{model}{f' lambda {lam:g}' if isinstance(lam, float) else ''} seed {seed}"
             value = lambda: self.lam if lam == "selected" else lam  # noqa: E731 - known once "select" ran
             jobs[name], needs[name], cost[name] = (lambda: self.train_and_attack(model, seed, value())), after, COST.get(model, 10)
-            if self.align:
-                jobs["align " + name], needs["align " + name] = (lambda: self.align_sbg(model, seed, value())), {"sbg", name}
-                cost["align " + name] = 100  # cheap, and it completes a result file: first whenever ready
             return name
         if not lambdas:  # no sweep: every row at its scripts' defaults (lambda included)
             for s in seeds:
@@ -417,6 +424,8 @@ class Bench:
                 sweep.add(add("pag-cm", s, lam, set()))
         if pag:
             jobs["select"], needs["select"] = self.select, sweep
+            for name in sweep:  # every later PAG row waits for the selection: its inputs go first
+                cost[name] += 100
         for s in seeds:
             for model in self.rows:
                 if model in PAG_ROWS and model != "pag-cm":  # the pag-cm row is the sweep's run at the selected lambda
