@@ -1713,11 +1713,28 @@ def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
     shutil.rmtree(tmp_path / "runs" / "sbg")
     partial = res / "fashion_mnist_runs" / "vanilla_seed0.json"
     partial.write_text(json.dumps({**after["vanilla_seed0.json"], "align_sbg": None}))
+    # ... its numbers are the checkpoint's epoch's, whatever else metrics.jsonl holds (a kill between the
+    # metrics line and the checkpoint leaves a line ahead of it), and its training time is the run's own.
+    metrics = tmp_path / "runs" / "vanilla_seed0" / "metrics.jsonl"
+    line = json.loads(metrics.read_text().splitlines()[-1])
+    metrics.write_text(metrics.read_text() + json.dumps({**line, "epoch": 2, "val_acc": 0.0, "seconds": 1e6}) + "\n")
     fm.main(argv)
-    done = json.loads(partial.read_text())
-    assert done["align_sbg"] == pytest.approx(after["vanilla_seed0.json"]["align_sbg"], abs=1e-6)
-    assert done["clean"] == after["vanilla_seed0.json"]["clean"] and done["made"] != after["vanilla_seed0.json"]["made"]
+    done, before = json.loads(partial.read_text()), after["vanilla_seed0.json"]
+    assert done["align_sbg"] == pytest.approx(before["align_sbg"], abs=1e-6)
+    assert done["clean"] == before["clean"] and done["made"] != before["made"]
+    assert done["val_acc"] == line["val_acc"] == before["val_acc"] and done["train_seconds"] == pytest.approx(line["seconds"], abs=0.1)
     assert_cli_error(fm.main, [*argv, "--epochs", "2"], "made with other settings")
+    # A run folder or fields made with other settings are refused, not reused under this run's name.
+    partial.unlink()
+    run_settings = tmp_path / "runs" / "vanilla_seed0" / "bench_settings.json"
+    run_settings.write_text(json.dumps({**json.loads(run_settings.read_text()), "train": "other"}))
+    assert_cli_error(fm.main, argv, "vanilla_seed0 was made with other settings")
+    run_settings.unlink()
+    assert_cli_error(fm.main, argv, "or by an older bench")  # a checkpoint without its settings
+    shutil.rmtree(tmp_path / "runs" / "vanilla_seed0")
+    fields_settings = tmp_path / "runs" / "sbg" / "settings.json"
+    fields_settings.write_text(json.dumps({**json.loads(fields_settings.read_text()), "denoiser_sha256": "0" * 64}))
+    assert_cli_error(fm.main, argv, "another denoiser")
 
 
 def test_bench_scheduler_respects_dependencies_and_fails_loudly():

@@ -30,6 +30,7 @@ fields from it); checkpoints, logs and the fields go to --out-dir. Jobs run as o
 fashion_mnist_seeds.json (+ .md), fashion_mnist_lambda.json, and the figures fashion_mnist_tradeoff.png
 and fashion_mnist_alignment.png in RESULTS.
 """
+import hashlib
 import json
 import math
 import os
@@ -254,6 +255,7 @@ class Bench:
         self.fields = {s: os.path.join(self.sbg_dir, f"fields_{s}.pt") for s in ("train", "test")}
         self.lam = None  # the selected lambda, once the sweep is in
         self.sbg_done = threading.Event()  # set when the "sbg" job has ended (made the fields, or failed)
+        self.sbg_made = False
         self.data_flags, self.common = self.common_flags(cfg)
 
     def common_flags(self, cfg):
@@ -308,33 +310,43 @@ class Bench:
         return os.path.join(self.out_dir, key)
 
     def train_and_attack(self, model, seed, lam=None):
-        """Train (or resume), attack, align to NN targets, and write the result file (its align_sbg still
-        None: the SBG fields may not exist yet); skipped if the file is there, refused if made otherwise."""
+        """Train (or resume), attack, align, and write the result file with every number of the model;
+        skipped if the file is there, refused if it (or the run folder) was made with other settings."""
         key, want = self.key(model, seed, lam), self.settings(model, seed, lam)
         old = self.read_result(key)
         if old is not None:
             if old.get("settings") != want:
                 raise D.UserError(f"{self.result_path(key)} was made with other settings; delete it (and "
-                                  f"{self.run_dir(key)}) or pass another --results-dir")
+                                  f"{self.run_dir(key)}) or pass another --results-dir and --out-dir")
             if not self.align or old.get("align_sbg") is not None:
                 return
             # else: an earlier bench's file without its SBG alignment: made again (resumed where it can be)
         run_dir = self.run_dir(key)
         ckpt, log = os.path.join(run_dir, "model.pt"), os.path.join(run_dir, "run.log")
-        metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        start = time.time()
-        lines = open(metrics_path).read().splitlines() if os.path.exists(metrics_path) else []
-        if len(lines) < self.cfg.get("epochs", math.inf) or not os.path.exists(ckpt):  # else: trained already
+        metrics_path, run_settings = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "bench_settings.json")
+        # The run folder is named without its settings: it says what it was made with, or it is not reused.
+        made_with = json.load(open(run_settings)) if os.path.exists(run_settings) else None
+        if made_with != json.loads(json.dumps(want)) and (made_with is not None or os.path.exists(ckpt)):
+            raise D.UserError(f"{run_dir} was made with other settings{'' if made_with else ' (or by an older bench)'}; "
+                              "delete it or pass another --out-dir")
+        if made_with is None:
+            files.write_json(want, run_settings)
+        epoch = lambda: files.load_file(ckpt, "checkpoint")["epoch"] if os.path.exists(ckpt) else 0  # noqa: E731
+        if epoch() < self.cfg.get("epochs", math.inf):  # the checkpoint's epoch, not metrics.jsonl's lines
             sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
-            lines = open(metrics_path).read().splitlines()
-        train_seconds, last = time.time() - start, json.loads(lines[-1])
+        done = epoch()
+        by_epoch = {m["epoch"]: m for m in map(json.loads, open(metrics_path).read().splitlines()) if m["epoch"] <= done}
+        last = by_epoch[done]
+        train_seconds = sum(m["seconds"] for m in by_epoch.values())  # the run's own epochs, over every resume
+        start = time.time()
         res_path = os.path.join(run_dir, "attack_test.json")
         sh(log, *self.attack_command(ckpt, seed, res_path))
         measured = self.measures(json.load(open(res_path)))
         if self.align:  # the held-out SBG alignment, so that a result file is complete when it lands
             self.sbg_done.wait()
-            if not os.path.exists(self.fields["test"]):
-                raise D.UserError(f"the SBG fields were not made ({self.fields['test']}); see {self.sbg_dir}/sbg.log")
+            if not self.sbg_made:
+                raise D.UserError(f"the SBG fields were not made ({self.fields['test']}): the sbg job failed (its error "
+                                  "is printed above this one)")
             align_path = os.path.join(run_dir, "align_sbg_test.json")
             sh(log, "attack.py", "--checkpoint", ckpt, "--attacks", "align", "--align-source", "sbg", "--sbg-file",
                self.fields["test"], "--align-split", "test", "--n-samples", self.cfg["test_samples"], "--seed", seed,
@@ -344,7 +356,7 @@ class Bench:
         pgd = next(k for k in last if k.startswith(f"{split}_pgd_l2_"))
         result = {"key": key, "model": model, "seed": seed, "lambda": lam, "settings": want,
                   f"{split}_acc": last[f"{split}_acc"], f"{split}_pgd_l2_acc": last[pgd], **measured,
-                  "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - start, 1),
+                  "train_seconds": round(train_seconds, 1), "seconds": round(train_seconds + time.time() - start, 1),
                   "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}
         files.write_json(result, self.result_path(key))
         print(f"  {key}: clean {result['clean']:.1%}, AA L2 {result['aa_l2']:.1%}, L-inf {result['aa_linf']:.1%}"
@@ -353,16 +365,9 @@ class Bench:
 
     def make_sbg(self):
         """The denoiser (trained once, seed 0, kept in RESULTS/<name>_sbg/) and its fields for the training
-        images and the test images (in --out-dir)."""
+        images and the test images (in --out-dir, refused once the denoiser file changes)."""
         s = self.cfg["sbg"]
         want = json.loads(json.dumps({**s, "data": self.data_flags}))  # as it reads back
-        want_fields = {**want, "test_samples": self.cfg["test_samples"]}
-        settings_file = os.path.join(self.sbg_dir, "settings.json")
-        if all(os.path.exists(p) for p in self.fields.values()):
-            made_with = json.load(open(settings_file)) if os.path.exists(settings_file) else None
-            if made_with != want_fields:
-                raise D.UserError(f"{self.sbg_dir} was made with other settings ({made_with}); delete it or pass another --out-dir")
-            return
         ckpt, log = os.path.join(self.denoiser_dir, "denoiser.pt"), os.path.join(self.sbg_dir, "sbg.log")
         denoiser_settings = os.path.join(self.denoiser_dir, "settings.json")
         if os.path.exists(ckpt):
@@ -375,6 +380,15 @@ class Bench:
         if not os.path.exists(ckpt) or files.load_file(ckpt, "denoiser checkpoint")["epoch"] < s["epochs"]:
             sh(log, "sbg.py", "train", *self.data_flags, "--epochs", s["epochs"], "--seed", s["seed"],
                "--out-dir", self.denoiser_dir, *(["--resume"] if os.path.exists(ckpt) else []))
+        with open(ckpt, "rb") as f:
+            want_fields = {**want, "test_samples": self.cfg["test_samples"], "denoiser_sha256": hashlib.sha256(f.read()).hexdigest()}
+        settings_file = os.path.join(self.sbg_dir, "settings.json")
+        if all(os.path.exists(p) for p in self.fields.values()):
+            made_with = json.load(open(settings_file)) if os.path.exists(settings_file) else None
+            if made_with != want_fields:
+                raise D.UserError(f"{self.sbg_dir} holds fields made with other settings or another denoiser "
+                                  f"({made_with}); delete it or pass another --out-dir")
+            return
         for split in ("test", "train"):
             sh(log, "sbg.py", "export", *self.data_flags, "--checkpoint", ckpt, "--timestep", s["timestep"],
                "--noise-draws", s["noise_draws"], "--split", split, "--eval-samples", self.cfg["test_samples"],
@@ -384,6 +398,7 @@ class Bench:
     def sbg_job(self):
         try:
             self.make_sbg()
+            self.sbg_made = True
         finally:  # jobs waiting for the fields go on (and fail in one line if they are missing)
             self.sbg_done.set()
 
@@ -423,7 +438,7 @@ class Bench:
             for lam in lambdas if pag else []:
                 sweep.add(add("pag-cm", s, lam, set()))
         if pag:
-            jobs["select"], needs["select"] = self.select, sweep
+            jobs["select"], needs["select"], cost["select"] = self.select, sweep, math.inf  # it gates every later PAG row
             for name in sweep:  # every later PAG row waits for the selection: its inputs go first
                 cost[name] += 100
         for s in seeds:

@@ -59,7 +59,7 @@ QUICK_ARCH = "cnn"  # --quick trains the ResNet rows as the small cnn (the ViT r
 
 
 class PaperTable(claims.Bench):
-    """The claims runner at the paper's scale: no sweep, no validation split, no alignment jobs."""
+    """The claims runner at the paper's scale: no sweep, no validation split, no alignment."""
     models = ROWS
     align = False
 
