@@ -124,6 +124,14 @@ def check_timesteps(steps, ckpt):
         raise D.UserError(f"timestep {max(steps)} is beyond the denoiser's schedule (0..{ckpt['args']['timesteps'] - 1})")
 
 
+def check_data_fits(data, ckpt):
+    """The images are the kind the denoiser was trained on (the dataset flags are not in the checkpoint's
+    place: they are given again, and a forgotten --dataset would feed it other images)."""
+    if data.name != ckpt["dataset"] or data.input_shape != tuple(ckpt["input_shape"]):
+        raise D.UserError(f"denoiser was trained on {ckpt['dataset']} {tuple(ckpt['input_shape'])}, "
+                          f"not {data.name} {data.input_shape}: pass its --dataset (and --image-size)")
+
+
 def get_images(args):
     data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
                       args.image_size, val_samples=args.val_samples)
@@ -216,9 +224,7 @@ def export(args):
     device = pick_device(args.device)
     net, ckpt = load_denoiser(args.checkpoint, device)
     data = get_images(args)
-    if data.name != ckpt["dataset"] or data.input_shape != tuple(ckpt["input_shape"]):
-        raise D.UserError(f"denoiser was trained on {ckpt['dataset']} {tuple(ckpt['input_shape'])}, "
-                          f"not {data.name} {data.input_shape}")
+    check_data_fits(data, ckpt)
     images, labels = data.split(args.split)
     x_all, c = D.to_float(images) * 2 - 1, data.num_classes
     check_timesteps([args.timestep], ckpt)
@@ -265,6 +271,7 @@ def sweep(args):
         files.check_output(args.out, "--out", [args.checkpoint], (".json",))
     args.train_samples = args.sweep_images
     data = get_images(args)
+    check_data_fits(data, ckpt)
     x = (D.to_float(data.train_x) * 2 - 1).to(device)
     c = data.num_classes
     classes = torch.arange(c).expand(len(x), c).to(device)

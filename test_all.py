@@ -1903,6 +1903,11 @@ def test_sbg_train_export_and_train_pag_with_the_file(tmp_path):
         "--batch-size", "8", "--out", tmp_path / "f.pt")
     obj = torch.load(tmp_path / "f.pt", weights_only=True)
     assert obj["fields"].shape == (32, 10, 3, 16, 16) and obj["fields"].dtype == torch.float16
+    other = ["--dataset", "synthetic", "--image-size", "8", "--train-samples", "32"]  # not the denoiser's images
+    for cmd in (["export", "--out", tmp_path / "g.pt"], ["sweep", "--sweep-timesteps", "100", "--sweep-images", "4"]):
+        assert_one_line_error(run("sbg.py", cmd[0], *other, "--checkpoint", tmp_path / "dn" / "denoiser.pt", *cmd[1:],
+                                  check=False), "denoiser was trained on synthetic (3, 16, 16)", "--dataset")
+    assert not (tmp_path / "g.pt").exists()
     assert torch.isfinite(obj["fields"].float()).all() and obj["fields"].float().abs().sum() > 0
     run("train_pag.py", *TINY[:6], "--train-samples", "32", "--eval-samples", "16", "--batch-size", "16", "--eval-steps", "1",
         "--epochs", "1", "--sbg-file", tmp_path / "f.pt", "--targets-per-image", "2", "--out-dir", tmp_path / "p")

@@ -1,4 +1,4 @@
-"""The paper's 2-D toy experiment in one command (46 s for one seed on 2 CPU cores).
+"""The paper's 2-D toy experiment in one command (34-46 s for one seed on 2 CPU cores).
 
     python bench/toy.py                     # seed 2: results/toy/metrics.json, exact.json and toy.png
     python bench/toy.py --seed 0 1 2 3 4 5 6 7 8 9 --out-dir DIR   # ten draws + DIR/seeds.json, seeds.png
