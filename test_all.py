@@ -3,6 +3,7 @@
 Each test checks a value against an independent computation or an invariant;
 the CLI tests run the real scripts on tiny `synthetic` / `toy` data.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -1259,6 +1260,13 @@ def test_paper_table_puts_each_number_beside_the_papers(tmp_path):
     md = (tmp_path / "paper_table_cifar10.md").read_text()
     assert "| pag-sbg | trained | 80.00 | 50.00 | 55.39 | -5.39 | 20.00 | 23.97 | -3.97 |" in md
     assert "Not finished yet: vanilla" in md and "vanilla" not in table["rows"]
+    # A result of an SBG row names the content of the fields it was trained on, not their path.
+    (tmp_path / "f.pt").write_bytes(b"fields one")
+    with_file = lambda: pt.PaperTable({**cfg, "sbg_file": str(tmp_path / "f.pt")}, str(tmp_path), 1, ["pag-sbg"], {})  # noqa: E731
+    first = with_file().settings("pag-sbg", 3407, None)
+    assert first["sbg_file_sha256"] == hashlib.sha256(b"fields one").hexdigest() and first == with_file().settings("pag-sbg", 3407, None)
+    (tmp_path / "f.pt").write_bytes(b"fields two")
+    assert with_file().settings("pag-sbg", 3407, None) != first and "sbg_file_sha256" not in with_file().settings("vanilla", 3407, None)
 
 
 # ----------------------------------------------------------------------------- a newcomer's first hour

@@ -20,6 +20,7 @@ has finished, and a later call assembles whatever is there into OUT_DIR/paper_ta
 and .md (every measured number beside the paper's, from PAPER_TABLE_1 below, and the difference).
 """
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -70,8 +71,24 @@ class PaperTable(claims.Bench):
             self.models = {m: (s, f if "vit" in f else [*f, "--arch", QUICK_ARCH]) for m, (s, f) in ROWS.items()}
         super().__init__(cfg, os.path.join(out_dir, self.name), out_dir, workers, rows)
         self.official = official
+        self.sbg_file_hash = None
         if cfg["sbg_file"]:
             self.fields["train"] = os.path.abspath(cfg["sbg_file"])
+
+    def settings(self, model, seed, lam):
+        """As the claims runner's, and for the SBG rows the given fields' content (its path is not a setting:
+        other fields under the same name are other settings)."""
+        out = super().settings(model, seed, lam)
+        if self.cfg["sbg_file"] and "sbg" in self.models[model][1]:
+            if self.sbg_file_hash is None:
+                files.regular_file(self.fields["train"], "--sbg-file")
+                digest = hashlib.sha256()
+                with open(self.fields["train"], "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+                self.sbg_file_hash = digest.hexdigest()
+            out["sbg_file_sha256"] = self.sbg_file_hash
+        return out
 
     def common_flags(self, cfg):
         data = ["--dataset", cfg["dataset"], *cfg["data_flags"]]
