@@ -16,6 +16,7 @@ the gradient of log p(t | x_t), averaged over --noise-draws draws of eps at time
 --timestep. Pixels live in [-1, 1] inside the diffusion model, so g is a direction in
 pixel space (cosines are unchanged by the factor 2 to [0, 1] pixels).
 """
+import gc
 import math
 import os
 import time
@@ -216,6 +217,8 @@ def _train(args, rank, world, device):
         if world > 1:
             dist.barrier()
     if world > 1:
+        train_net = None  # the DDP wrapper holds the group: freed first, as train_baseline.train does
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ being finite. This file also holds the project's one PGD (adversarial training
 uses it, and attack.py evaluates with it).
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -663,6 +664,10 @@ def train(args, make_loss=make_classification_loss, run_name="baseline"):
         where = f"{run.ckpt_path} holds epoch {saved} of {args.epochs}" if saved else "no epoch was saved"
         raise files.Interrupted(f"{where}; continue with: {resume_command()}" if saved else where) from None
     if world > 1:
+        # The DDP wrapper holds the process group (and gloo's finished work): free it first, so the group is
+        # really gone before the interpreter shuts down (else gloo's threads can abort the process at exit).
+        run.train_model = None
+        gc.collect()
         dist.destroy_process_group()
     run.log(f"done: {run.ckpt_path} holds epoch {run.saved_epoch} of {args.epochs}; evaluate it with: python attack.py "
             f"--checkpoint {run.ckpt_path} --attacks clean aa-l2 aa-linf align")
