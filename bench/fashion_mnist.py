@@ -228,6 +228,23 @@ def run_jobs(jobs, needs, workers, cost=None):
     return time.time() - start
 
 
+def file_sha256(path):
+    """The content of a file as a setting (read in blocks: fields files are gigabytes at CIFAR scale)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recorded_settings(path):
+    """What a settings file beside a run folder, the denoiser or the fields records (None: no file)."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
@@ -325,7 +342,7 @@ class Bench:
         ckpt, log = os.path.join(run_dir, "model.pt"), os.path.join(run_dir, "run.log")
         metrics_path, run_settings = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "bench_settings.json")
         # The run folder is named without its settings: it says what it was made with, or it is not reused.
-        made_with = json.load(open(run_settings)) if os.path.exists(run_settings) else None
+        made_with = recorded_settings(run_settings)
         if made_with != json.loads(json.dumps(want)) and (made_with is not None or os.path.exists(ckpt)):
             raise D.UserError(f"{run_dir} was made with other settings{'' if made_with else ' (or by an older bench)'}; "
                               "delete it or pass another --out-dir")
@@ -371,7 +388,7 @@ class Bench:
         ckpt, log = os.path.join(self.denoiser_dir, "denoiser.pt"), os.path.join(self.sbg_dir, "sbg.log")
         denoiser_settings = os.path.join(self.denoiser_dir, "settings.json")
         if os.path.exists(ckpt):
-            made_with = json.load(open(denoiser_settings)) if os.path.exists(denoiser_settings) else None
+            made_with = recorded_settings(denoiser_settings)
             if made_with != want:
                 raise D.UserError(f"{ckpt} was made with other settings ({made_with}); delete {self.denoiser_dir} "
                                   "or pass another --results-dir")
@@ -380,11 +397,10 @@ class Bench:
         if not os.path.exists(ckpt) or files.load_file(ckpt, "denoiser checkpoint")["epoch"] < s["epochs"]:
             sh(log, "sbg.py", "train", *self.data_flags, "--epochs", s["epochs"], "--seed", s["seed"],
                "--out-dir", self.denoiser_dir, *(["--resume"] if os.path.exists(ckpt) else []))
-        with open(ckpt, "rb") as f:
-            want_fields = {**want, "test_samples": self.cfg["test_samples"], "denoiser_sha256": hashlib.sha256(f.read()).hexdigest()}
+        want_fields = {**want, "test_samples": self.cfg["test_samples"], "denoiser_sha256": file_sha256(ckpt)}
         settings_file = os.path.join(self.sbg_dir, "settings.json")
         if all(os.path.exists(p) for p in self.fields.values()):
-            made_with = json.load(open(settings_file)) if os.path.exists(settings_file) else None
+            made_with = recorded_settings(settings_file)
             if made_with != want_fields:
                 raise D.UserError(f"{self.sbg_dir} holds fields made with other settings or another denoiser "
                                   f"({made_with}); delete it or pass another --out-dir")

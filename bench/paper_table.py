@@ -20,7 +20,6 @@ has finished, and a later call assembles whatever is there into OUT_DIR/paper_ta
 and .md (every measured number beside the paper's, from PAPER_TABLE_1 below, and the difference).
 """
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -82,11 +81,7 @@ class PaperTable(claims.Bench):
         if self.cfg["sbg_file"] and "sbg" in self.models[model][1]:
             if self.sbg_file_hash is None:
                 files.regular_file(self.fields["train"], "--sbg-file")
-                digest = hashlib.sha256()
-                with open(self.fields["train"], "rb") as f:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        digest.update(block)
-                self.sbg_file_hash = digest.hexdigest()
+                self.sbg_file_hash = claims.file_sha256(self.fields["train"])
             out["sbg_file_sha256"] = self.sbg_file_hash
         return out
 
