@@ -1654,7 +1654,14 @@ def test_claims_bench_statistics_and_verdicts_on_hand_made_numbers():
     out = fm.paired(a, b, "a - b")
     assert out["difference"] == pytest.approx(m) and out["ci95"] == pytest.approx([m - 4.303 * sd / 3 ** 0.5, m + 4.303 * sd / 3 ** 0.5])
     assert out["verdict"] == "holds" and fm.paired(b, a, "b - a")["verdict"] == "contradicted"
-    assert fm.paired([0.5, 0.4, 0.6], [0.45, 0.45, 0.5], "x")["verdict"] == "not shown"  # differences +5, -5, +10
+    unclear = fm.paired([0.5, 0.4, 0.6], [0.45, 0.45, 0.5], "x")  # differences +5, -5, +10
+    assert unclear["verdict"] == "not shown"
+    # What would decide it: 23 seeds with this mean (3.33) and standard deviation (7.64): t(21) 2.080 * 7.64 /
+    # sqrt(22) = 3.39 > 3.33 still holds 0, t(22) 2.074 * 7.64 / sqrt(23) = 3.30 does not.
+    assert unclear["seeds_to_decide"] == 23 and out["seeds_to_decide"] == 3  # out: it already holds at 3
+    assert fm.seeds_to_decide([0.1, -0.1]) is None and fm.seeds_to_decide([0.3]) is None
+    assert fm.seeds_to_decide([0.001, -0.0012, 0.0011], most=50) is None  # a mean near 0 takes more than 50
+    assert fm.seeds_to_decide([-0.05, 0.05, -0.10]) == 23  # the sign does not matter
     assert fm.verdict([0.01, 0.2]) == "holds" and fm.verdict([-0.2, -0.01]) == "contradicted"
     assert fm.verdict([-0.1, 0.1]) == "not shown" and fm.verdict(None) == "not shown"
     assert fm.t_quantile_975(2) == 4.303 and abs(fm.t_quantile_975(60) - 2.000) < 2e-3
@@ -1677,6 +1684,16 @@ def test_claims_bench_statistics_and_verdicts_on_hand_made_numbers():
     # lambda selection: the largest lambda within 10 points of vanilla's validation accuracy
     val = {"vanilla": [0.80, 0.82], 0.1: [0.79, 0.80], 0.5: [0.72, 0.73], 1.0: [0.60, 0.65]}
     assert fm.select_lambda(val, [0.1, 0.5, 1.0], 0.10) == 0.5 and fm.select_lambda(val, [0.5, 1.0], 0.01) == 0.5
+    # The .md twin lists every comparison with what would decide it (here claim 4: 50 - 50, +2, -2 points).
+    found["3"] = fm.claim_3([{"seed": s, "align_sbg": x, "aa_l2": y} for s, x, y in pts], [0, 1, 2])
+    full = {m: {k: fm.mean_interval(v["aa_l2"]["per_seed"]) for k in (*fm.METRICS, "val_acc")} for m, v in rows.items()}
+    config = dict(fm.CONFIG, selected_lambda=0.25)
+    md = fm.markdown(full, {}, found, config).splitlines()
+    line = next(x for x in md if x.startswith("| 4 | pag-cm+pgd-at - pgd-at, aa_l2 |"))
+    # mean 0.333, sd 2.082 points: 4.303 * 2.082 / sqrt(3) = 5.17 around it; sqrt(n) / t(n - 1) must pass
+    # 2.082 / 0.333 = 6.245: at 152 seeds 12.329 / 1.9758 = 6.240, at 153 12.369 / 1.9757 = 6.261.
+    assert line == "| 4 | pag-cm+pgd-at - pgd-at, aa_l2 | -2.0, +2.0, +1.0 | +0.3 [-4.8, +5.5] | not shown | 153 |"
+    assert sum(x.startswith("| 1 | ") for x in md) == 8 and sum(x.startswith("| 2 | ") for x in md) == 6
 
 
 def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):

@@ -111,11 +111,21 @@ def verdict(ci95):
     return "holds" if ci95[0] > 0 else "contradicted" if ci95[1] < 0 else "not shown"
 
 
+def seeds_to_decide(values, most=1000):
+    """What would change a verdict: the fewest seeds at which these values' mean and standard deviation would
+    give a 95% t interval that excludes 0 (a projection: more seeds move both). None: the mean is 0, there
+    are fewer than two values, or it takes more than `most` seeds."""
+    if len(values) < 2 or statistics.fmean(values) == 0:
+        return None
+    m, sd = abs(statistics.fmean(values)), statistics.stdev(values)
+    return next((n for n in range(2, most + 1) if t_quantile_975(n - 1) * sd / math.sqrt(n) < m), None)
+
+
 def paired(a, b, what):
-    """a - b paired by seed: mean difference, its 95% t interval, verdict."""
+    """a - b paired by seed: mean difference, its 95% t interval, verdict, and the seeds that would decide it."""
     st = mean_interval([x - y for x, y in zip(a, b)])
     return {"comparison": what, "difference": st["mean"], "ci95": st["ci95"], "per_seed": st["per_seed"],
-            "verdict": verdict(st["ci95"])}
+            "verdict": verdict(st["ci95"]), "seeds_to_decide": seeds_to_decide(st["per_seed"])}
 
 
 def combine(comparisons):
@@ -525,6 +535,17 @@ def markdown(rows, lambda_rows, found, config):
         ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else "n/a"
         value = f"{c['difference']:+.3f} {ci}" if c["difference"] is not None else "n/a"
         lines.append(f"| {k}: {c['claim']} | **{c['verdict']}** | {c.get('headline', 'Pearson r' if k == '3' else '')} | {value} |")
+    lines += ["", "Every comparison (a − b in points, paired by seed; *seeds to decide*: the fewest seeds at which this "
+              "mean difference and spread would give an interval that excludes 0, a projection, not a promise):", "",
+              "| claim | comparison | per seed | difference [95% interval] | verdict | seeds to decide |",
+              "|---|---|---|---|---|---|"]
+    for k in ("1", "2", "4"):
+        for c in found[k].get("comparisons", []):
+            per_seed = ", ".join(f"{100 * v:+.1f}" for v in c["per_seed"])
+            ci = f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" if c["ci95"] else "n/a"
+            n = c["seeds_to_decide"]
+            lines.append(f"| {k} | {c['comparison']} | {per_seed} | {100 * c['difference']:+.1f} {ci} | {c['verdict']} | "
+                         f"{n if n is not None else '> 1000' if c['difference'] else 'never'} |")
     return "\n".join(lines) + "\n"
 
 
