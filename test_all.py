@@ -1708,6 +1708,9 @@ def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
     assert seeds["config"]["selected_lambda"] in (0.1, 1.0)
     runs = {p.name: json.loads(p.read_text()) for p in (res / "fashion_mnist_runs").iterdir()}
     assert len(runs) == 2 * (1 + 2 + 1)  # vanilla, the sweep's two lambdas, pag-sbg; two seeds each
+    # Times are summed once per model (pag-cm is both a row and a sweep point).
+    assert seeds["config"]["models"] == len(runs)
+    assert seeds["config"]["train_minutes_sum"] == pytest.approx(sum(r["train_seconds"] for r in runs.values()) / 60, abs=0.051)
     for model in ("vanilla", "pag-sbg"):
         for metric in fm.METRICS:
             entry = seeds["rows"][model][metric]
@@ -1717,6 +1720,7 @@ def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
     verdicts = {k: v["verdict"] for k, v in seeds["claims"].items()}
     assert verdicts["1"] == verdicts["2"] == verdicts["4"] == "not run"  # rows pag-nn, pag-oi, pgd-at... not asked for
     assert verdicts["3"] in ("holds", "not shown", "contradicted") and seeds["claims"]["3"]["points"] == 6
+    assert seeds["claims"]["3"]["without_pag_sbg"]["points"] == 4 and seeds["claims"]["3"]["also_nn"]["points"] == 6
     assert set(json.loads((res / "fashion_mnist_lambda.json").read_text())["rows"]) == {"0.1", "1"}
     assert all((res / f).stat().st_size > 0 for f in ("fashion_mnist_seeds.md", "fashion_mnist_tradeoff.png",
                                                     "fashion_mnist_alignment.png"))

@@ -487,18 +487,25 @@ class Bench:
         points = [r for m in self.rows if m in PAG_ROWS and m != "pag-cm+pgd-at" for r in results[m]] + \
                  [r for lam in lambdas if lam != self.lam for r in sweep[lam]]
         found["3"] = claim_3(points, seeds)
+        # Two checks of claim 3's measure: NN alignment instead, and SBG alignment without pag-sbg (trained on the
+        # same denoiser's fields, so SBG alignment favours it by construction).
         found["3"]["also_nn"] = claim_3(points, seeds, "align_nn")
-        train_minutes = sum(r["train_seconds"] for rs in (*results.values(), *sweep.values()) for r in rs) / 60
+        found["3"]["without_pag_sbg"] = claim_3([p for p in points if p["model"] != "pag-sbg"], seeds)
+        every = {r["key"]: r for rs in (*results.values(), *sweep.values()) for r in rs}  # pag-cm is also a sweep point
+        train_minutes = sum(r["train_seconds"] for r in every.values()) / 60
+        job_minutes = sum(r["seconds"] for r in every.values()) / 60
         config = {**cfg, "rows": self.rows, "selected_lambda": self.lam,
                   "validation_clean_acc": {str(k): v for k, v in val.items()},
-                  "wall_minutes_this_call": round(wall / 60, 1), "train_minutes_sum": round(train_minutes, 1)}
+                  "wall_minutes_this_call": round(wall / 60, 1), "models": len(every),
+                  "train_minutes_sum": round(train_minutes, 1), "job_minutes_sum": round(job_minutes, 1)}
         seeds_out = {"config": config, "seeds": seeds, "rows": rows, "claims": found}
         files.write_json(seeds_out, os.path.join(self.results_dir, "fashion_mnist_seeds.json"))
         files.write_json({"config": config, "seeds": seeds, "rows": lambda_rows},
                      os.path.join(self.results_dir, "fashion_mnist_lambda.json"))
         md = markdown(rows, lambda_rows, found, config)
         files.atomic_write(os.path.join(self.results_dir, "fashion_mnist_seeds.md"), text=md)
-        figures(rows, lambda_rows, points, found["3"], config, self.results_dir)
+        others = [r for m in self.rows if m not in PAG_ROWS or m == "pag-cm+pgd-at" for r in results[m]]
+        figures(rows, lambda_rows, points, others, found["3"], config, self.results_dir)
         print(md)
         for f in ("fashion_mnist_seeds.json", "fashion_mnist_seeds.md", "fashion_mnist_lambda.json",
                   "fashion_mnist_tradeoff.png", "fashion_mnist_alignment.png"):
@@ -535,6 +542,13 @@ def markdown(rows, lambda_rows, found, config):
         ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else "n/a"
         value = f"{c['difference']:+.3f} {ci}" if c["difference"] is not None else "n/a"
         lines.append(f"| {k}: {c['claim']} | **{c['verdict']}** | {c.get('headline', 'Pearson r' if k == '3' else '')} | {value} |")
+        for check, what in (("also_nn", "the same with held-out NN alignment"),
+                            ("without_pag_sbg", "the same without pag-sbg (trained on that denoiser's fields)")):
+            if check in c and c[check]["difference"] is not None:
+                d = c[check]
+                ci = f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else "n/a"
+                lines.append(f"| {k}, check: {what}, {d['points']} points | {d['verdict']} | Pearson r | "
+                             f"{d['difference']:+.3f} {ci} |")
     lines += ["", "Every comparison (a − b in points, paired by seed; *seeds to decide*: the fewest seeds at which this "
               "mean difference and spread would give an interval that excludes 0, a projection, not a promise):", "",
               "| claim | comparison | per seed | difference [95% interval] | verdict | seeds to decide |",
@@ -549,7 +563,9 @@ def markdown(rows, lambda_rows, found, config):
     return "\n".join(lines) + "\n"
 
 
-def figures(rows, lambda_rows, points, claim3, config, out_dir):
+def figures(rows, lambda_rows, points, others, claim3, config, out_dir):
+    """The trade-off (every row, mean and interval; the sweep as a line) and alignment vs robustness (claim 3's
+    points, and the models outside it drawn hollow for comparison)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -561,7 +577,8 @@ def figures(rows, lambda_rows, points, claim3, config, out_dir):
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (m, r) in enumerate(rows.items()):
         (x, xe), (y, ye) = err(r["clean"]), err(r["aa_l2"])
-        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color=colours[i % len(colours)], label=m)
+        label = f"{m} (λ={config['selected_lambda']:g}, selected)" if m in PAG_ROWS else m
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color=colours[i % len(colours)], label=label)
     sweep = [(float(lam), err(r["clean"])[0], err(r["aa_l2"])[0]) for lam, r in lambda_rows.items()]
     ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k--", lw=1, label="PAG-CM λ sweep (means)")
     for lam, x, y in sweep:
@@ -581,11 +598,16 @@ def figures(rows, lambda_rows, points, claim3, config, out_dir):
         pts = [p for p in points if p["model"] == m and p["lambda"] == lam]
         ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], color=colours[i % len(colours)],
                    label=f"{m} λ={lam:g}")
+    for j, m in enumerate(sorted({p["model"] for p in others})):  # not PAG alone: outside the correlation
+        pts = [p for p in others if p["model"] == m]
+        ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], marker="os^Dv"[j % 5],
+                   facecolors="none", edgecolors="0.4", label=f"{m} (not in r)")
     ci = claim3["ci95"]
     ax.set(xlabel="held-out alignment: mean cos to SBG fields of the test images",
            ylabel=f"AutoAttack L2 ε={config['eps_l2']:g} robust accuracy (%)",
-           title=f"alignment vs robustness, one point per model and seed: Pearson r = {claim3['difference']:.2f}"
-                 + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+           title=f"alignment vs robustness, one point per model and seed\nPAG models: Pearson r = "
+                 + (f"{claim3['difference']:.2f}" if claim3["difference"] is not None else "n/a")
+                 + (f", 95% bootstrap interval [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
