@@ -1676,16 +1676,34 @@ def test_claims_bench_statistics_and_verdicts_on_hand_made_numbers():
     assert found["2"]["verdict"] == "contradicted" and found["2"]["headline"].startswith("pag-sbg - ")
     assert found["4"]["verdict"] == "not shown"
     assert fm.claims({k: v for k, v in rows.items() if k != "pgd-at"})["4"]["verdict"] == "not run"
-    # Claim 3: a perfect linear relation has r = 1 in every bootstrap resample.
-    pts = [(s, x, 2 * x + 0.1) for s in (0, 1, 2) for x in (0.1 * s, 0.5 + 0.1 * s)]
-    r, ci = fm.bootstrap_correlation(pts, [0, 1, 2])
-    assert r == pytest.approx(1.0) and ci == pytest.approx([1.0, 1.0])
+    # Claim 3: Pearson r within each seed, averaged on Fisher's z scale, t interval over seeds (restated here
+    # with the standard library's correlation).
+    import math
+    import statistics
+    xs, ys = [0.1, 0.2, 0.3, 0.4], {0: [0.2, 0.5, 0.4, 0.9], 1: [0.1, 0.3, 0.2, 0.35], 2: [0.5, 0.1, 0.6, 0.7]}
+    pts = [(s, x, y) for s in (0, 1, 2) for x, y in zip(xs, ys[s])]
+    rs = [statistics.correlation(xs, ys[s]) for s in (0, 1, 2)]
+    z = [math.atanh(r) for r in rs]
+    half = 4.303 * statistics.stdev(z) / 3 ** 0.5
+    got = fm.correlation_over_seeds(pts, [0, 1, 2])
+    assert got["per_seed"] == pytest.approx(rs) and got["r"] == pytest.approx(math.tanh(statistics.fmean(z)))
+    assert got["ci95"] == pytest.approx([math.tanh(statistics.fmean(z) - half), math.tanh(statistics.fmean(z) + half)])
+    assert fm.correlation_over_seeds(pts[:-2], [0, 1, 2])["r"] is None  # seed 2 with 2 points has no r
     assert fm.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and fm.pearson([1, 1], [2, 3]) is None
+    # The claim: both measures, each without the row trained on its targets; SBG holds here, NN does not.
+    models = [("pag-cm", 0.1), ("pag-cm", 0.5), ("pag-nn", 0.25), ("pag-sbg", 0.25)]
+    points = [{"seed": s, "model": m, "lambda": lam, "aa_l2": 0.3 + 0.1 * i + 0.01 * s, "align_sbg": 0.4 + 0.05 * i - 0.001 * s * i,
+               "align_nn": [0.5, 0.3, 0.6, 0.4][(i + s) % 4]} for s in (0, 1, 2) for i, (m, lam) in enumerate(models)]
+    c3 = fm.claim_3(points, [0, 1, 2])
+    assert [c["comparison"] for c in c3["comparisons"]] == ["r(align_sbg, aa_l2) without pag-sbg", "r(align_nn, aa_l2) without pag-nn"]
+    assert [c["points"] for c in c3["comparisons"]] == [9, 9] and c3["with_own_rows"]["align_sbg"]["points"] == 12
+    assert c3["comparisons"][0]["verdict"] == "holds" and c3["comparisons"][1]["verdict"] != "holds"
+    assert c3["verdict"] == "not shown" and c3["headline"] == "r(align_nn, aa_l2) without pag-nn"
+    found["3"] = c3
     # lambda selection: the largest lambda within 10 points of vanilla's validation accuracy
     val = {"vanilla": [0.80, 0.82], 0.1: [0.79, 0.80], 0.5: [0.72, 0.73], 1.0: [0.60, 0.65]}
     assert fm.select_lambda(val, [0.1, 0.5, 1.0], 0.10) == 0.5 and fm.select_lambda(val, [0.5, 1.0], 0.01) == 0.5
     # The .md twin lists every comparison with what would decide it (here claim 4: 50 - 50, +2, -2 points).
-    found["3"] = fm.claim_3([{"seed": s, "align_sbg": x, "aa_l2": y} for s, x, y in pts], [0, 1, 2])
     full = {m: {k: fm.mean_interval(v["aa_l2"]["per_seed"]) for k in (*fm.METRICS, "val_acc")} for m, v in rows.items()}
     config = dict(fm.CONFIG, selected_lambda=0.25)
     md = fm.markdown(full, {}, found, config).splitlines()
@@ -1694,6 +1712,7 @@ def test_claims_bench_statistics_and_verdicts_on_hand_made_numbers():
     # 2.082 / 0.333 = 6.245: at 152 seeds 12.329 / 1.9758 = 6.240, at 153 12.369 / 1.9757 = 6.261.
     assert line == "| 4 | pag-cm+pgd-at - pgd-at, aa_l2 | -2.0, +2.0, +1.0 | +0.3 [-4.8, +5.5] | not shown | 153 |"
     assert sum(x.startswith("| 1 | ") for x in md) == 8 and sum(x.startswith("| 2 | ") for x in md) == 6
+    assert sum(x.startswith("| 3 | r(align_") for x in md) == 2 and sum(x.startswith("| 3 (not in the verdict) |") for x in md) == 2
 
 
 def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
@@ -1719,8 +1738,10 @@ def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
             assert all(-1 <= v <= 1 for v in values) and len(entry["ci95"]) == 2
     verdicts = {k: v["verdict"] for k, v in seeds["claims"].items()}
     assert verdicts["1"] == verdicts["2"] == verdicts["4"] == "not run"  # rows pag-nn, pag-oi, pgd-at... not asked for
-    assert verdicts["3"] in ("holds", "not shown", "contradicted") and seeds["claims"]["3"]["points"] == 6
-    assert seeds["claims"]["3"]["without_pag_sbg"]["points"] == 4 and seeds["claims"]["3"]["also_nn"]["points"] == 6
+    # Claim 3 without pag-sbg leaves 2 points a seed here (pag-cm at two lambdas): no r, so "not run".
+    c3 = seeds["claims"]["3"]
+    assert verdicts["3"] == "not run" and [c["points"] for c in c3["comparisons"]] == [4, 6]
+    assert c3["comparisons"][0]["difference"] is None and c3["with_own_rows"]["align_sbg"]["points"] == 6
     assert set(json.loads((res / "fashion_mnist_lambda.json").read_text())["rows"]) == {"0.1", "1"}
     assert all((res / f).stat().st_size > 0 for f in ("fashion_mnist_seeds.md", "fashion_mnist_tradeoff.png",
                                                     "fashion_mnist_alignment.png"))

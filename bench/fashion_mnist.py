@@ -1,4 +1,4 @@
-"""The paper's four claims at CPU scale on real data (Fashion-MNIST): seeds, intervals, no test-set tuning.
+"""The paper's four claims at CPU scale on real data (Fashion-MNIST): seeds, intervals, choices on validation images.
 
     python bench/fashion_mnist.py            # 3 seeds, every row and the lambda sweep (hours on 2 CPU cores)
     python bench/fashion_mnist.py --quick    # smoke run: 2 seeds, tiny subsets, 1 epoch (minutes)
@@ -25,7 +25,7 @@ The protocol (CONFIG below holds every number):
 Each finished (model, seed) lands in a small JSON in RESULTS/fashion_mnist_runs/ (committed for the
 full run), so a killed bench, or one started on a fresh machine, continues from those: a model whose
 file is there is not trained again, and a file made with other settings is refused. The denoiser
-(3 MB) is kept beside them in RESULTS/fashion_mnist_sbg/ (committed too: every machine exports the same
+(3.5 MB) is kept beside them in RESULTS/fashion_mnist_sbg/ (committed too: every machine exports the same
 fields from it); checkpoints, logs and the fields go to --out-dir. Jobs run as one-thread processes, --jobs at a time. At the end:
 fashion_mnist_seeds.json (+ .md), fashion_mnist_lambda.json, and the figures fashion_mnist_tradeoff.png
 and fashion_mnist_alignment.png in RESULTS.
@@ -61,7 +61,7 @@ CONFIG = dict(
     align="mean cos(grad_x log softmax_t, g(x, t)) over all 10 classes on the test images",
     sbg=dict(epochs=15, seed=0, timestep=300, noise_draws=1),
     interval="95% Student-t interval over seeds (paired by seed for differences)",
-    correlation_interval="95% percentile bootstrap over seeds (2000 resamples of the seeds, with replacement)",
+    correlation_interval="Pearson r within each seed, 95% Student-t interval over seeds on Fisher's z scale",
     claim_rule="holds: the interval lies above 0 for every comparison of the claim; contradicted: it lies below 0 "
                "for some comparison; not shown: otherwise",
 )
@@ -146,21 +146,20 @@ def pearson(xs, ys):
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
-def bootstrap_correlation(points, seeds, resamples=2000, rng_seed=0):
-    """points: [(seed, x, y)]. Pearson r over all points, and its 95% percentile interval from resampling
-    the seeds with replacement (a seed drawn twice brings its points twice)."""
-    rng = random.Random(rng_seed)
-    by_seed = {s: [(x, y) for t, x, y in points if t == s] for s in seeds}
-    r = pearson([p[1] for p in points], [p[2] for p in points])
-    draws = []
-    for _ in range(resamples):
-        pts = [p for s in rng.choices(seeds, k=len(seeds)) for p in by_seed[s]]
-        v = pearson([p[0] for p in pts], [p[1] for p in pts])
-        if v is not None:
-            draws.append(v)
-    draws.sort()
-    ci = [draws[int(0.025 * (len(draws) - 1))], draws[int(math.ceil(0.975 * (len(draws) - 1)))]] if draws else None
-    return r, ci
+def correlation_over_seeds(points, seeds):
+    """points: [(seed, x, y)]. Pearson r within each seed (over its models), averaged on Fisher's z scale, with
+    the 95% Student-t interval over seeds that every other number here gets, back to r. (A bootstrap over 3 seeds
+    cannot give a 95% interval: a resample of one seed three times has probability 1/27, so its percentile
+    limits are the extreme seeds' r.) r is None where a seed has fewer than 3 points or no spread."""
+    per_seed = []
+    for s in seeds:
+        xy = [(x, y) for t, x, y in points if t == s]
+        per_seed.append(pearson(*zip(*xy)) if len(xy) >= 3 else None)
+    if any(r is None for r in per_seed):
+        return {"r": None, "ci95": None, "per_seed": per_seed}
+    z = mean_interval([math.atanh(max(-0.999999, min(0.999999, r))) for r in per_seed])
+    return {"r": math.tanh(z["mean"]), "ci95": [math.tanh(v) for v in z["ci95"]] if z["ci95"] else None,
+            "per_seed": per_seed}
 
 
 def select_lambda(val_clean, lambdas, max_drop):
@@ -191,14 +190,26 @@ def claims(rows):
     return out
 
 
-def claim_3(points, seeds, alignment="align_sbg"):
-    """Claim 3: across PAG models and sweep points, held-out alignment correlates with AutoAttack L2."""
-    if len(points) < 3:
-        return {"claim": "better-aligned models are more robust", "verdict": "not run", "difference": None, "ci95": None}
-    r, ci = bootstrap_correlation([(p["seed"], p[alignment], p["aa_l2"]) for p in points], seeds)
-    return {"claim": f"better-aligned models are more robust: Pearson r of held-out {alignment} with aa_l2 over "
-                     f"{len(points)} (model, seed) points of the PAG rows and the lambda sweep",
-            "verdict": verdict(ci), "difference": r, "ci95": ci, "points": len(points)}
+CLAIM_3_MEASURES = (("align_sbg", "pag-sbg"), ("align_nn", "pag-nn"))  # each measure, and the row trained on its targets
+
+
+def claim_3(points, seeds):
+    """Claim 3 by CLAIM_RULE: among PAG models, held-out alignment correlates with AutoAttack L2, for each measure
+    of alignment (SBG fields, NN targets), each without the row trained on that measure's own targets (aligned
+    to them by construction). The correlations with those rows are kept beside it (`with_own_rows`)."""
+    text = ("better-aligned models are more robust: within-seed Pearson r of held-out alignment with aa_l2 over the "
+            "PAG rows and the lambda sweep, for SBG and NN alignment")
+    comparisons, with_own = [], {}
+    for measure, own in CLAIM_3_MEASURES:
+        for rows, out in (([p for p in points if p["model"] != own], None), (points, measure)):
+            c = correlation_over_seeds([(p["seed"], p[measure], p["aa_l2"]) for p in rows], seeds)
+            entry = {"comparison": f"r({measure}, aa_l2)" + (f" without {own}" if out is None else ""), "points": len(rows),
+                     "difference": c["r"], "ci95": c["ci95"], "per_seed": c["per_seed"], "verdict": verdict(c["ci95"])}
+            comparisons.append(entry) if out is None else with_own.__setitem__(out, entry)
+    if any(c["difference"] is None for c in comparisons):
+        return {"claim": text, "verdict": "not run", "difference": None, "ci95": None, "comparisons": comparisons,
+                "with_own_rows": with_own}
+    return {**combine(comparisons), "claim": text, "with_own_rows": with_own}
 
 
 # ----------------------------------------------------------------------------- running jobs
@@ -276,7 +287,7 @@ class Bench:
         self.rows = [m for m in self.models if rows is None or m in rows]
         self.runs_dir = os.path.join(results_dir, f"{self.name}_runs")
         # The denoiser is a fixed source of ground truth like the data: it lives beside the result files
-        # (committed, 3 MB), so a bench continued on a fresh machine exports the same fields from it.
+        # (committed, 3.5 MB), so a bench continued on a fresh machine exports the same fields from it.
         self.denoiser_dir = os.path.join(results_dir, f"{self.name}_sbg")
         self.sbg_dir = os.path.join(out_dir, "sbg")  # the fields (hundreds of MB), remade from the denoiser
         self.fields = {s: os.path.join(self.sbg_dir, f"fields_{s}.pt") for s in ("train", "test")}
@@ -487,10 +498,6 @@ class Bench:
         points = [r for m in self.rows if m in PAG_ROWS and m != "pag-cm+pgd-at" for r in results[m]] + \
                  [r for lam in lambdas if lam != self.lam for r in sweep[lam]]
         found["3"] = claim_3(points, seeds)
-        # Two checks of claim 3's measure: NN alignment instead, and SBG alignment without pag-sbg (trained on the
-        # same denoiser's fields, so SBG alignment favours it by construction).
-        found["3"]["also_nn"] = claim_3(points, seeds, "align_nn")
-        found["3"]["without_pag_sbg"] = claim_3([p for p in points if p["model"] != "pag-sbg"], seeds)
         every = {r["key"]: r for rs in (*results.values(), *sweep.values()) for r in rs}  # pag-cm is also a sweep point
         train_minutes = sum(r["train_seconds"] for r in every.values()) / 60
         job_minutes = sum(r["seconds"] for r in every.values()) / 60
@@ -542,72 +549,83 @@ def markdown(rows, lambda_rows, found, config):
         ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else "n/a"
         value = f"{c['difference']:+.3f} {ci}" if c["difference"] is not None else "n/a"
         lines.append(f"| {k}: {c['claim']} | **{c['verdict']}** | {c.get('headline', 'Pearson r' if k == '3' else '')} | {value} |")
-        for check, what in (("also_nn", "the same with held-out NN alignment"),
-                            ("without_pag_sbg", "the same without pag-sbg (trained on that denoiser's fields)")):
-            if check in c and c[check]["difference"] is not None:
-                d = c[check]
-                ci = f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else "n/a"
-                lines.append(f"| {k}, check: {what}, {d['points']} points | {d['verdict']} | Pearson r | "
-                             f"{d['difference']:+.3f} {ci} |")
-    lines += ["", "Every comparison (a − b in points, paired by seed; *seeds to decide*: the fewest seeds at which this "
-              "mean difference and spread would give an interval that excludes 0, a projection, not a promise):", "",
+    lines += ["", "Every comparison (claims 1, 2, 4: a − b in points, paired by seed; claim 3: within-seed Pearson r, "
+              "its interval on Fisher's z scale; *seeds to decide*: the fewest seeds at which this mean difference and "
+              "spread would give an interval that excludes 0, a projection, not a promise):", "",
               "| claim | comparison | per seed | difference [95% interval] | verdict | seeds to decide |",
               "|---|---|---|---|---|---|"]
-    for k in ("1", "2", "4"):
+
+    def row(k, c, scale, f, n):
+        num = lambda v: "n/a" if v is None else f"{scale * v:+.{f}f}"  # noqa: E731
+        ci = f"[{num(c['ci95'][0])}, {num(c['ci95'][1])}]" if c["ci95"] else "n/a"
+        return (f"| {k} | {c['comparison']} | {', '.join(num(v) for v in c['per_seed'])} | {num(c['difference'])} {ci} | "
+                f"{c['verdict']} | {n} |")
+    for k in ("1", "2", "3", "4"):
         for c in found[k].get("comparisons", []):
-            per_seed = ", ".join(f"{100 * v:+.1f}" for v in c["per_seed"])
-            ci = f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" if c["ci95"] else "n/a"
+            if k == "3":
+                lines.append(row(k, c, 1, 2, "—"))
+                continue
             n = c["seeds_to_decide"]
-            lines.append(f"| {k} | {c['comparison']} | {per_seed} | {100 * c['difference']:+.1f} {ci} | {c['verdict']} | "
-                         f"{n if n is not None else '> 1000' if c['difference'] else 'never'} |")
+            lines.append(row(k, c, 100, 1, n if n is not None else "> 1000" if c["difference"] else "never"))
+    for c in found["3"].get("with_own_rows", {}).values():
+        lines.append(row("3 (not in the verdict)", c, 1, 2, "—"))
     return "\n".join(lines) + "\n"
 
 
 def figures(rows, lambda_rows, points, others, claim3, config, out_dir):
     """The trade-off (every row, mean and interval; the sweep as a line) and alignment vs robustness (claim 3's
-    points, and the models outside it drawn hollow for comparison)."""
+    points, and the models outside it drawn hollow for comparison). One colour per model in both."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(MODELS)}
+    attack = f"{config['attack'].split(' (')[0]} L2 ε={config['eps_l2']:g}"
+    lam_sel = config["selected_lambda"]
 
     def err(st):
         m = st["mean"] * 100
         return m, ([[m - st["ci95"][0] * 100], [st["ci95"][1] * 100 - m]] if st["ci95"] else None)
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (m, r) in enumerate(rows.items()):
+    fig, ax = plt.subplots(figsize=(8, 5.8))
+    for m, r in rows.items():
         (x, xe), (y, ye) = err(r["clean"]), err(r["aa_l2"])
-        label = f"{m} (λ={config['selected_lambda']:g}, selected)" if m in PAG_ROWS else m
-        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color=colours[i % len(colours)], label=label)
+        label = f"{m} (λ={lam_sel:g}, from the PAG-CM sweep)" if m in PAG_ROWS else m
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color=colour[m], label=label)
     sweep = [(float(lam), err(r["clean"])[0], err(r["aa_l2"])[0]) for lam, r in lambda_rows.items()]
-    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k--", lw=1, label="PAG-CM λ sweep (means)")
+    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k--", lw=1, label="PAG-CM λ sweep (means only)")
     for lam, x, y in sweep:
-        ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+        if lam != lam_sel:  # the selected point is the pag-cm row's marker
+            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
     ax.set(xlabel=f"clean accuracy (%), {config['test_samples']} test images",
-           ylabel=f"robust accuracy (%), AutoAttack L2 ε={config['eps_l2']:g}",
-           title=f"Fashion-MNIST cnn: clean vs robust, mean and 95% interval over {len(config['seeds'])} seeds")
+           ylabel=f"robust accuracy (%), {attack}",
+           title=f"Fashion-MNIST cnn: clean vs robust, mean and 95% interval over {len(config['seeds'])} seeds\n"
+                 "(unpaired bars: paired differences are in fashion_mnist_seeds.md)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "fashion_mnist_tradeoff.png"), dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    models = sorted({(p["model"], p["lambda"]) for p in points}, key=str)
-    for i, (m, lam) in enumerate(models):
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    lam_markers = iter("v^sPX")
+    marker = {lam: "o" if lam == lam_sel else next(lam_markers) for lam in sorted({p["lambda"] for p in points})}
+    for m, lam in sorted({(p["model"], p["lambda"]) for p in points}, key=str):
         pts = [p for p in points if p["model"] == m and p["lambda"] == lam]
-        ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], color=colours[i % len(colours)],
-                   label=f"{m} λ={lam:g}")
-    for j, m in enumerate(sorted({p["model"] for p in others})):  # not PAG alone: outside the correlation
+        ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], color=colour[m], marker=marker[lam],
+                   label=f"{m} λ={lam:g}" + (" (trained on these fields' denoiser)" if m == "pag-sbg" else ""))
+    for j, m in enumerate(sorted({p["model"] for p in others})):  # outside the correlation
         pts = [p for p in others if p["model"] == m]
         ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], marker="os^Dv"[j % 5],
-                   facecolors="none", edgecolors="0.4", label=f"{m} (not in r)")
-    ci = claim3["ci95"]
+                   facecolors="none", edgecolors=colour[m], label=f"{m} (not in r)")
+    r = {c["comparison"]: c for c in [*claim3.get("comparisons", []), *claim3.get("with_own_rows", {}).values()]}
+    show = lambda c: "n/a" if c is None or c["difference"] is None else (  # noqa: E731
+        f"{c['difference']:.2f}" + (f" [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c["ci95"] else ""))
     ax.set(xlabel="held-out alignment: mean cos to SBG fields of the test images",
-           ylabel=f"AutoAttack L2 ε={config['eps_l2']:g} robust accuracy (%)",
-           title=f"alignment vs robustness, one point per model and seed\nPAG models: Pearson r = "
-                 + (f"{claim3['difference']:.2f}" if claim3["difference"] is not None else "n/a")
-                 + (f", 95% bootstrap interval [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+           ylabel=f"robust accuracy (%), {attack}",
+           title="alignment vs robustness, one point per model and seed; within-seed r, mean [95% interval]:\n"
+                 f"PAG models {show(r.get('r(align_sbg, aa_l2)'))}, without pag-sbg "
+                 f"{show(r.get('r(align_sbg, aa_l2) without pag-sbg'))}")
+    ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
