@@ -5,7 +5,9 @@ the CLI tests run the real scripts on tiny `synthetic` / `toy` data.
 """
 import hashlib
 import json
+import math
 import os
+import statistics
 import subprocess
 import shutil
 import sys
@@ -1678,8 +1680,6 @@ def test_claims_bench_statistics_and_verdicts_on_hand_made_numbers():
     assert fm.claims({k: v for k, v in rows.items() if k != "pgd-at"})["4"]["verdict"] == "not run"
     # Claim 3: Pearson r within each seed, averaged on Fisher's z scale, t interval over seeds (restated here
     # with the standard library's correlation).
-    import math
-    import statistics
     xs, ys = [0.1, 0.2, 0.3, 0.4], {0: [0.2, 0.5, 0.4, 0.9], 1: [0.1, 0.3, 0.2, 0.35], 2: [0.5, 0.1, 0.6, 0.7]}
     pts = [(s, x, y) for s in (0, 1, 2) for x, y in zip(xs, ys[s])]
     rs = [statistics.correlation(xs, ys[s]) for s in (0, 1, 2)]

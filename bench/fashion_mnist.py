@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -199,13 +198,14 @@ def claim_3(points, seeds):
     to them by construction). The correlations with those rows are kept beside it (`with_own_rows`)."""
     text = ("better-aligned models are more robust: within-seed Pearson r of held-out alignment with aa_l2 over the "
             "PAG rows and the lambda sweep, for SBG and NN alignment")
-    comparisons, with_own = [], {}
-    for measure, own in CLAIM_3_MEASURES:
-        for rows, out in (([p for p in points if p["model"] != own], None), (points, measure)):
-            c = correlation_over_seeds([(p["seed"], p[measure], p["aa_l2"]) for p in rows], seeds)
-            entry = {"comparison": f"r({measure}, aa_l2)" + (f" without {own}" if out is None else ""), "points": len(rows),
-                     "difference": c["r"], "ci95": c["ci95"], "per_seed": c["per_seed"], "verdict": verdict(c["ci95"])}
-            comparisons.append(entry) if out is None else with_own.__setitem__(out, entry)
+
+    def correlation(measure, rows, what):
+        c = correlation_over_seeds([(p["seed"], p[measure], p["aa_l2"]) for p in rows], seeds)
+        return {"comparison": what, "measure": measure, "points": len(rows), "difference": c["r"], "ci95": c["ci95"],
+                "per_seed": c["per_seed"], "verdict": verdict(c["ci95"])}
+    comparisons = [correlation(m, [p for p in points if p["model"] != own], f"r({m}, aa_l2) without {own}")
+                   for m, own in CLAIM_3_MEASURES]
+    with_own = {m: correlation(m, points, f"r({m}, aa_l2)") for m, _ in CLAIM_3_MEASURES}
     if any(c["difference"] is None for c in comparisons):
         return {"claim": text, "verdict": "not run", "difference": None, "ci95": None, "comparisons": comparisons,
                 "with_own_rows": with_own}
@@ -617,14 +617,13 @@ def figures(rows, lambda_rows, points, others, claim3, config, out_dir):
         pts = [p for p in others if p["model"] == m]
         ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], marker="os^Dv"[j % 5],
                    facecolors="none", edgecolors=colour[m], label=f"{m} (not in r)")
-    r = {c["comparison"]: c for c in [*claim3.get("comparisons", []), *claim3.get("with_own_rows", {}).values()]}
+    without = next((c for c in claim3.get("comparisons", []) if c["measure"] == "align_sbg"), None)
     show = lambda c: "n/a" if c is None or c["difference"] is None else (  # noqa: E731
         f"{c['difference']:.2f}" + (f" [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c["ci95"] else ""))
     ax.set(xlabel="held-out alignment: mean cos to SBG fields of the test images",
            ylabel=f"robust accuracy (%), {attack}",
            title="alignment vs robustness, one point per model and seed; within-seed r, mean [95% interval]:\n"
-                 f"PAG models {show(r.get('r(align_sbg, aa_l2)'))}, without pag-sbg "
-                 f"{show(r.get('r(align_sbg, aa_l2) without pag-sbg'))}")
+                 f"PAG models {show(claim3.get('with_own_rows', {}).get('align_sbg'))}, without pag-sbg {show(without)}")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
