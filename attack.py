@@ -8,6 +8,7 @@ eps ball and in the input box before it is counted, and robust accuracy counts
 a point only if it is classified correctly both clean and attacked.
 The PGD is train_baseline.py's (the project's one, which adversarial training uses too).
 """
+import argparse
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 import data as D
 import files
 from train_baseline import (Progress, attack_batch_size, check_data_fits, check_perturbation, load_checkpoint, pgd,
-                            pick_device, predict, robust_mask)
+                            pick_device, predict, robust_mask, use_dataset_precision)
 from models import from_official
 from train_pag import pag_loss, sample_targets
 
@@ -128,52 +129,84 @@ def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_s
 
 
 # ----------------------------------------------------------------------------- pictures
-def visualize(model, ckpt, data, x, args, checkpoint):
-    """The picture, computed now and saved by the function returned: (save(path), eps or None).
+def run_label(checkpoint):
+    """A model's name in a picture: its run folder (a model.pt's, or the folder given), else the file's name."""
+    path = os.path.abspath(checkpoint)
+    if os.path.isdir(path) or os.path.basename(path) == "model.pt":
+        return os.path.basename(path if os.path.isdir(path) else os.path.dirname(path))
+    return os.path.basename(path)
 
-    Images (paper fig. 1): rows of test images, the original first, then one column per target
-    class, each the result of a large-eps targeted L2 PGD toward that class; labelled, eps in the
-    title. 2-D: the decision regions, with the ground-truth field of a PAG model."""
+
+def targeted_grid(model, xs, num_shown, eps, steps, box):
+    """[n, num_shown] targeted large-eps L2 PGD of each image toward each of the first num_shown classes,
+    and whether the model then predicts the target: (adversarial images [n, shown, ...], success [n, shown])."""
+    src = xs.repeat_interleave(num_shown, 0)
+    targets = torch.arange(num_shown, device=xs.device).repeat(len(xs))
+    adv = pgd(model, src, targets, eps, "l2", steps=steps, targeted=True, random_start=False, box=box)
+    hit = predict(model, adv) == targets
+    return adv.view(len(xs), num_shown, *xs.shape[1:]), hit.view(len(xs), num_shown)
+
+
+def visualize(models, data, x, args):
+    """The picture, computed now and drawn by the function returned: (draw(path), eps or None).
+
+    models: [(label, model, checkpoint fields)], one or two (--vis-compare: the paper's figure 1 puts a
+    vanilla and a PAG model side by side). Images: for each test image one row per model, the original
+    first, then one column per target class, each the result of a large-eps targeted L2 PGD toward that
+    class (the same images, targets, eps and steps for every model), framed green where the model then
+    predicts the target and red where the attack did not get there. 2-D: the decision regions, with
+    the ground-truth field of a PAG model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))
     if not data.is_image:
         import toy_data
 
+        label, model, ckpt = models[0]
         arrows = None
         if ckpt["pag_source"]:  # a PAG model: show the field it was trained to follow
             arrows = toy_data.ground_truth_arrows(data.train_x.cpu(), data.train_y.cpu())
         dev = next(model.parameters()).device
-        return (lambda path: toy_data.save_toy_figure(path, data.test_x.cpu(), data.test_y.cpu(),
-                                                      predict=lambda p: predict(model, p.to(dev), 65536).cpu(),
-                                                      arrows=arrows, title=f"{run}: decision regions")), None
+
+        def draw_regions(path):
+            fig = toy_data.toy_figure(data.test_x.cpu(), data.test_y.cpu(), arrows=arrows, title=f"{label}: decision regions",
+                                      predict=lambda p: predict(model, p.to(dev, next(model.parameters()).dtype), 65536).cpu())
+            files.save_figure(fig, path, dpi=120)
+            plt.close(fig)
+        return draw_regions, None
     n, shown = args.vis_images, min(data.num_classes, 10)
     xs = x[:n]
     eps = args.vis_eps if args.vis_eps is not None else 10 * D.DATASETS[data.name]["eps_l2"]
-    # [n, shown] grid of (image, target class) pairs, attacked in one batch.
-    src = xs.repeat_interleave(shown, 0)
-    targets = torch.arange(shown, device=x.device).repeat(len(xs))
-    adv = pgd(model, src, targets, eps, "l2", steps=args.vis_steps, targeted=True, random_start=False, box=data.box)
-    grid = torch.cat([xs[:, None], adv.view(len(xs), shown, *xs.shape[1:])], dim=1).cpu()  # [n, 1 + shown, C, H, W]
+    grids = [(label, *targeted_grid(model, xs, shown, eps, args.vis_steps, data.box)) for label, model, _ in models]
+    rows = [(i, label, adv[i].cpu(), hit[i].cpu()) for i in range(len(xs)) for label, adv, hit in grids]
 
-    def save(path):
-        fig, axes = plt.subplots(len(xs), shown + 1, figsize=(1.1 * (shown + 1), 1.15 * len(xs) + 0.9), squeeze=False)
-        for i in range(len(xs)):
+    def draw(path):
+        fig, axes = plt.subplots(len(rows), shown + 1, figsize=(1.1 * (shown + 1) + 0.6, 1.15 * len(rows) + 1.1),
+                                 squeeze=False)
+        for r, (i, label, adv, hit) in enumerate(rows):
             for j in range(shown + 1):
-                img = grid[i, j].permute(1, 2, 0).numpy()
-                axes[i, j].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                                  vmin=0, vmax=1)
-                axes[i, j].set_xticks([])
-                axes[i, j].set_yticks([])
-                if i == 0:
-                    axes[i, j].set_title("original" if j == 0 else f"→ {data.class_name(j - 1)}", fontsize=8)
-        fig.suptitle(f"{run}: targeted L2 PGD toward each class, ε = {eps:g}, {args.vis_steps} steps", fontsize=10)
+                ax = axes[r, j]
+                img = (xs[i] if j == 0 else adv[j - 1]).cpu().permute(1, 2, 0).numpy()
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                          vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j > 0:  # did the attack reach its target class?
+                    for side in ax.spines.values():
+                        side.set_edgecolor("#2ca02c" if hit[j - 1] else "#d62728")
+                        side.set_linewidth(2.5)
+                if r == 0:
+                    ax.set_title("original" if j == 0 else f"→ {data.class_name(j - 1)}", fontsize=8)
+            if len(models) > 1 or r == 0:
+                axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+        names = " vs ".join(label for label, _, _ in models)
+        fig.suptitle(f"{names}: targeted L2 PGD toward each class, ε = {eps:g}, {args.vis_steps} steps\n"
+                     "frame: green = the model now predicts the target class, red = it does not", fontsize=9)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        files.save_figure(fig, path, dpi=110)
         plt.close(fig)
-    return save, eps
+    return draw, eps
 
 
 # ----------------------------------------------------------------------------- checkpoints, ours or the authors'
@@ -216,13 +249,68 @@ def load_any_checkpoint(path, device, dataset=None):
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
-def merge_results(old, new, checkpoint):
+RADIUS_MEASURES = ("pgd_l2", "pgd_linf", "aa_l2", "aa_linf", "exact_l2")  # {radius: entry with "acc"}
+_unit = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1  # noqa: E731
+_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+_text_or_none = lambda v: v is None or isinstance(v, str)  # noqa: E731
+RESULT_FIELDS = {"checkpoint": str, "dataset": str, "arch": str, "pag_source": _text_or_none, "weights": str}
+MEASURED = {"acc": _unit, "eval_samples": _count}
+
+
+def check_results(obj, path):
+    """attack.json as this script writes it, or a UserError naming what is wrong: the model's identity
+    (checkpoint path and content hash), every measure's entries (accuracies in [0, 1], image counts,
+    cosines in [-1, 1]), and robust accuracy never above the clean accuracy of the same images."""
+    what = "results file of attack.py"
+    files.require(obj, RESULT_FIELDS, path, what)
+    known = {*RESULT_FIELDS, "checkpoint_sha256", "epoch", "clean", "align", "visualize", "exact_l2_distance", *RADIUS_MEASURES}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise D.UserError(f"{path}: {unknown[0]!r} is not a key of a {what}")
+    files.require(obj, {"checkpoint_sha256": lambda v: isinstance(v, str) and len(v) == 64,
+                        "epoch": lambda v: v is None or isinstance(v, int)}
+                  if "checkpoint_sha256" in obj else {}, path, what)
+    if "clean" in obj:
+        files.require(obj["clean"], MEASURED, path, f"{what}'s clean entry")
+    for key in RADIUS_MEASURES:
+        if key in obj:
+            files.require(obj, {key: dict}, path, what)
+            for radius, entry in obj[key].items():
+                try:
+                    float(radius)
+                except ValueError:
+                    raise D.UserError(f"{path}: {key} radius {radius!r} is not a number") from None
+                files.require(entry, MEASURED, path, f"{what}'s {key} entry at {radius}")
+                clean = obj.get("clean")
+                if clean and clean["eval_samples"] == entry["eval_samples"] and entry["acc"] > clean["acc"] + 1e-9:
+                    raise D.UserError(f"{path}: {key} at {radius} ({entry['acc']:.4f}) is above the clean accuracy of "
+                                      f"the same images ({clean['acc']:.4f}), which no attack can give")
+    if "align" in obj:
+        files.require(obj, {"align": dict}, path, what)
+        for key, entry in obj["align"].items():
+            files.require(entry, {"cos": lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "eval_samples": _count},
+                          path, f"{what}'s align entry {key!r}")
+    if "visualize" in obj:
+        files.require(obj["visualize"], {"path": str}, path, f"{what}'s visualize entry")
+    if "exact_l2_distance" in obj:
+        files.require(obj["exact_l2_distance"], {"distances": list}, path, f"{what}'s exact_l2_distance")
+    return obj
+
+
+def merge_results(old, new, checkpoint, sha256):
     """attack.json after this call: every earlier entry kept, this call's entries added, and the same
     measure at the same radius (or alignment source and split) replaced by the newer one. Refuses a
-    file that holds another checkpoint's results."""
-    if old and not files.same_file(old.get("checkpoint", ""), checkpoint) and old.get("checkpoint") != checkpoint:
-        raise D.UserError(f"the results file holds results of {old.get('checkpoint')!r}, not of {checkpoint}; "
-                          "pass another --out")
+    file that holds another model's results: the model is its checkpoint's content (sha256), so the same
+    file named by any path is the same model, and a file trained further since is another."""
+    if old:
+        if "checkpoint_sha256" in old:
+            if old["checkpoint_sha256"] != sha256:
+                raise D.UserError(f"the results file holds results of another model (checkpoint {old['checkpoint']!r} with "
+                                  f"other content: another model, or the same run trained further since), not of "
+                                  f"{checkpoint}; pass another --out")
+        elif not files.same_file(old.get("checkpoint", ""), checkpoint):  # written before content hashes
+            raise D.UserError(f"the results file holds results of {old.get('checkpoint')!r}, not of {checkpoint}; "
+                              "pass another --out")
     merged = {**old, **{k: v for k, v in new.items() if not isinstance(v, dict) or k in ("clean", "visualize")}}
     for key, value in new.items():
         if isinstance(value, dict) and key not in ("clean", "visualize"):
@@ -271,13 +359,18 @@ def main(argv=None):
     p.add_argument("--vis-images", type=D.positive_int, default=8, help="test images in the picture (rows)")
     p.add_argument("--vis-eps", type=D.radius, help="L2 radius of the pictures' targeted attack (default: 10x the dataset's eps)")
     p.add_argument("--vis-steps", type=D.positive_int, default=60, help="steps of the picture's targeted attack")
+    p.add_argument("--vis-compare", metavar="CHECKPOINT",
+                   help="visualize: a second model (e.g. the vanilla run) drawn beside this one, on the same images, "
+                        "targets, eps and steps (the paper's figure 1)")
     p.add_argument("--vis-out", "--png", dest="vis_out",
                    help="the picture (default: targeted_attacks.png, or regions.png for 2-D models, next to the checkpoint)")
     p.add_argument("--out", help="results JSON, merged with what it holds (default: attack.json next to the checkpoint)")
     p.add_argument("--dataset", help="the dataset of a checkpoint without metadata (the official release: default "
                                      "cifar10); for this project's checkpoints it must be theirs")
     p.add_argument("--data-dir", help="override the checkpoint's --data-dir")
-    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download a missing CIFAR-10/100, STL-10 or Fashion-MNIST, with progress (--no-download: "
+                        "never, e.g. on an offline cluster: the error says what to fetch and where)")
     p.add_argument("--cache-dir", default="cache", help="where nearest-neighbour tables are cached")
     p.add_argument("--seed", type=D.seed, default=0, help="random starts of PGD and AutoAttack, align targets")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
@@ -287,7 +380,7 @@ def main(argv=None):
     path = os.path.join(args.checkpoint, "model.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
     out_dir = os.path.dirname(path)  # paths are written as given
     out = args.out or os.path.join(out_dir, "attack.json")
-    inputs = [path, args.sbg_file]
+    inputs = [path, args.sbg_file, args.vis_compare]
     files.check_output(out, "--out", inputs, (".json",))
     device = pick_device(args.device)
     model, ckpt = load_any_checkpoint(path, device, args.dataset)
@@ -296,11 +389,16 @@ def main(argv=None):
     if "visualize" in args.attacks:
         vis_path = args.vis_out or os.path.join(out_dir, "targeted_attacks.png" if is_image else "regions.png")
         files.check_output(vis_path, "--vis-out", [*inputs, out], FIGURE_SUFFIXES)
-    if os.path.lexists(out):
-        merge_results(files.read_json_object(out, "results file"), {}, path)  # another checkpoint's file: refused now
+    if args.vis_compare and ("visualize" not in args.attacks or not is_image):
+        raise D.UserError("--vis-compare draws a second image model beside this one in `--attacks visualize`"
+                          + ("" if is_image else " (for the 2-D toy: python bench/toy.py draws both models)"))
+    sha256 = files.file_sha256(path)  # the model is the file's content (the path is only where it was)
+    if os.path.lexists(out):  # a broken file, or another model's: refused now, before any attack, and left as it is
+        merge_results(check_results(files.read_json_object(out, "results file"), out), {}, path, sha256)
     model.requires_grad_(False)  # attacks need input gradients only
+    use_dataset_precision(ckpt["dataset"])  # the toy: one thread, as it was trained
     targs = ckpt["args"]
-    data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download or targs["download"],
+    data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download,
                       targs["train_samples"], args.eval_samples, targs["image_size"], targs["data_seed"],
                       targs["val_samples"]).to(device)
     check_data_fits(ckpt, data, path)
@@ -317,8 +415,8 @@ def main(argv=None):
     radii = {"l2": sorted(set(args.eps_l2 or [defaults["eps_l2"]])), "linf": sorted(set(args.eps_linf or [defaults["eps_linf"]]))}
     made = lambda: time.strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
     n = len(y)
-    results = {"checkpoint": path, "dataset": data.name, "arch": ckpt["arch"],
-               "pag_source": ckpt["pag_source"], "weights": ckpt.get("weights", "trained")}
+    results = {"checkpoint": os.path.abspath(path), "checkpoint_sha256": sha256, "epoch": ckpt["epoch"], "dataset": data.name,
+               "arch": ckpt["arch"], "pag_source": ckpt["pag_source"], "weights": ckpt.get("weights", "trained")}
     torch.manual_seed(args.seed)
 
     if "clean" in args.attacks:
@@ -371,18 +469,29 @@ def main(argv=None):
             "cos": alignment(model, xa, gt_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx),
             "source": args.align_source, "split": args.align_split, "eval_samples": len(xa),
             "targets": args.align_targets or data.num_classes, "seed": args.seed, "made": made()}}
-    figure = None
-    if vis_path:  # drawn now, written after the numbers (a failed figure loses no result)
-        figure = visualize(model, ckpt, data, x, args, path)
-        results["visualize"] = {"path": vis_path, "eps": figure[1], "steps": args.vis_steps, "made": made()}
+    draw = None
+    if vis_path:  # computed now; drawn after the numbers are written (a failed figure loses no result)
+        shown = [(run_label(path), model, ckpt)]
+        if args.vis_compare:
+            other, other_ckpt = load_any_checkpoint(args.vis_compare, device, args.dataset)
+            check_data_fits(other_ckpt, data, args.vis_compare)
+            shown.append((run_label(args.vis_compare), other.requires_grad_(False), other_ckpt))
+        draw, vis_eps = visualize(shown, data, x, args)
 
-    merged = files.update_json(out, lambda old: merge_results(old, results, path), "results file")
-    print_table(results)
+    def write(entries):
+        return files.update_json(out, lambda old: merge_results(check_results(old, out) if old else old, entries, path,
+                                                                sha256), "results file")
+    merged = write(results)
+    if any(k in results for k in ("clean", "align", *RADIUS_MEASURES)):
+        print_table(results)
     kept = sorted(k for k in merged if k not in results)
     print(f"wrote {out}" + (f" (kept its earlier {', '.join(kept)})" if kept else ""))
-    if figure:
-        figure[0](vis_path)
-        print(f"wrote {vis_path}")
+    if draw:  # the figure atomically, then the entry that points at it: attack.json never names a partial figure
+        draw(vis_path)
+        merged = write({**results, "visualize": {"path": vis_path, "eps": vis_eps, "steps": args.vis_steps,
+                                                 "compared_with": args.vis_compare and os.path.abspath(args.vis_compare),
+                                                 "made": made()}})
+        print(f"wrote {vis_path}" + (f" (beside {args.vis_compare})" if args.vis_compare else ""))
     return merged
 
 

@@ -15,7 +15,9 @@ checkpoints (train_baseline.read_checkpoint), denoisers (sbg.load_denoiser), SBG
 (train_baseline.read_metrics), official checkpoints (models.from_official). Bad input is a
 UserError: the scripts print it as one `error:` line and exit non-zero.
 """
+import errno
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -39,24 +41,45 @@ class Interrupted(UserError):
 
 
 # ----------------------------------------------------------------------------- writing
-def atomic_write(path, obj=None, text=None):
-    """The project's one writer: torch.save(obj) or `text` to a temporary file, then rename,
-    so a reader never sees half a file. A failed write (full disk, read-only folder)
-    removes its temporary file and raises UserError naming the file."""
+def write_failure(path, e):
+    """The one line a failed write gets: a full disk or a file-size limit said as such (torch.save reports
+    them as `[enforce fail at inline_container.cc:...] unexpected pos`), else the system's reason."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or \
+        isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e).lower())
+    if full:
+        return UserError(f"could not write {path}: the disk is full or a file-size limit was reached; "
+                         "free space (or raise the limit) and run again")
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+    return UserError(f"could not write {path}: {reason}")
+
+
+def atomic_write(path, obj=None, text=None, write=None):
+    """The project's one writer: torch.save(obj), `text`, or write(temporary path) (a figure) to a
+    temporary file, then rename, so a reader never sees half a file and a failed write keeps the
+    previous file. A failed write (full disk, file-size limit, read-only folder) removes its
+    temporary file and raises UserError naming the file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if text is None:
+        if write is not None:
+            write(tmp)
+        elif text is None:
             torch.save(obj, tmp)
         else:
             with open(tmp, "w") as f:
                 f.write(text)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(tmp):
+    except (OSError, RuntimeError, ValueError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.lexists(tmp):
             os.remove(tmp)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise UserError(f"could not write {path}: {reason}") from None
+        raise write_failure(path, e) from None
+
+
+def save_figure(fig, path, **savefig_kw):
+    """A matplotlib figure, atomically (its format from the path's suffix): a failed write keeps the
+    previous figure."""
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    atomic_write(path, write=lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kw))
 
 
 def write_json(obj, path):
@@ -66,17 +89,44 @@ def write_json(obj, path):
 
 def temporary_name(name):
     """The exact names atomic_write's temporaries of `name` have (NAME.tmp<pid>)."""
-    return re.compile(re.escape(name) + r"\.tmp\d+")
+    return re.compile(re.escape(name) + r"\.tmp(\d+)")
+
+
+def pid_alive(pid):
+    """Whether a process with this pid exists (a temporary of a live writer is not stale)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def remove_stale_temporaries(folder, names):
-    """Delete temporaries of `names` in folder left by killed writers (call while holding its lock):
-    only NAME.tmp<pid>, never another file that merely starts like one."""
+    """Delete temporaries of `names` in folder left by killed writers: only NAME.tmp<pid> of a pid that
+    no longer runs, never a live writer's, nor another file that merely starts like one."""
     if os.path.isdir(folder):
         patterns = [temporary_name(n) for n in names]
         for f in os.listdir(folder):
-            if any(p.fullmatch(f) for p in patterns):
-                os.remove(os.path.join(folder, f))
+            m = next((p.fullmatch(f) for p in patterns if p.fullmatch(f)), None)
+            if m and not pid_alive(int(m.group(1))):
+                try:
+                    os.remove(os.path.join(folder, f))
+                except FileNotFoundError:
+                    pass
+
+
+def file_sha256(path):
+    """The content of a file, as results record which model or fields made them (read in blocks:
+    fields files are gigabytes at CIFAR scale)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def same_file(a, b):
@@ -116,12 +166,13 @@ def regular_file(path, what):
     return path
 
 
-def load_file(path, what, map_location="cpu"):
+def load_file(path, what, map_location="cpu", mmap=False):
     """torch.load that never runs code from the file (weights_only=True: tensors, numbers,
-    strings and containers only). A missing, truncated or foreign file is a UserError."""
+    strings and containers only). A missing, truncated or foreign file is a UserError.
+    mmap: tensors stay on disk until touched (a glance at a file of gigabytes)."""
     regular_file(path, what)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
         text = " ".join(str(e).split())
         first = text.split(". ")[0].rstrip(".") if text else type(e).__name__  # its first sentence, whole
@@ -251,12 +302,16 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------- results merged by several writers
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def read_json_object(path, what):
-    """A JSON file that must hold one object (a dict), checked."""
+    """A JSON file that must hold one object (a dict), checked; NaN and infinity are refused."""
     regular_file(path, what)
     try:
         with open(path) as f:
-            obj = json.load(f)
+            obj = json.load(f, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a valid {what} ({e}); repair or move it") from None
     if not isinstance(obj, dict):
@@ -267,13 +322,15 @@ def read_json_object(path, what):
 def update_json(path, merge, what):
     """Read, merge and write a JSON object while holding an exclusive lock on its folder, so that
     writers running at once (two attack.py on one checkpoint) never lose each other's entries.
-    merge(old dict, {} if there is none) -> the new dict."""
+    merge(old dict, {} if there is none) -> the new dict. Temporaries of this file left by a killed
+    writer are removed first."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+        remove_stale_temporaries(folder, (os.path.basename(path),))
         new = merge(read_json_object(path, what) if os.path.lexists(path) else {})
         write_json(new, path)
         return new

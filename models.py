@@ -163,17 +163,34 @@ class SmallCNN(nn.Module):
         return self.head(self.features(self.normalize(x)))
 
 
-def mlp(num_classes=2, in_features=2, hidden=32):
-    """The toy's classifier, 2 -> 32 -> ReLU -> C, on raw coordinates (no normalisation)."""
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+class Standardize(nn.Module):
+    """(x - mean) / std per coordinate, mean and std fixed from the training points (buffers, saved with the
+    weights), so that attacks and radii stay in raw coordinates. Identity until set."""
+
+    def __init__(self, in_features):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("std", torch.ones(in_features))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
 
 
-def build_model(arch, num_classes, in_channels, image_size):
+def mlp(num_classes=2, in_features=2, hidden=32, standardize=False):
+    """The toy's classifier, 2 -> 32 -> ReLU -> C, on raw coordinates (no normalisation, as the paper and its
+    public re-run), or on standardised ones (standardize=True: a Standardize layer first)."""
+    layers = [nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*([Standardize(in_features)] if standardize else []), *layers)
+
+
+def build_model(arch, num_classes, in_channels, image_size, standardize=False):
     """Build `arch` for inputs [B, in_channels, image_size, image_size].
 
     For `mlp` the input is a flat vector [B, in_channels] (the toy's 2-D points)
-    and image_size is ignored.
+    and image_size is ignored; standardize puts a Standardize layer first (mlp only).
     """
+    if standardize and arch != "mlp":
+        raise ValueError("standardize is for the mlp on points; image models normalise inside already")
     if arch == "resnet18":
         return ResNet18(num_classes, in_channels)
     if arch == "vit":
@@ -181,7 +198,7 @@ def build_model(arch, num_classes, in_channels, image_size):
     if arch == "cnn":
         return SmallCNN(num_classes, in_channels)
     if arch == "mlp":
-        return mlp(num_classes, in_channels)
+        return mlp(num_classes, in_channels, standardize=standardize)
     raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
 
 
@@ -206,11 +223,21 @@ def from_official(obj, image_size=32):
     initialisation) and every value must be finite: else ValueError. Depends only on torch.
     image_size: the ResNet's input side (its weights do not fix it); a ViT's follows from its patch."""
     state = official_state_dict(obj)
+
+    def size(key, dim, ndim):
+        """state[key].shape[dim], the tensor checked to have ndim dimensions (a missing key: ValueError)."""
+        if key not in state:
+            raise ValueError(f"missing {key!r}, which the official {arch} has")
+        if state[key].dim() != ndim:
+            raise ValueError(f"{key} is {tuple(state[key].shape)}, the official {arch} has a {ndim}-D tensor there")
+        return state[key].shape[dim]
     if "linear.weight" in state and "layer1.0.conv1.weight" in state:
-        arch, num_classes, in_channels = "resnet18", state["linear.weight"].shape[0], state["conv1.weight"].shape[1]
+        arch = "resnet18"
+        num_classes, in_channels = size("linear.weight", 0, 2), size("conv1.weight", 1, 4)
     elif "emb.weight" in state and "enc.0.msa.q.weight" in state:
-        arch, num_classes, in_channels = "vit", state["fc.1.weight"].shape[0], 3  # the official ViT has 3 channels
-        patch = math.isqrt(state["emb.weight"].shape[1] // 3)
+        arch = "vit"
+        num_classes, in_channels = size("fc.1.weight", 0, 2), 3  # the official ViT has 3 channels
+        patch = math.isqrt(size("emb.weight", 1, 2) // 3)
         if patch * patch * 3 != state["emb.weight"].shape[1]:
             raise ValueError(f"emb.weight of shape {tuple(state['emb.weight'].shape)} is no patch embedding of 3-channel patches")
         image_size = 8 * patch

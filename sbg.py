@@ -16,6 +16,7 @@ the gradient of log p(t | x_t), averaged over --noise-draws draws of eps at time
 --timestep. Pixels live in [-1, 1] inside the diffusion model, so g is a direction in
 pixel space (cosines are unchanged by the factor 2 to [0, 1] pixels).
 """
+import argparse
 import gc
 import math
 import os
@@ -248,8 +249,10 @@ def export(args):
         raise D.UserError(f"the fields of {args.checkpoint} are not finite at timestep {args.timestep}; nothing written")
     files.atomic_write(args.out, {"kind": "sbg-fields", "fields": fields, "dataset": data.name, "n": len(x_all),
                    "split": args.split, "train_samples": args.train_samples, "val_samples": args.val_samples,
-                   "labels": labels.cpu().clone(), "timestep": args.timestep,
-                   "alpha_bar": abar, "noise_draws": args.noise_draws, "denoiser": args.checkpoint})
+                   "labels": labels.cpu().clone(), "classes": list(data.classes) if data.classes else None,
+                   "timestep": args.timestep,
+                   "alpha_bar": abar, "noise_draws": args.noise_draws, "denoiser": os.path.abspath(args.checkpoint),
+                   "denoiser_sha256": files.file_sha256(args.checkpoint), "seed": args.seed})
     print(f"wrote {args.out}: fields of {len(x_all)} {args.split} images {tuple(fields.shape)} float16")
 
 
@@ -303,7 +306,8 @@ def sweep(args):
         from torchvision.utils import save_image
         grid = torch.cat(pictures).flatten(0, 1)
         scale = grid.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, *[1] * (grid.dim() - 1))
-        save_image(grid / scale * 0.5 + 0.5, args.png, nrow=c + 1, padding=1, pad_value=1.0)
+        files.atomic_write(args.png, write=lambda tmp: save_image(grid / scale * 0.5 + 0.5, tmp, nrow=c + 1, padding=1,
+                                                                  pad_value=1.0, format=os.path.splitext(args.png)[1][1:] or "png"))
         print(f"wrote {args.png} (rows: 4 images x timesteps {args.sweep_timesteps})")
     if args.out:
         files.write_json({"rows": table, "best_timestep": best["timestep"], "images": len(x)}, args.out)
@@ -317,7 +321,9 @@ def main(argv=None):
                    help="train the denoiser, export fields for train_pag.py, or sweep noise levels")
     p.add_argument("--dataset", default="fashion-mnist", help="an image dataset of train_pag.py")
     p.add_argument("--data-dir", default="data", help="where datasets live")
-    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download a missing CIFAR-10/100, STL-10 or Fashion-MNIST, with progress (--no-download: "
+                        "never, e.g. on an offline cluster: the error says what to fetch and where)")
     p.add_argument("--train-samples", type=D.positive_int, help="the first N training images (must match train_pag.py's)")
     p.add_argument("--val-samples", type=D.positive_int, help="training images held out for validation (must match train_pag.py's)")
     p.add_argument("--image-size", type=D.image_side, help="resize folder images / size of synthetic images")
@@ -355,6 +361,14 @@ def main(argv=None):
         if not args.out:
             raise D.UserError("sbg.py export needs --out FILE")
         files.check_output(args.out, "--out", [args.checkpoint])
+        if os.path.lexists(args.out):  # only an earlier export is replaced (never a classifier or the release's fields)
+            try:
+                old = files.load_file(args.out, "file", mmap=True)
+            except D.UserError:
+                old = None
+            if not (isinstance(old, dict) and old.get("kind") == "sbg-fields"):
+                raise D.UserError(f"--out {args.out} exists and is not a fields file of sbg.py export; it is not "
+                                  "replaced: choose another path (or move it)")
         export(args)
     else:
         sweep(args)

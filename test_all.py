@@ -39,6 +39,13 @@ def run(script, *args, check=True):
     return proc
 
 
+def dead_pid():
+    """The pid of a process that has ended (a killed writer's temporaries carry such a pid)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
@@ -561,8 +568,8 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, script, extra):
 def test_bad_inputs_give_one_line_errors(tmp_path):
     assert_one_line_error(run("train_baseline.py", "--dataset", "imagenet", check=False), "unknown dataset")
     assert_one_line_error(run("train_baseline.py", *TINY, "--arch", "vgg", check=False), "unknown arch")
-    assert_one_line_error(run("train_pag.py", "--dataset", "cifar10", "--data-dir", tmp_path / "none", check=False),
-                          "not found", "--download")
+    assert_one_line_error(run("train_pag.py", "--dataset", "cifar10", "--data-dir", tmp_path / "none", "--no-download",
+                              check=False), "not found", "--no-download")
     assert_one_line_error(run("train_pag.py", *TINY, "--source", "sbg", check=False), "--sbg-file")
     run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", tmp_path / "r")
     assert_one_line_error(run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", tmp_path / "r", check=False), "--resume")
@@ -748,7 +755,7 @@ def test_failed_writes_leave_nothing_behind_and_say_so(tmp_path, monkeypatch):
             fh.write(b"half")
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(D.UserError, match="could not write .*model.pt: PytorchStreamWriter failed"):
+    with pytest.raises(D.UserError, match="could not write .*model.pt: the disk is full or a file-size limit"):
         files.atomic_write(str(tmp_path / "model.pt"), {"w": torch.zeros(1)})
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
@@ -765,8 +772,9 @@ def test_failed_writes_leave_nothing_behind_and_say_so(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("Temporary failure in name resolution")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(D.UserError, match="could not reach the network"):
+    with pytest.raises(D.UserError, match="could not download"):
         D.load_torchvision("cifar10", str(tmp_path / "nodata"), download=True)
+    assert not (tmp_path / "nodata").exists()
 
 
 def test_one_run_per_directory_and_stale_temporaries(tmp_path):
@@ -788,8 +796,8 @@ def test_one_run_per_directory_and_stale_temporaries(tmp_path):
         holder.wait()
     assert (out / "run.lock").read_text() == str(holder.pid)
     # The holder is gone: the lock is taken over; stale temporaries of our files are removed; released at the end.
-    (out / "model.pt.tmp12345").write_bytes(b"half a checkpoint")
-    (out / "metrics.jsonl.tmp999").write_text("{")
+    (out / f"model.pt.tmp{holder.pid}").write_bytes(b"half a checkpoint")  # its writer is gone
+    (out / f"metrics.jsonl.tmp{holder.pid}").write_text("{")
     (out / "notes.txt.tmp1").write_text("not ours")
     T.main(list(map(str, [*TINY, "--epochs", "1", "--out-dir", out])))
     assert sorted(os.listdir(out)) == ["metrics.jsonl", "model.pt", "notes.txt.tmp1"]
@@ -1055,9 +1063,10 @@ def test_no_result_or_user_file_is_lost(tmp_path, tiny_run):
     # Stale-temporary cleanup removes only the exact temporaries this project makes.
     run_dir2 = copy_run(tiny_run, tmp_path / "t")
     (run_dir2 / "model.pt.tmpl_notes").write_text("a user's notes")
-    (run_dir2 / "model.pt.tmp4242").write_text("half")
+    gone = dead_pid()
+    (run_dir2 / f"model.pt.tmp{gone}").write_text("half")
     T.main(list(map(str, [*TINY, "--epochs", "1", "--out-dir", run_dir2, "--resume"])))
-    assert (run_dir2 / "model.pt.tmpl_notes").read_text() == "a user's notes" and not (run_dir2 / "model.pt.tmp4242").exists()
+    assert (run_dir2 / "model.pt.tmpl_notes").read_text() == "a user's notes" and not (run_dir2 / f"model.pt.tmp{gone}").exists()
 
 
 # ----------------------------------------------------------------------------- a researcher's second hour
@@ -1082,9 +1091,9 @@ def test_attack_results_merge_across_calls_and_concurrent_processes(tmp_path, ti
     final = json.loads((run_dir / "attack.json").read_text())
     assert "pgd_linf" in final and "nn test" in final["align"] and final["pgd_l2"] == again["pgd_l2"]
     assert "visualize" in final
-    other = copy_run(tiny_run, tmp_path / "other")
+    other = other_model(tiny_run, tmp_path / "other")
     assert_cli_error(attack.main, ["--checkpoint", other, "--out", run_dir / "attack.json", "--attacks", "clean"],
-                     "results of")
+                     "results of another model")
     (tmp_path / "text.pt").write_text("not a checkpoint at all")
     code, err = cli(attack.main, ["--checkpoint", tmp_path / "text.pt"])
     assert code == 1 and err.strip().endswith(")") and len(err.strip().splitlines()) == 1
@@ -1113,7 +1122,8 @@ def test_an_interrupted_run_says_what_is_saved_and_resumes(tmp_path, signal_name
 
 
 def test_a_failed_start_leaves_no_folder_and_the_last_line_says_what_next(tmp_path):
-    assert_cli_error(T.main, ["--dataset", "cifar10", "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "r"], "not found")
+    assert_cli_error(T.main, ["--dataset", "cifar10", "--data-dir", tmp_path / "none", "--no-download", "--out-dir",
+                              tmp_path / "r"], "not found")
     assert not (tmp_path / "r").exists()
     proc = run("train_pag.py", *TINY, "--epochs", "1", "--lr-drops=", "--out-dir", tmp_path / "p")
     first, last = proc.stdout.splitlines()[0], proc.stdout.strip().splitlines()[-1]
@@ -1214,12 +1224,14 @@ def test_official_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
              "shape": {**sd, "linear.weight": torch.zeros(10, 256)},
              "finite": {**sd, "conv1.weight": sd["conv1.weight"].clone().fill_(float("inf"))},
              "state dict": {"weights": [1, 2, 3]},
+             "recognised": {k: v for k, v in sd.items() if k != "conv1.weight"},
              "neither": {"conv.weight": torch.zeros(3)}}
     for fragment, obj in cases.items():
         torch.save({"module." + k: v for k, v in obj.items()} if fragment not in ("state dict",) else obj, tmp_path / "o.pt")
         assert_cli_error(attack.main, ["--checkpoint", tmp_path / "o.pt", "--dataset", "synthetic", "--attacks", "clean"],
                          "official", {"missing": "missing", "extra": "unexpected", "shape": "linear.weight",
-                                      "finite": "not finite", "state dict": "state dict", "neither": "neither"}[fragment])
+                                      "finite": "not finite", "state dict": "state dict", "neither": "neither",
+                                      "recognised": "missing 'conv1.weight'"}[fragment])
 
 
 def test_paper_table_quick_trains_attacks_tabulates_and_resumes(tmp_path):
@@ -1250,18 +1262,42 @@ def test_paper_table_quick_trains_attacks_tabulates_and_resumes(tmp_path):
     assert set(off["rows"]) == {"pag-cm", "pag-sbg-vit"} and all(r["weights"] == "official" for r in off["rows"].values())
 
 
-def test_paper_table_puts_each_number_beside_the_papers(tmp_path):
+def bench_result(row, clean, l2, linf, n=10000, **extra):
+    """A result file as the claims runner writes one (the fields check_result requires)."""
+    return {"key": f"{row}_seed3407", "model": row, "seed": 3407, "clean": clean, "aa_l2": l2, "aa_linf": linf,
+            "settings": {"train": f"train {row}", "attack": {"test_samples": n}}, **extra}
+
+
+def test_paper_table_compares_like_with_like(tmp_path):
+    """Each row at the lambda its paper number was made at, on the full test set, with a Wilson interval,
+    the paper's number inside it or not, and the SBG fields named."""
     pt = load_bench("paper_table")
+    assert pt.CONFIG["test_samples"] == 10000
+    assert pt.PAPER_TABLE_1["cifar10"]["pag-sbg"]["paper_lambda"] == 2.0 and pt.ROWS["pag-sbg"][2] == 2.0
+    assert pt.ROWS["pag-sbg-lambda1.5"][2] == 1.5 and pt.PAPER_TABLE_1["cifar10"]["pag-sbg-lambda1.5"]["aa_l2"] is None
+    for row, (_, _, lam, _) in pt.ROWS.items():  # every PAG row trains at its lambda, written into its command
+        flags = pt.row_flags(row, False)
+        assert (flags[flags.index("--pag-coeff") + 1] == lam) if lam is not None else "--pag-coeff" not in flags
+    # The Wilson interval against values computed by hand (and its edges).
+    assert pt.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert pt.wilson_interval(0, 16) == pytest.approx([0.0, 0.1936], abs=1e-4) and pt.wilson_interval(16, 16)[1] == 1.0
     cfg = json.loads(json.dumps({**pt.CONFIG, "quick": False, "sbg_file": None, "dataset": "cifar10"}))
     bench = pt.PaperTable(cfg, str(tmp_path), 1, ["vanilla", "pag-sbg", "pag-sbg-vit"], {})
-    for row, (clean, l2, linf) in {"pag-sbg": (0.8, 0.5, 0.2), "pag-sbg-vit": (0.7, 0.4, 0.1)}.items():
-        files.write_json({"clean": clean, "aa_l2": l2, "aa_linf": linf, "settings": {"train": "cmd"}},
-                         bench.result_path(bench.key(row, 3407)))
+    fields = {"made_by": "the official release", "sha256": "ab" * 32}
+    files.write_json(bench_result("pag-sbg", 0.8, 0.55, 0.2, **{"lambda": 2.0, "sbg_fields": fields}),
+                     bench.result_path(bench.key("pag-sbg", 3407)))
+    files.write_json(bench_result("pag-sbg-vit", 0.7, 0.4, 0.1, n=1000, **{"lambda": 3.0}),
+                     bench.result_path(bench.key("pag-sbg-vit", 3407)))
     table = bench.table(0.0)
-    assert table["rows"]["pag-sbg"]["paper_aa_l2"] == pytest.approx(0.5539) and table["rows"]["pag-sbg-vit"]["paper_aa_l2"] is None
+    r = table["rows"]["pag-sbg"]
+    assert r["lambda"] == 2.0 and r["paper_lambda"] == 2.0 and r["eval_samples"] == 10000 and r["sbg_fields"] == fields
+    assert r["ci95"]["aa_l2"] == pytest.approx(pt.wilson_interval(5500, 10000)) and r["paper_aa_l2_in_ci95"] is True
+    assert r["paper_aa_linf_in_ci95"] is False  # 23.97 is far outside 20.00 +- 0.8
+    assert table["rows"]["pag-sbg-vit"]["eval_samples"] == 1000 and table["rows"]["pag-sbg-vit"]["paper_aa_l2_in_ci95"] is None
     md = (tmp_path / "paper_table_cifar10.md").read_text()
-    assert "| pag-sbg | trained | 80.00 | 50.00 | 55.39 | -5.39 | 20.00 | 23.97 | -3.97 |" in md
-    assert "Not finished yet: vanilla" in md and "vanilla" not in table["rows"]
+    assert "| pag-sbg | trained | 2 | 2 | 80.00 [79.20, 80.77] | 55.00 [54.02, 55.97] | 55.39 | yes | 20.00 [19.23, 20.80] | " \
+           "23.97 | **no** |" in md
+    assert "SBG fields of pag-sbg: the official release" in md and "Not finished yet: vanilla" in md
     # A result of an SBG row names the content of the fields it was trained on, not their path.
     (tmp_path / "f.pt").write_bytes(b"fields one")
     with_file = lambda: pt.PaperTable({**cfg, "sbg_file": str(tmp_path / "f.pt")}, str(tmp_path), 1, ["pag-sbg"], {})  # noqa: E731
@@ -1269,6 +1305,280 @@ def test_paper_table_puts_each_number_beside_the_papers(tmp_path):
     assert first["sbg_file_sha256"] == hashlib.sha256(b"fields one").hexdigest() and first == with_file().settings("pag-sbg", 3407, None)
     (tmp_path / "f.pt").write_bytes(b"fields two")
     assert with_file().settings("pag-sbg", 3407, None) != first and "sbg_file_sha256" not in with_file().settings("vanilla", 3407, None)
+    # Result files read back are checked: a truncated or impossible one is one line naming it, never a table.
+    path = bench.result_path(bench.key("pag-sbg", 3407))
+    for text, fragment in [('{"key": "pag-sbg_seed3407", "clean": 0.8', "not a valid"),
+                           (json.dumps(bench_result("pag-sbg", 0.5, 0.6, 0.1)), "above its clean"),
+                           (json.dumps(bench_result("pag-sbg", 1.5, 0.6, 0.1)), "'clean'"),
+                           (json.dumps({k: v for k, v in bench_result("pag-sbg", 0.8, 0.6, 0.1).items() if k != "aa_linf"}),
+                            "'aa_linf'")]:
+        with open(path, "w") as f:
+            f.write(text)
+        assert_cli_error(lambda argv: bench.table(0.0), [], os.path.basename(path), fragment)
+
+
+def test_paper_table_dry_run_prints_every_rows_commands_and_writes_nothing(tmp_path, capsys):
+    pt = load_bench("paper_table")
+    out = tmp_path / "out"
+    pt.main(["--dry-run", "--sbg-file", "fields.pt", "--out-dir", str(out)])
+    text = capsys.readouterr().out
+    assert not out.exists()
+    for row, (script, _, lam, _) in pt.ROWS.items():
+        job = f"python bench/paper_table.py --sbg-file fields.pt --out-dir {out} --rows {row}"
+        assert job in text
+        block = text.split(f"# {row}:")[1].split("\n# ")[0]
+        train = next(line for line in block.splitlines() if f"python {script}" in line)
+        assert (f"--pag-coeff {lam}" in train) if lam is not None else "--pag-coeff" not in train
+        assert "--eval-samples 10000" in next(line for line in block.splitlines() if "attack.py" in line)
+    assert "# pag-sbg: lambda 2; paper AA L2 55.39 / L-inf 23.97 at lambda 2" in text
+
+
+def test_released_files_must_fit_their_row_and_are_results_of_their_content(tmp_path):
+    pt = load_bench("paper_table")
+    torch.save(random_official_state("vit", 3), tmp_path / "vit.pt")
+    torch.save(random_official_state("resnet18", 4), tmp_path / "rn.pt")
+    for argv, fragment in [([f"pag-oi={tmp_path / 'vit.pt'}"], "holds a vit"),
+                           ([f"pag-sbg-vit={tmp_path / 'rn.pt'}"], "holds a resnet18"),
+                           ([f"pag-oi={tmp_path / 'missing.pt'}"], "does not exist")]:
+        assert_cli_error(pt.main, ["--official", *argv, "--out-dir", tmp_path / "o"], fragment)
+    sd = random_official_state("resnet18", 5)
+    sd["linear.weight"], sd["linear.bias"] = sd["linear.weight"][:5], sd["linear.bias"][:5]
+    torch.save(sd, tmp_path / "five.pt")
+    assert_cli_error(pt.main, ["--official", f"pag-cm={tmp_path / 'five.pt'}", "--out-dir", tmp_path / "o"], "5 classes")
+    # Keyed by content: another file under the same path is evaluated again.
+    argv = ["--quick", "--official", f"pag-cm={tmp_path / 'rn.pt'}", "--out-dir", str(tmp_path / "o")]
+    first = pt.main(argv)["rows"]["pag-cm"]
+    result = tmp_path / "o" / "paper_table_synthetic_runs" / "pag-cm_official.json"
+    made = result.stat().st_mtime_ns
+    assert pt.main(argv)["rows"]["pag-cm"] == first and result.stat().st_mtime_ns == made  # the same file: reused
+    torch.save(random_official_state("resnet18", 6), tmp_path / "rn.pt")
+    pt.main(argv)
+    assert json.loads(result.read_text())["settings"]["official_sha256"] == files.file_sha256(tmp_path / "rn.pt")
+
+
+def test_claims_bench_assembles_a_subset_of_rows(tmp_path):
+    """--rows vanilla: the tables, claims ("not run") and figures from what there is, no KeyError."""
+    fm = load_bench("fashion_mnist")
+    cfg = json.loads(json.dumps({**fm.CONFIG, **fm.QUICK}))
+    bench = fm.Bench(cfg, str(tmp_path), str(tmp_path), 1, {"vanilla"})
+    for seed in cfg["seeds"]:
+        r = bench_result("vanilla", 0.8, 0.1 + seed / 10, 0.05, n=32, align_nn=0.2, align_sbg=0.1, val_acc=0.8,
+                         val_pgd_l2_acc=0.1, train_seconds=1.0, seconds=2.0, **{"lambda": None})
+        files.write_json({**r, "key": f"vanilla_seed{seed}", "seed": seed}, bench.result_path(f"vanilla_seed{seed}"))
+    out = bench.assemble(0.0)
+    assert out["rows"]["vanilla"]["aa_l2"]["per_seed"] == [0.1, 0.2] and out["claims"]["1"]["verdict"] == "not run"
+    assert (tmp_path / "fashion_mnist_tradeoff.png").stat().st_size > 1000 and "no PAG row" in \
+        (tmp_path / "fashion_mnist_seeds.md").read_text()
+
+
+def other_model(tiny_run, dest):
+    """A copy of tiny_run whose weights differ (another model under the same kind of folder)."""
+    run_dir = copy_run(tiny_run, dest)
+    ckpt = torch.load(run_dir / "model.pt", weights_only=True)
+    key = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][key] = ckpt["model"][key] + 0.01
+    torch.save(ckpt, run_dir / "model.pt")
+    return run_dir
+
+
+def test_a_result_belongs_to_one_model(tmp_path, tiny_run):
+    """attack.json names its model by content: any path to it is the same model, another model's results
+    never merge in, and a file that does not match the schema is refused before any attack, untouched."""
+    a, b = copy_run(tiny_run, tmp_path / "A" / "runs" / "x"), other_model(tiny_run, tmp_path / "B" / "runs" / "x")
+    base = ["--attacks", "clean", "--eval-samples", "16"]
+    attack.main(["--checkpoint", str(a / "model.pt"), *base])
+    res = json.loads((a / "attack.json").read_text())
+    assert res["checkpoint_sha256"] == files.file_sha256(a / "model.pt") and res["epoch"] == 1
+    # From another folder, a relative path to the same file: the same model, merged.
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "attack.py"), "--checkpoint", "runs/x/model.pt", "--out",
+                           str(a / "attack.json"), "--attacks", "pgd-l2", "--steps", "1", "--eval-samples", "16"],
+                          cwd=tmp_path / "A", capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert {"clean", "pgd_l2"} <= set(json.loads((a / "attack.json").read_text()))
+    # Model B, by the same relative path from its own folder, into A's file: refused, A's file untouched.
+    before = (a / "attack.json").read_bytes()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "attack.py"), "--checkpoint", "runs/x/model.pt", "--out",
+                           str(a / "attack.json"), *base], cwd=tmp_path / "B", capture_output=True, text=True)
+    assert_one_line_error(proc, "another model")
+    assert (a / "attack.json").read_bytes() == before
+    # New weights under the same path (the run trained further, or replaced) are another model too.
+    shutil.copy(b / "model.pt", a / "model.pt")
+    assert_cli_error(attack.main, ["--checkpoint", a, *base], "trained further")
+    # Files that do not match the schema: refused in one line, before any attack, left as they were.
+    good = json.loads(before)
+    for broken, fragment in [({**good, "pgd_l2": [0.5]}, "pgd_l2"), ({**good, "checkpoint": 3}, "checkpoint"),
+                             ({**good, "clean": {"acc": 1.5, "eval_samples": 16}}, "acc"),
+                             ({**good, "aa_l2": {"0.5": {"acc": 0.9, "eval_samples": 16}}, "clean": {"acc": 0.2, "eval_samples": 16}},
+                              "above the clean"), ({**good, "extra": 1}, "extra")]:
+        (b / "attack.json").write_text(json.dumps(broken))
+        assert_cli_error(attack.main, ["--checkpoint", b, *base], "attack.json", fragment)
+        assert json.loads((b / "attack.json").read_text()) == broken
+    (b / "attack.json").write_text(json.dumps(good).replace('"acc": ' + json.dumps(good["clean"]["acc"]), '"acc": NaN'))
+    text = (b / "attack.json").read_text()
+    assert_cli_error(attack.main, ["--checkpoint", b, *base], "NaN")
+    assert (b / "attack.json").read_text() == text
+    # A killed merge's temporary is removed by the next call; a live writer's is not touched.
+    (b / "attack.json").unlink()
+    (b / f"attack.json.tmp{dead_pid()}").write_text("{half")
+    (b / f"attack.json.tmp{os.getpid()}x").write_text("not ours")
+    attack.main(["--checkpoint", str(b), *base])
+    assert sorted(os.listdir(b)) == sorted(["attack.json", "metrics.jsonl", "model.pt", f"attack.json.tmp{os.getpid()}x"])
+
+
+def test_sbg_export_replaces_only_an_earlier_export(tmp_path, tiny_run):
+    import sbg
+    data = ["--dataset", "synthetic", "--image-size", "16", "--train-samples", "16"]
+    sbg.main(["train", *data, "--epochs", "1", "--width", "8", "--out-dir", str(tmp_path / "dn")])
+    export = ["export", *data, "--checkpoint", str(tmp_path / "dn" / "denoiser.pt"), "--noise-draws", "1"]
+    run_dir = copy_run(tiny_run, tmp_path / "r")
+    for victim in (run_dir / "model.pt", run_dir / "metrics.jsonl"):  # a classifier, a text file
+        before = victim.read_bytes()
+        assert_cli_error(sbg.main, [*export, "--out", victim], "not a fields file")
+        assert victim.read_bytes() == before
+    sbg.main([*export, "--out", str(tmp_path / "f.pt")])
+    made = torch.load(tmp_path / "f.pt", weights_only=True)
+    assert made["denoiser_sha256"] == files.file_sha256(tmp_path / "dn" / "denoiser.pt") and made["classes"] is None
+    sbg.main([*export, "--out", str(tmp_path / "f.pt"), "--seed", "1"])  # an earlier export: replaced
+    assert torch.load(tmp_path / "f.pt", weights_only=True)["seed"] == 1
+
+
+def launch_ranks(tmp_path, per_rank_args):
+    """Start one process per rank by hand (as torchrun does), each with its own flags; [(code, stderr)]."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(len(per_rank_args))}
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train_baseline.py"), *map(str, args)], cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r, args in enumerate(per_rank_args)]
+    return [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+
+
+@pytest.mark.parametrize("flag,values", [("--lr", ["0.01", "0.1"]), ("--epochs", ["1", "3"]), ("--out-dir", ["a", "b"])])
+def test_every_rank_refuses_settings_that_differ_between_ranks(tmp_path, flag, values):
+    args = [*TINY, "--device", "cpu", "--epochs", "1", "--out-dir", tmp_path / "run"]
+    per_rank = [[*args, flag, v if flag != "--out-dir" else tmp_path / v] for v in values]
+    for code, err in launch_ranks(tmp_path, per_rank):
+        lines = err.strip().splitlines()
+        assert code != 0 and len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], err
+    assert not any(p.name.endswith(".pt") for p in tmp_path.rglob("*"))  # nothing trained
+
+
+def class_mean_fields(data, noise=0.05, seed=0):
+    """Fields that point from each image to each class's mean (plus noise): a strong, correctly ordered source."""
+    gen = torch.Generator().manual_seed(seed)
+    means = D.class_means(data.train_x, data.train_y, data.num_classes)
+    x = D.to_float(data.train_x)
+    g = means[None] - x[:, None]
+    return g + noise * torch.randn(g.shape, generator=gen)
+
+
+def test_sbg_fields_that_are_zero_or_in_another_class_order_are_refused(tmp_path):
+    data = D.get_data("synthetic", train_samples=200, image_size=8)
+    fields = class_mean_fields(data)
+    def save(f):
+        torch.save({"kind": "sbg-fields", "fields": f.half(), "dataset": "synthetic", "n": len(f), "labels": data.train_y,
+                    "split": "train", "train_samples": 200, "val_samples": None}, tmp_path / "f.pt")
+        return str(tmp_path / "f.pt")
+    assert D.load_sbg_file(save(fields), data).shape == fields.shape  # the right order: accepted
+    swapped = fields[:, [1, 0, *range(2, 10)]]
+    with pytest.raises(D.UserError, match=r"another order.*slot 0 fits class 1.*slot 1 fits class 0"):
+        D.load_sbg_file(save(swapped), data)
+    with pytest.raises(D.UserError, match="another order"):
+        D.load_sbg_file(save(fields.roll(1, dims=1)), data)
+    one_class = fields.clone()
+    one_class[:, 3] = 0
+    with pytest.raises(D.UserError, match=r"200 of 2000 fields are zero \(class 3: 200 \(all\)"):
+        D.load_sbg_file(save(one_class), data)
+    some = fields.clone()
+    some[:5, 7] = 0
+    with pytest.raises(D.UserError, match=r"5 of 2000 fields are zero \(class 7: 5 of 200"):
+        D.load_sbg_file(save(some), data)
+    with pytest.raises(D.UserError, match="2000 of 2000 fields are zero"):
+        D.load_sbg_file(save(torch.zeros_like(fields)), data)
+    # Noise (no class structure) cannot be checked for its order: accepted, as weak real fields are.
+    assert D.load_sbg_file(save(torch.randn(fields.shape, generator=torch.Generator().manual_seed(1))), data) is not None
+    # Through the scripts: train_pag.py and attack.py's align say it in one line.
+    save(swapped)
+    assert_cli_error(__import__("train_pag").main, ["--dataset", "synthetic", "--image-size", "8", "--train-samples", "200",
+                                                   "--source", "sbg", "--sbg-file", tmp_path / "f.pt", "--out-dir",
+                                                   tmp_path / "r"], "another order")
+    # An export names its classes: another order than the data's is refused exactly.
+    fm = D.Data("fashion-mnist", data.train_x[:, :1], data.train_y, data.test_x[:, :1], data.test_y, 10, D.CLASS_NAMES["fashion-mnist"])
+    torch.save({"kind": "sbg-fields", "fields": fields[:, :, :1].half(), "dataset": "fashion-mnist", "n": 200, "split": "train",
+                "labels": data.train_y, "classes": list(reversed(D.CLASS_NAMES["fashion-mnist"])), "train_samples": 200,
+                "val_samples": None}, tmp_path / "g.pt")
+    with pytest.raises(D.UserError, match="in this order"):
+        D.load_sbg_file(str(tmp_path / "g.pt"), fm)
+
+
+def test_faults_while_writing_end_in_one_line_and_keep_what_was_there(tmp_path, tiny_run, monkeypatch):
+    import errno
+    import matplotlib.figure
+    run_dir = copy_run(tiny_run, tmp_path / "r")
+    base = ["--checkpoint", str(run_dir), "--attacks", "visualize", "--vis-images", "1", "--vis-steps", "1"]
+    attack.main(base)
+    figure, results = (run_dir / "targeted_attacks.png").read_bytes(), (run_dir / "attack.json").read_bytes()
+    real = matplotlib.figure.Figure.savefig
+
+    def full_disk(self, fname, **kw):  # half a figure, then the disk is full
+        real(self, fname, **kw)
+        with open(fname, "r+b") as f:
+            f.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    assert_cli_error(attack.main, [*base, "--attacks", "clean", "visualize"], "targeted_attacks.png", "disk is full")
+    monkeypatch.undo()
+    assert (run_dir / "targeted_attacks.png").read_bytes() == figure  # the previous figure, whole
+    after = json.loads((run_dir / "attack.json").read_text())
+    assert "clean" in after and after["visualize"] == json.loads(results)["visualize"]  # the number kept; no new pointer
+    assert not [p for p in os.listdir(run_dir) if ".tmp" in p]
+    # A file-size limit while saving a checkpoint (torch's "unexpected pos"): one line naming the file.
+    limited = "import resource, signal, sys, runpy; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)); sys.argv = sys.argv[1:]; " \
+              "runpy.run_path(sys.argv[0], run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", limited, os.path.join(ROOT, "train_baseline.py"),
+                           *map(str, [*TINY, "--epochs", "1", "--out-dir", tmp_path / "big"])],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert_one_line_error(proc, "model.pt", "disk is full or a file-size limit")
+    assert not (tmp_path / "big" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("script", ["attack.py", "sbg.py"])
+def test_sigterm_ends_attack_and_export_in_one_line(tmp_path, tiny_run, script):
+    import signal
+    import time
+    if script == "attack.py":
+        argv = ["--checkpoint", copy_run(tiny_run, tmp_path / "r"), "--attacks", "pgd-l2", "--steps", "100000"]
+        started = "pgd-l2 eps="
+    else:
+        data = ["--dataset", "synthetic", "--image-size", "16", "--train-samples", "16"]
+        run("sbg.py", "train", *data, "--epochs", "1", "--width", "8", "--out-dir", tmp_path / "dn")
+        argv = ["export", *data, "--checkpoint", tmp_path / "dn" / "denoiser.pt", "--split", "test", "--noise-draws", "100000",
+                "--out", tmp_path / "f.pt"]
+        started = "export:"
+    proc = subprocess.Popen([sys.executable, "-u", script, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if script == "attack.py":
+        assert started in proc.stdout.readline() or started in proc.stdout.readline()
+    else:
+        time.sleep(8)  # torch imported and the export under way (its first progress line comes after 10 s)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["interrupted: nothing more was written"], err
+    assert not (tmp_path / "f.pt").exists() and not (tmp_path / "r" / "attack.json").exists()
+
+
+def test_printed_commands_work_when_pasted_for_a_folder_with_spaces(tmp_path):
+    import shlex
+    out = tmp_path / "my runs" / "it's here"
+    proc = run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", out)
+    command = proc.stdout.strip().splitlines()[-1].split("evaluate it with: ")[1].split("   (")[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "attack.py"] and argv[argv.index("--checkpoint") + 1] == str(out / "model.pt")
+    run(*argv[1:], "--eval-samples", "8", "--aa-version", "apgd", "--aa-iterations", "2", "--attacks", "clean")
+    assert (out / "attack.json").exists()
 
 
 # ----------------------------------------------------------------------------- a newcomer's first hour
@@ -1471,6 +1781,52 @@ def test_no_import_cycle_among_the_projects_modules():
         visit(n)
 
 
+def test_a_missing_dataset_is_downloaded_by_default_and_never_when_forbidden(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+    # Forbidden: one line that says what to fetch and where; no folder made.
+    assert_cli_error(T.main, ["--dataset", "stl", "--no-download", "--data-dir", tmp_path / "d" / "data",
+                              "--out-dir", tmp_path / "r"], "--no-download", "stl10_binary", "fetch")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
+    # By default it is fetched (here the network is down): the failed download leaves no folder either.
+    calls = []
+
+    def offline(*a, **k):
+        calls.append(a)
+        raise urllib.error.URLError("Temporary failure in name resolution")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert_cli_error(T.main, ["--dataset", "cifar10", "--data-dir", tmp_path / "d" / "data", "--out-dir", tmp_path / "r"],
+                     "could not download", "cifar-10-batches-py")
+    assert calls and not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
+
+
+def test_radii_and_steps_accept_fractions(tmp_path, tiny_run):
+    assert D.radius("8/255") == 8 / 255 and D.step_size("2/255") == 2 / 255
+    assert_cli_error(attack.main, ["--checkpoint", tiny_run, "--eps-linf", "8/0"], "fraction")
+    run_dir = copy_run(tiny_run, tmp_path / "r")
+    attack.main(["--checkpoint", str(run_dir), "--attacks", "pgd-linf", "--eps-linf", "8/255", "--steps", "1",
+                 "--step-size", "2/255", "--eval-samples", "8"])
+    entry = json.loads((run_dir / "attack.json").read_text())["pgd_linf"][f"{8 / 255:g}"]
+    assert entry["step_size"] == 2 / 255  # recorded as a number
+
+
+def test_visualize_draws_a_second_model_beside_the_first(tmp_path, tiny_run, capsys):
+    a, b = copy_run(tiny_run, tmp_path / "pag run"), other_model(tiny_run, tmp_path / "vanilla")
+    attack.main(["--checkpoint", str(a), "--attacks", "visualize", "--vis-images", "2", "--vis-steps", "3",
+                 "--vis-compare", str(b)])
+    out = capsys.readouterr().out
+    assert "measure" not in out and f"beside {b}" in out  # no empty table
+    entry = json.loads((a / "attack.json").read_text())["visualize"]
+    assert entry["compared_with"] == str(b) and os.path.getsize(a / "targeted_attacks.png") > 5000
+    # The marks: a targeted attack counts as reached when the model then predicts the target class.
+    model, _ = T.load_checkpoint(str(a))
+    x = D.to_float(D.get_data("synthetic", image_size=16, test_samples=2).test_x)
+    adv, hit = attack.targeted_grid(model, x, 10, 5.0, 3, (0.0, 1.0))
+    assert adv.shape == (2, 10, 3, 16, 16)
+    assert torch.equal(hit, T.predict(model, adv.flatten(0, 1)).view(2, 10) == torch.arange(10))
+    assert_cli_error(attack.main, ["--checkpoint", a, "--attacks", "clean", "--vis-compare", b], "--vis-compare")
+
+
 # ----------------------------------------------------------------------------- the toy
 def test_toy_data_follows_the_spec():
     train_x, train_y, test_x, test_y = toy_data.make_toy(seed=0)
@@ -1522,9 +1878,42 @@ def test_toy_bench_runs_through_the_scripts(tmp_path):
     assert os.path.getsize(tmp_path / "toy.png") > 1000
 
 
+def test_the_toy_trains_as_its_rerun_did_in_float64_and_the_same_with_any_thread_count(tmp_path):
+    """lambda * C = 10 and the last partial batch kept (47 Adam steps an epoch), float64 weights, and the same
+    weights, bit for bit, with 1 and 2 threads (OMP_NUM_THREADS)."""
+    weights = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}"
+        proc = subprocess.run([sys.executable, "train_pag.py", "--dataset", "toy", "--epochs", "2", "--seed", "2",
+                               "--data-seed", "2", "--out-dir", str(out), "--cache-dir", str(tmp_path / "c")], cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "PAG source nn lambda 5 (x C = 10)" in next(l for l in proc.stdout.splitlines() if l.startswith("pag_nn"))
+        ckpt = torch.load(out / "model.pt", weights_only=True)
+        assert {s["step"].item() for s in ckpt["optimizer"]["state"].values()} == {2 * 47}  # 6,000 / 128: 47 batches
+        assert all(v.dtype == torch.float64 for v in ckpt["model"].values())
+        weights.append(ckpt["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # The attack reads it back in float64 too; image datasets keep dropping their last partial batch.
+    run("attack.py", "--checkpoint", tmp_path / "t1", "--attacks", "exact-l2", "--eps-l2", "15", "--eval-samples", "60")
+    assert D.DATASETS["cifar10"]["drop_last"] and D.DATASETS["cifar10"]["dtype"] == "float32"
+
+
+def test_standardized_toy_keeps_raw_radii(tmp_path):
+    T.main(["--dataset", "toy", "--epochs", "1", "--standardize", "--out-dir", str(tmp_path / "s")])
+    model, ckpt = T.load_checkpoint(str(tmp_path / "s"))
+    data = D.get_data("toy")
+    assert torch.allclose(model[0].mean, data.train_x.mean(0)) and torch.allclose(model[0].std, data.train_x.std(0))
+    z = (data.test_x - data.train_x.mean(0)) / data.train_x.std(0)
+    with torch.no_grad():  # the model takes raw points: its first layer standardises them
+        assert torch.allclose(model(data.test_x), model[1:](z))
+    assert_cli_error(T.main, [*TINY, "--standardize", "--out-dir", tmp_path / "img"], "--standardize is for the toy")
+
+
 def test_toy_data_seed_reaches_training_and_the_attack(tmp_path):
-    assert torch.equal(D.get_data("toy").train_x, toy_data.make_toy(0)[0])
-    assert torch.equal(D.get_data("toy", data_seed=3).test_x, toy_data.make_toy(3)[2])
+    assert torch.equal(D.get_data("toy").train_x, toy_data.make_toy(0, dtype=torch.float64)[0])
+    assert torch.equal(D.get_data("toy", data_seed=3).test_x, toy_data.make_toy(3, dtype=torch.float64)[2])
+    assert torch.equal(toy_data.make_toy(3)[2], toy_data.make_toy(3, dtype=torch.float64)[2].float())  # one draw, two precisions
     run("train_baseline.py", "--dataset", "toy", "--seed", 1, "--data-seed", 3, "--epochs", 1, "--out-dir", tmp_path)
     run("attack.py", "--checkpoint", tmp_path / "model.pt", "--attacks", "exact-l2", "--eps-l2", 2)
     model, ckpt = attack.load_checkpoint(str(tmp_path / "model.pt"))
@@ -1534,7 +1923,7 @@ def test_toy_data_seed_reaches_training_and_the_attack(tmp_path):
     assert reported.isfinite().sum() > 50  # enough points near a boundary to tell the draws apart
     with torch.no_grad():  # the attack measured the points of draw 3, not those of the default draw
         for seed, same in ((3, True), (0, False)):
-            _, _, test_x, test_y = toy_data.make_toy(seed)
+            _, _, test_x, test_y = toy_data.make_toy(seed, dtype=torch.float64)
             expected = attack.boundary_distance_2d(model, test_x, test_y, 2.0)
             assert torch.allclose(reported, expected, atol=1e-4, rtol=0) == same  # attack.json rounds to 4 places
 

@@ -16,11 +16,12 @@ CENTRES = ((-50.0, -10.0, 30.0), (-30.0, 10.0, 50.0))  # x1 centres of class 0, 
 SLOPE = 2.0
 
 
-def make_toy(seed=0, train_per_mode=1000, test_per_mode=100):
-    """Return (train_x, train_y, test_x, test_y); x float32 [N, 2], y long [N].
+def make_toy(seed=0, train_per_mode=1000, test_per_mode=100, dtype=torch.float32):
+    """Return (train_x, train_y, test_x, test_y); x [N, 2] of dtype, y long [N].
 
     Train and test come from one generator so a seed fixes both; the test set
-    is balanced (test_per_mode points from each of the six modes).
+    is balanced (test_per_mode points from each of the six modes). The draws are
+    made in float64 and then cast, so a dtype changes only the precision.
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -28,7 +29,7 @@ def make_toy(seed=0, train_per_mode=1000, test_per_mode=100):
         xs, ys = [], []
         for label, centres in enumerate(CENTRES):
             for c in centres:
-                x1 = c + torch.randn(per_mode, generator=gen)
+                x1 = (c + torch.randn(per_mode, generator=gen, dtype=torch.float64)).to(dtype)
                 xs.append(torch.stack([x1, SLOPE * x1], dim=1))
                 ys.append(torch.full((per_mode,), label, dtype=torch.long))
         return torch.cat(xs), torch.cat(ys)
@@ -107,8 +108,8 @@ def plot_toy(ax, points, labels, predict=None, arrows=None, title="", x1_range=(
     ax.legend(handles=handles, loc="upper left", fontsize=7, framealpha=0.9)
 
 
-def save_toy_figure(path, points, labels, predict=None, arrows=None, title=""):
-    """One panel of plot_toy as a PNG."""
+def toy_figure(points, labels, predict=None, arrows=None, title=""):
+    """One panel of plot_toy as a matplotlib figure (the caller saves and closes it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,8 +117,7 @@ def save_toy_figure(path, points, labels, predict=None, arrows=None, title=""):
     fig, ax = plt.subplots(figsize=(4.5, 8))
     plot_toy(ax, points, labels, predict, arrows, title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None):
@@ -131,8 +131,11 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     train_x, train_y, _, _ = make_toy(args.seed)
     # Arrows toward the *other* class from a random subset: the field PAG learns.
-    save_toy_figure(args.out, train_x, train_y, arrows=ground_truth_arrows(train_x, train_y, args.arrows, args.seed),
-                    title="toy data and g(x, other class)")
+    fig = toy_figure(train_x, train_y, arrows=ground_truth_arrows(train_x, train_y, args.arrows, args.seed),
+                     title="toy data and g(x, other class)")
+    tmp = f"{args.out}.tmp{os.getpid()}"  # atomically, as files.atomic_write does (this file imports nothing of ours)
+    fig.savefig(tmp, format=os.path.splitext(args.out)[1][1:].lower(), dpi=120)
+    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
 
 

@@ -44,7 +44,9 @@ def add_common_args(p):
     """The flags of the training loop; unset ones take the dataset's defaults (data.DATASETS)."""
     p.add_argument("--dataset", default="cifar10", help=f"{', '.join(D.DATASETS)} (stl = stl10)")
     p.add_argument("--data-dir", default="data", help="where datasets live (folder: holds train/ and test/)")
-    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download a missing CIFAR-10/100, STL-10 or Fashion-MNIST, with progress (--no-download: "
+                        "never, e.g. on an offline cluster: the error says what to fetch and where)")
     p.add_argument("--arch", help=f"{', '.join(ARCHS)}; default: resnet18 (CIFAR, STL, folder), cnn (fashion-mnist), mlp (toy)")
     p.add_argument("--epochs", type=D.positive_int, default=100, help="training epochs (the paper: 100)")
     p.add_argument("--batch-size", type=D.positive_int, help="default: 64 (CIFAR, fashion-mnist, folder), 32 (STL), 128 (toy)")
@@ -79,6 +81,9 @@ def add_common_args(p):
                    help="training precision: fp32 (on a GPU, matmuls and convolutions use TF32 where it has it), "
                         "or bf16 autocast (losses and cosines stay in fp32)")
     p.add_argument("--image-size", type=D.image_side, help="resize folder images / size of synthetic images")
+    p.add_argument("--standardize", action="store_true",
+                   help="toy only: standardise the points inside the model (mean 0, std 1 per coordinate of the "
+                        "training points; attacks and radii stay in raw coordinates)")
     p.add_argument("--out-dir", help="default: runs/<baseline|pag_SOURCE>[_pgdat|_trades]_<dataset>_<arch>")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/model.pt")
     p.add_argument("--stop-after-epoch", type=D.positive_int, help="exit after this epoch (time-limited jobs; continue with --resume)")
@@ -141,11 +146,29 @@ def setup_distributed(args):
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
+        check_same_settings(args, world)
     check_amp(getattr(args, "amp", "fp32"), device)
     if device.type == "cuda":  # fp32 on tensor cores (TF32) for matmuls too; PyTorch does it for convolutions already
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def check_same_settings(args, world):
+    """Under torchrun: every rank resolved the same settings, or every rank stops with the same one line
+    naming the first flag that differs (ranks with another --lr would train a silent mixture, another
+    --epochs would hang in a collective)."""
+    mine = {k: json.dumps(v, sort_keys=True, default=str) for k, v in vars(args).items()}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        differ = sorted(k for k in set(mine) | set(theirs) if everyone[0].get(k) != theirs.get(k))
+        if differ:
+            k = differ[0]
+            dist.destroy_process_group()
+            raise D.UserError(f"the processes were started with different settings: --{k.replace('_', '-')} is "
+                              f"{everyone[0].get(k)} on rank 0 but {theirs.get(k)} on rank {rank}; start every "
+                              "process with the same flags")
 
 
 # ----------------------------------------------------------------------------- PGD, the project's one
@@ -416,13 +439,26 @@ def read_classifier(path, resume=False, loaded=None):
     return ckpt
 
 
+def dataset_dtype(name):
+    """The precision a dataset's models train and are evaluated in (data.DATASETS: float64 for the toy)."""
+    return getattr(torch, D.DATASETS[name]["dtype"])
+
+
+def use_dataset_precision(name):
+    """The toy's one thread (data.DATASETS "threads"): the same numbers whatever OMP_NUM_THREADS says."""
+    if D.DATASETS[name]["threads"]:
+        torch.set_num_threads(D.DATASETS[name]["threads"])
+
+
 def build_for(ckpt, path):
-    """The model a checkpoint's fields describe (not yet loaded)."""
+    """The model a checkpoint's fields describe (not yet loaded), in its dataset's precision."""
     shape = ckpt["input_shape"]
     try:
-        return build_model(ckpt["arch"], ckpt["num_classes"], shape[0], shape[-1] if len(shape) == 3 else None)
+        model = build_model(ckpt["arch"], ckpt["num_classes"], shape[0], shape[-1] if len(shape) == 3 else None,
+                            ckpt["args"].get("standardize", False))
     except ValueError as e:
         raise D.UserError(f"{path}: {e}") from None
+    return model.to(dataset_dtype(ckpt["dataset"]))
 
 
 def load_checkpoint(path, device="cpu", loaded=None):
@@ -626,14 +662,19 @@ class Run:
         return os.path.join(self.args.out_dir, "metrics.jsonl")
 
 
+def evaluate_command(ckpt_path, device):
+    """The attack.py command a finished run suggests, shell-quoted, with what it costs where there is no GPU."""
+    cmd = shlex.join(["python", "attack.py", "--checkpoint", ckpt_path, "--attacks", "clean", "aa-l2", "aa-linf", "align"])
+    if device.type == "cuda":
+        return cmd
+    return (f"{cmd}   (standard AutoAttack on 1,000 test images: slow on a CPU, about 3-8 min per norm for the small cnn "
+            "on 2 cores and far longer for a resnet18; add --aa-version apgd --eval-samples 200 for a quick look)")
+
+
 def resume_command():
     """This run's command line with --resume: what continues it after an interruption."""
     argv = list(sys.argv)
     return shlex.join(["python", *argv, *([] if "--resume" in argv else ["--resume"])])
-
-
-def raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def train(args, make_loss=make_classification_loss, run_name="baseline"):
@@ -646,7 +687,7 @@ def train(args, make_loss=make_classification_loss, run_name="baseline"):
     args = resolve_defaults(args, run_name)
     rank, world, device = setup_distributed(args)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+        signal.signal(signal.SIGTERM, D.raise_keyboard_interrupt)
     run = None
     try:
         with files.RunLock(args.out_dir) if rank == 0 else nullcontext():
@@ -669,8 +710,8 @@ def train(args, make_loss=make_classification_loss, run_name="baseline"):
         run.train_model = None
         gc.collect()
         dist.destroy_process_group()
-    run.log(f"done: {run.ckpt_path} holds epoch {run.saved_epoch} of {args.epochs}; evaluate it with: python attack.py "
-            f"--checkpoint {run.ckpt_path} --attacks clean aa-l2 aa-linf align")
+    run.log(f"done: {run.ckpt_path} holds epoch {run.saved_epoch} of {args.epochs}; evaluate it with: "
+            f"{evaluate_command(run.ckpt_path, next(run.model.parameters()).device)}")
     return run.model, run.data
 
 
@@ -683,11 +724,18 @@ def setup(args, make_loss, rank, world, device):
                           "each process needs one full batch (the last partial batch is dropped, as the official "
                           "loader does) of at least 2; lower --batch-size")
     args.augment = resolve_augment(args.augment, data)
+    if args.standardize and data.is_image:
+        raise D.UserError("--standardize is for the toy's points; image models normalise their pixels inside already")
+    use_dataset_precision(data.name)
     torch.manual_seed(args.seed)
     try:
-        model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device)
+        model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1], args.standardize)
     except ValueError as e:  # e.g. vit on 28 px images
         raise D.UserError(f"--arch {args.arch} on {data.name} images of {data.input_shape[-1]} px: {e} (--image-size)") from None
+    if args.standardize:  # from the training points, fixed from now on (saved with the weights)
+        model[0].mean.copy_(data.train_x.mean(0))
+        model[0].std.copy_(data.train_x.std(0))
+    model = model.to(device, dataset_dtype(data.name))
     opt, sched = make_optimizer(model, args)
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -739,8 +787,10 @@ def train_epoch(run, epoch):
     start, lr = time.time(), run.opt.param_groups[0]["lr"]
     order = torch.randperm(n, generator=run.order_gen)
     shard = order[: n - n % run.world][run.rank::run.world]  # equal shards: every rank takes as many steps
-    # The last partial batch is dropped, as the official loader does (drop_last=True).
-    batches = [b for b in shard.split(args.batch_size) if len(b) == args.batch_size]
+    # The last partial batch is dropped, as the official loader does (drop_last=True); the toy keeps it, as its
+    # public re-run does (data.DATASETS "drop_last").
+    drop_last = D.DATASETS[run.data.name]["drop_last"]
+    batches = [b for b in shard.split(args.batch_size) if len(b) == args.batch_size or not drop_last]
     progress = Progress(f"epoch {epoch + 1}/{args.epochs}:", sum(map(len, batches)) * run.world, "img", args.log_every,
                         print_fn=run.log)
     sums, seen = {}, 0

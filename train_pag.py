@@ -2,7 +2,7 @@
 
     python train_pag.py --dataset stl                      # ResNet-18, class-mean targets, paper settings
     python train_pag.py --dataset cifar10 --source sbg --sbg-file cifar10_sbg.pt
-    python train_pag.py --dataset toy                      # the 2-D toy: MLP, NN targets, lambda 2.5 (x C = 5)
+    python train_pag.py --dataset toy                      # the 2-D toy: MLP, NN targets, lambda 5 (x C = 10), float64
 
     L(x, y) = CE(f(x), y) + lambda * C * mean_j [1 - cos(grad_x log softmax(f(x))_{t_j}, g(x, t_j))]
 
@@ -178,7 +178,7 @@ def add_pag_args(p):
                    help="ground-truth PAG: oi, cm, nn, sbg (default: sbg with --sbg-file, nn for the toy, else cm)")
     p.add_argument("--sbg-file", help="precomputed score-based fields (sbg.py export, or the official release)")
     p.add_argument("--pag-coeff", type=D.loss_weight,
-                   help="lambda (default: 1.5 resnet18, 3.0 vit, 0.25 cnn, 2.5 toy mlp; times 10/C beyond 10 classes, "
+                   help="lambda (default: 1.5 resnet18, 3.0 vit, 0.25 cnn, 5 toy mlp; times 10/C beyond 10 classes, "
                         "e.g. 0.15 for CIFAR-100 resnet18: the official code's weight)")
     p.add_argument("--pag-first-half-scale", type=D.loss_weight,
                    help="lambda is multiplied by this in the first half of training (default: 2/3 for vit, else 1)")
@@ -187,7 +187,7 @@ def add_pag_args(p):
     p.add_argument("--pag-chunk", type=D.positive_int,
                    help="targets per forward pass, to bound memory (default: all k at once; 4 for STL: data.DATASETS). Under "
                         "batch-norm a pass's B*chunk replicas share batch statistics only among themselves, so "
-                        "the chunk is part of the result (README: peak memory per paper setting)")
+                        "the chunk is part of the result; bench/README.md: memory per paper setting)")
     p.add_argument("--pag-formulation", default="auto", choices=FORMULATIONS,
                    help="how input-gradients are taken: replicated (the official code's one forward of B*k "
                         "replicas), per-column (one product per target column on the plain batch; identical "

@@ -30,7 +30,6 @@ fields from it); checkpoints, logs and the fields go to --out-dir. Jobs run as o
 fashion_mnist_seeds.json (+ .md), fashion_mnist_lambda.json, and the figures fashion_mnist_tradeoff.png
 and fashion_mnist_alignment.png in RESULTS.
 """
-import hashlib
 import json
 import math
 import os
@@ -101,6 +100,13 @@ def mean_interval(values):
         return {"per_seed": values, "mean": m, "ci95": None}
     half = t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n)
     return {"per_seed": values, "mean": m, "ci95": [m - half, m + half]}
+
+
+def wilson_interval(k, n, z=1.959964):
+    """The 95% Wilson score interval of a proportion k/n (an accuracy over n test images)."""
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def verdict(ci95):
@@ -212,6 +218,34 @@ def claim_3(points, seeds):
     return {**combine(comparisons), "claim": text, "with_own_rows": with_own}
 
 
+# ----------------------------------------------------------------------------- result files
+_acc = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1  # noqa: E731
+_cos = lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and -1 <= v <= 1  # noqa: E731
+_seconds = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0  # noqa: E731
+RESULT_FIELDS = {"key": str, "model": str, "settings": dict, "clean": _acc, "aa_l2": _acc, "aa_linf": _acc}
+RESULT_OPTIONAL = {"seed": lambda v: isinstance(v, int), "lambda": lambda v: v is None or isinstance(v, (int, float)),
+                   "align_nn": _cos, "align_sbg": _cos, "val_acc": _acc, "val_pgd_l2_acc": _acc, "test_acc": _acc,
+                   "test_pgd_l2_acc": _acc, "train_seconds": _seconds, "seconds": _seconds}
+CLAIMS_RESULT_FIELDS = {**RESULT_FIELDS, **{k: RESULT_OPTIONAL[k] for k in (
+    "seed", "lambda", "align_nn", "align_sbg", "val_acc", "val_pgd_l2_acc", "train_seconds", "seconds")}}
+
+
+def check_result(obj, path, required=RESULT_FIELDS):
+    """One result file as the runner writes it: the `required` keys with their types, every other known
+    key's type, accuracies in [0, 1], cosines in [-1, 1], and robust accuracy never above clean (a point
+    is robust only if classified right clean, on the same images); else one UserError naming the file
+    and the key. Returns obj."""
+    files.require(obj, required, path, "bench result file")
+    files.require(obj, {k: check for k, check in RESULT_OPTIONAL.items() if k in obj}, path, "bench result file")
+    if not isinstance(obj["settings"].get("attack"), dict):
+        raise D.UserError(f"{path}: its settings name no attack; it is not a bench result file")
+    for m in ("aa_l2", "aa_linf"):
+        if obj[m] > obj["clean"]:
+            raise D.UserError(f"{path}: {m} {obj[m]} is above its clean accuracy {obj['clean']}, which no attack can "
+                              "give; repair or delete the file")
+    return obj
+
+
 # ----------------------------------------------------------------------------- running jobs
 def sh(log, *cmd):
     """Run one of our scripts as a one-thread process, its output appended to `log`; fail loudly."""
@@ -249,15 +283,6 @@ def run_jobs(jobs, needs, workers, cost=None):
     return time.time() - start
 
 
-def file_sha256(path):
-    """The content of a file as a setting (read in blocks: fields files are gigabytes at CIFAR scale)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def recorded_settings(path):
     """What a settings file beside a run folder, the denoiser or the fields records (None: no file)."""
     if not os.path.exists(path):
@@ -281,6 +306,7 @@ class Bench:
     models = MODELS
     name = "fashion_mnist"
     align = True
+    result_fields = CLAIMS_RESULT_FIELDS  # what a result file must hold for assemble()
 
     def __init__(self, cfg, out_dir, results_dir, workers, rows=None):
         self.cfg, self.out_dir, self.results_dir, self.workers = cfg, out_dir, results_dir, workers
@@ -325,11 +351,15 @@ class Bench:
         return os.path.join(self.runs_dir, key + ".json")
 
     def read_result(self, key):
+        """A result file, checked (check_result), or None where there is none yet."""
         path = self.result_path(key)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             return None
-        with open(path) as f:
-            return json.load(f)
+        return check_result(files.read_json_object(path, "result file"), path, self.result_fields)
+
+    def result_extras(self, model):
+        """What a result file records besides its numbers (a thin entry adds its own)."""
+        return {}
 
     def command(self, model, seed, lam):
         script, extra = self.models[model]
@@ -392,7 +422,7 @@ class Bench:
             measured["align_sbg"] = json.load(open(align_path))["align"]["sbg test"]["cos"]
         split = last["eval_split"]  # the per-epoch check's images: "val" (choices look there) or "test"
         pgd = next(k for k in last if k.startswith(f"{split}_pgd_l2_"))
-        result = {"key": key, "model": model, "seed": seed, "lambda": lam, "settings": want,
+        result = {"key": key, "model": model, "seed": seed, "lambda": lam, **self.result_extras(model), "settings": want,
                   f"{split}_acc": last[f"{split}_acc"], f"{split}_pgd_l2_acc": last[pgd], **measured,
                   "train_seconds": round(train_seconds, 1), "seconds": round(train_seconds + time.time() - start, 1),
                   "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -418,7 +448,7 @@ class Bench:
         if not os.path.exists(ckpt) or files.load_file(ckpt, "denoiser checkpoint")["epoch"] < s["epochs"]:
             sh(log, "sbg.py", "train", *self.data_flags, "--epochs", s["epochs"], "--seed", s["seed"],
                "--out-dir", self.denoiser_dir, *(["--resume"] if os.path.exists(ckpt) else []))
-        want_fields = {**want, "test_samples": self.cfg["test_samples"], "denoiser_sha256": file_sha256(ckpt)}
+        want_fields = {**want, "test_samples": self.cfg["test_samples"], "denoiser_sha256": files.file_sha256(ckpt)}
         settings_file = os.path.join(self.sbg_dir, "settings.json")
         if all(os.path.exists(p) for p in self.fields.values()):
             made_with = recorded_settings(settings_file)
@@ -496,7 +526,7 @@ class Bench:
         lambda_rows = {f"{lam:g}": stat(rs) for lam, rs in sweep.items()}
         found = claims(rows)
         points = [r for m in self.rows if m in PAG_ROWS and m != "pag-cm+pgd-at" for r in results[m]] + \
-                 [r for lam in lambdas if lam != self.lam for r in sweep[lam]]
+                 [r for lam, rs in sweep.items() if lam != self.lam for r in rs]
         found["3"] = claim_3(points, seeds)
         every = {r["key"]: r for rs in (*results.values(), *sweep.values()) for r in rs}  # pag-cm is also a sweep point
         train_minutes = sum(r["train_seconds"] for r in every.values()) / 60
@@ -530,8 +560,10 @@ def fmt(st, pct=True):
 def markdown(rows, lambda_rows, found, config):
     n = len(config["seeds"])
     lines = [f"Fashion-MNIST, cnn, {config['train_samples']} training images, {config['epochs']} epochs, {n} seeds "
-             f"({', '.join(map(str, config['seeds']))}); lambda {config['selected_lambda']:g} chosen on the validation "
-             f"split; {config['test_samples']} test images. Mean [95% t interval over seeds], accuracies in %.", "",
+             f"({', '.join(map(str, config['seeds']))}); "
+             + ("no PAG row" if config["selected_lambda"] is None else f"lambda {config['selected_lambda']:g} chosen on the "
+                                                                       "validation split")
+             + f"; {config['test_samples']} test images. Mean [95% t interval over seeds], accuracies in %.", "",
              f"| model | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:g} | "
              "align NN (test) | align SBG (test) |", "|---|---|---|---|---|---|"]
     for m, r in rows.items():
@@ -603,7 +635,7 @@ def figures(rows, lambda_rows, points, others, claim3, config, out_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fashion_mnist_tradeoff.png"), dpi=110)
+    files.save_figure(fig, os.path.join(out_dir, "fashion_mnist_tradeoff.png"), dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
@@ -628,7 +660,7 @@ def figures(rows, lambda_rows, points, others, claim3, config, out_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fashion_mnist_alignment.png"), dpi=110)
+    files.save_figure(fig, os.path.join(out_dir, "fashion_mnist_alignment.png"), dpi=110)
     plt.close(fig)
 
 

@@ -20,6 +20,7 @@ the decision boundary (attack.py's exact-l2, a ray search), which checks the PGD
 import contextlib
 import importlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -59,7 +60,8 @@ def figure(out_dir, seed, models, results, exact):
     arrows = toy_data.ground_truth_arrows(train_x, train_y)
     fig, axes = plt.subplots(1, 3, figsize=(14, 7.5), gridspec_kw={"width_ratios": [1, 1, 1.6]})
     for ax, name, title in ((axes[0], "vanilla", "vanilla"), (axes[1], "pag", "PAG (NN targets)")):
-        toy_data.plot_toy(ax, test_x, test_y, predict=lambda p, m=models[name]: m(p).argmax(1), title=f"{title}: regions, test points",
+        toy_data.plot_toy(ax, test_x, test_y, predict=lambda p, m=models[name]: m(p.double()).argmax(1),
+                          title=f"{title}: regions, test points",
                           arrows=arrows if name == "pag" else None)
     ax = axes[2]
     for name, colour, label in (("vanilla", "#1f77b4", "vanilla"), ("pag", "#d62728", "PAG")):
@@ -70,9 +72,10 @@ def figure(out_dir, seed, models, results, exact):
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.suptitle(f"2-D toy, seed {seed}: MLP 2-32-2; PAG with λ·C = 5", fontsize=12)
+    lam_c = D.ARCH_DEFAULTS["mlp"]["pag_coeff"] * 2
+    fig.suptitle(f"2-D toy, seed {seed}: MLP 2-32-2; PAG with λ·C = {lam_c:g} (NN targets); float64, one thread", fontsize=12)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "toy.png"), dpi=100)
+    files.save_figure(fig, os.path.join(out_dir, "toy.png"), dpi=100)
     plt.close(fig)
 
 
@@ -94,7 +97,7 @@ def seeds_figure(summary, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    files.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -109,16 +112,42 @@ def boundary_report(model, distances):
     for m, d in zip(modes, dist):
         # null in JSON: farther than the largest eps searched
         m["min_dist"], m["median_dist"] = (None if v == float("inf") else round(v, 4) for v in (d.min().item(), d.median().item()))
-    x1 = torch.arange(-70, 70, 0.01)
+    x1 = torch.arange(-70, 70, 0.01, dtype=torch.float64)
     with torch.no_grad():
         pred = model(torch.stack([x1, SLOPE * x1], 1)).argmax(1)
     crossings = x1[1:][pred[1:] != pred[:-1]]
     return {"modes": modes, "line_crossings_x1": [round(v, 2) for v in crossings.tolist()]}
 
 
-def run_seed(seed, out_dir, epochs, device):
+@contextlib.contextmanager
+def nudged_first_weight(ulps_of):
+    """While active, every model the training loop builds has its first weight moved by one unit in the last
+    place of `ulps_of` (torch.float32 or torch.float64) at initialisation: how far one rounding difference of
+    another machine's kernels carries through training (bench/README.md)."""
+    if ulps_of is None:
+        yield
+        return
+    import train_baseline
+
+    real = train_baseline.build_model
+
+    def build(*a, **k):
+        model = real(*a, **k)
+        with torch.no_grad():
+            w = next(model.parameters()).view(-1)
+            w[0] = torch.nextafter(w[0:1].to(ulps_of), torch.tensor([math.inf], dtype=ulps_of)).to(w.dtype)[0]
+        return model
+    train_baseline.build_model = build
+    try:
+        yield
+    finally:
+        train_baseline.build_model = real
+
+
+def run_seed(seed, out_dir, epochs, device, standardize=False, nudge=None):
     """The whole experiment for one seed (data draw and initialisation) into out_dir; returns
-    (metrics, exact robust accuracies, boundary report)."""
+    (metrics, exact robust accuracies, boundary report). standardize: both models on standardised points;
+    nudge: a dtype whose last bit is added to one initial weight (nudged_first_weight)."""
     results, exact, boundaries, models = {}, {}, {}, {}
     for name, script in (("vanilla", "train_baseline.py"), ("pag", "train_pag.py")):
         run_dir = os.path.join(out_dir, name)
@@ -128,8 +157,10 @@ def run_seed(seed, out_dir, epochs, device):
         log = os.path.join(run_dir, "run.log")
         if os.path.exists(log):
             os.remove(log)
-        run_script(script, log, "--dataset", "toy", "--seed", seed, "--data-seed", seed, "--epochs", epochs, "--out-dir", run_dir,
-                   "--device", device, "--log-every", 1000, "--cache-dir", os.path.join(ROOT, "cache"))
+        with nudged_first_weight(nudge):
+            run_script(script, log, "--dataset", "toy", "--seed", seed, "--data-seed", seed, "--epochs", epochs, "--out-dir",
+                       run_dir, "--device", device, "--log-every", 1000, "--cache-dir", os.path.join(ROOT, "cache"),
+                       *(["--standardize"] if standardize else []))
         run_script("attack.py", log, "--checkpoint", os.path.join(run_dir, "model.pt"), "--attacks", "clean", "pgd-l2", "exact-l2", "visualize",
                    "--eps-l2", *EPS, "--target", "runner-up", "--steps", STEPS, "--n-samples", 600, "--device", device)
         with open(os.path.join(run_dir, "attack.json")) as f:
@@ -143,7 +174,9 @@ def run_seed(seed, out_dir, epochs, device):
     files.write_json(results, os.path.join(out_dir, "metrics.json"))  # exactly the shape tools read (atomic)
     files.write_json({"exact_robust_acc": exact, "how": "distance to the decision boundary by ray search "
                 "(360 rays, samples every 0.25 refined by bisection): attack-free", "boundaries": boundaries,
-                "config": {"seed": seed, "data_seed": seed, "epochs": epochs}}, os.path.join(out_dir, "exact.json"))
+                "config": {"seed": seed, "data_seed": seed, "epochs": epochs, "standardize": standardize,
+                           "nudged_first_weight": str(nudge).removeprefix("torch.") if nudge else None}},
+                     os.path.join(out_dir, "exact.json"))
 
     figure(out_dir, seed, models, results, exact)
     print(f"seed {seed}")
@@ -178,7 +211,7 @@ def summarise(per_seed):
     return out
 
 
-def main():
+def main(argv=None):
     p = D.Parser(description=__doc__)
     p.add_argument("--out-dir", default=os.path.join("results", "toy"), help="where results go")
     p.add_argument("--seed", type=D.seed, nargs="+", default=[2],
@@ -186,16 +219,23 @@ def main():
                         "DIR/seed<S>/ each, and DIR/seeds.json and seeds.png with median, min and max over them")
     p.add_argument("--epochs", type=D.positive_int, default=100, help="training epochs of both models")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train and attack")
-    args = p.parse_args()
+    p.add_argument("--standardize", action="store_true",
+                   help="both models on standardised points (mean 0, std 1 inside the model; radii stay raw): "
+                        "shows that the toy's contrast comes from the raw coordinate scale")
+    p.add_argument("--nudge", choices=("float32", "float64"),
+                   help="move one initial weight of both models by one unit in the last place of this precision: "
+                        "how far one rounding difference (another machine's kernels) carries through training")
+    args = p.parse_args(argv)
     if len(set(args.seed)) != len(args.seed):
         p.error(f"--seed lists a seed twice: {args.seed}")
     out_dir = os.path.abspath(args.out_dir)
+    nudge = getattr(torch, args.nudge) if args.nudge else None
     if len(args.seed) == 1:
-        run_seed(args.seed[0], out_dir, args.epochs, args.device)
-        return
-    per_seed = [(s, run_seed(s, os.path.join(out_dir, f"seed{s}"), args.epochs, args.device)) for s in args.seed]
+        return run_seed(args.seed[0], out_dir, args.epochs, args.device, args.standardize, nudge)
+    per_seed = [(s, run_seed(s, os.path.join(out_dir, f"seed{s}"), args.epochs, args.device, args.standardize, nudge))
+                for s in args.seed]
     summary = summarise(per_seed)
-    summary["config"] = {"epochs": args.epochs}
+    summary["config"] = {"epochs": args.epochs, "standardize": args.standardize, "nudged_first_weight": args.nudge}
     files.write_json(summary, os.path.join(out_dir, "seeds.json"))
     seeds_figure(summary, os.path.join(out_dir, "seeds.png"))
     print(f"\nover seeds {args.seed}: exact robust accuracy, median [min, max]")
@@ -207,6 +247,7 @@ def main():
             cells.append(f"{st['median']:.1%} [{st['min']:.1%}, {st['max']:.1%}]")
         print(f"{label:>5} {cells[0]:>22} {cells[1]:>22}")
     print(f"wrote {os.path.relpath(out_dir)}/seeds.json and seeds.png")
+    return summary
 
 
 if __name__ == "__main__":
