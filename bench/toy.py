@@ -1,7 +1,9 @@
-"""The paper's 2-D toy experiment in one command (34-46 s for one seed on 2 CPU cores).
+"""The paper's 2-D toy experiment in one command (about 40 s for one seed on 2 CPU cores).
 
     python bench/toy.py                     # seed 2: results/toy/metrics.json, exact.json and toy.png
     python bench/toy.py --seed 0 1 2 3 4 5 6 7 8 9 --out-dir DIR   # ten draws + DIR/seeds.json, seeds.png
+    python bench/toy.py --seed 0 1 2 3 4 5 6 7 8 9 --standardize --out-dir DIR   # on standardised points
+    python bench/toy.py --seed 2 --nudge float64 --out-dir DIR      # one initial weight moved by one ulp
 
 It only orchestrates the ordinary scripts (their main(), in this process), so the toy
 exercises the same code as the image experiments:
@@ -10,8 +12,10 @@ exercises the same code as the image experiments:
     python attack.py --checkpoint DIR/<model>/model.pt --attacks clean pgd-l2 exact-l2 visualize \
         --eps-l2 1 2 5 10 15 20 30 --target runner-up --steps 100
 Both models see the same data and the same initialisation: the seed fixes the draw of the
-data and the initialisation. The outcome depends on both (README: PAG keeps 19.5-96.7% of the
-points at eps 15 over ten seeds), so one seed is an anecdote; report several. The attack is
+data and the initialisation. The outcome depends on both (bench/README.md: PAG keeps 16.7-90.3% of
+the points at eps 15 over ten seeds, and one ulp of one initial weight re-draws a seed), so one seed
+is an anecdote; report several. Both models train in float64 on one thread (data.DATASETS), so a
+seed gives the same numbers with any OMP_NUM_THREADS on one machine. The attack is
 targeted L2 PGD toward the other class (runner-up of two), normalised-gradient steps,
 projection onto the eps ball, 100 steps of 2.5*eps/100. In 2-D the eps ball can also be
 searched exhaustively: exact.json holds the robust accuracy from each point's distance to
@@ -92,7 +96,8 @@ def seeds_figure(summary, path):
         ax.fill_between(EPS, [v["min"] for v in st], [v["max"] for v in st], color=colour, alpha=0.2,
                         label=f"{label}, min-max")
     ax.set(xlabel="L2 radius ε", ylabel="exact robust accuracy", ylim=(-0.02, 1.02),
-           title=f"2-D toy over {len(summary['seeds'])} seeds (data draw and initialisation)")
+           title=f"2-D toy over {len(summary['seeds'])} seeds (data draw and initialisation)\n"
+                 + ("standardised inputs" if summary.get("config", {}).get("standardize") else "raw coordinates, λ·C = 10"))
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -132,7 +137,7 @@ def nudged_first_weight(ulps_of):
     real = train_baseline.build_model
 
     def build(*a, **k):
-        model = real(*a, **k)
+        model = real(*a, **k).to(torch.float64)  # the toy's precision, before the nudge (float32 would round it away)
         with torch.no_grad():
             w = next(model.parameters()).view(-1)
             w[0] = torch.nextafter(w[0:1].to(ulps_of), torch.tensor([math.inf], dtype=ulps_of)).to(w.dtype)[0]
