@@ -1899,6 +1899,22 @@ def test_the_toy_trains_as_its_rerun_did_in_float64_and_the_same_with_any_thread
     assert D.DATASETS["cifar10"]["drop_last"] and D.DATASETS["cifar10"]["dtype"] == "float32"
 
 
+def test_toy_nudge_moves_one_initial_weight_by_one_unit_in_the_last_place():
+    toy = load_bench("toy")
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        plain = T.build_model("mlp", 2, 2, None).double()
+        with toy.nudged_first_weight(dtype):
+            torch.manual_seed(0)
+            nudged = T.build_model("mlp", 2, 2, None)
+        a, b = (torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (plain, nudged))
+        assert b.dtype == torch.float64 and (a != b).sum() == 1
+        expected = torch.nextafter(a[:1].to(dtype), torch.tensor([math.inf], dtype=dtype)).double()
+        assert torch.equal(b[:1], expected) and b[0] > a[0]
+    import train_baseline
+    assert train_baseline.build_model.__module__ == "models"  # the real builder is back
+
+
 def test_standardized_toy_keeps_raw_radii(tmp_path):
     T.main(["--dataset", "toy", "--epochs", "1", "--standardize", "--out-dir", str(tmp_path / "s")])
     model, ckpt = T.load_checkpoint(str(tmp_path / "s"))
