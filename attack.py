@@ -12,6 +12,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import time
 
 import torch
@@ -246,54 +247,79 @@ def load_any_checkpoint(path, device, dataset=None):
 
 
 # ----------------------------------------------------------------------------- results
-FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
-
-
 RADIUS_MEASURES = ("pgd_l2", "pgd_linf", "aa_l2", "aa_linf", "exact_l2")  # {radius: entry with "acc"}
 _unit = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1  # noqa: E731
 _count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+_text = lambda v: isinstance(v, str)  # noqa: E731
 _text_or_none = lambda v: v is None or isinstance(v, str)  # noqa: E731
-RESULT_FIELDS = {"checkpoint": str, "dataset": str, "arch": str, "pag_source": _text_or_none, "weights": str}
-MEASURED = {"acc": _unit, "eval_samples": _count}
+_radii = lambda v: isinstance(v, list) and all(isinstance(r, str) for r in v)  # noqa: E731
+_sha256 = lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None  # noqa: E731
+_epoch = lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+# What attack.py writes, key by key: the file's identity, then each measure's entries (required keys first).
+RESULT_FIELDS = {"checkpoint": _text, "dataset": _text, "arch": _text, "pag_source": _text_or_none, "weights": _text}
+RESULT_OPTIONAL = {"checkpoint_sha256": _sha256, "epoch": _epoch}
+ENTRY_FIELDS = {  # measure -> (required, optional)
+    "clean": ({"acc": _unit, "eval_samples": _count}, {"made": _text}),
+    "pgd": ({"acc": _unit, "eval_samples": _count}, {"steps": _count, "step_size": _number, "loss": _text, "target": _text,
+                                                     "random_start": lambda v: isinstance(v, bool), "seed": _epoch,
+                                                     "nested_with": _radii, "made": _text}),
+    "aa": ({"acc": _unit, "eval_samples": _count}, {"version": _text, "seed": _epoch, "nested_with": _radii, "made": _text}),
+    "exact_l2": ({"acc": _unit, "eval_samples": _count}, {"made": _text}),
+    "align": ({"cos": lambda v: _number(v) and -1 <= v <= 1, "eval_samples": _count},
+              {"source": _text, "split": _text, "targets": _count, "seed": _epoch, "made": _text}),
+    "visualize": ({"path": _text}, {"eps": lambda v: v is None or _number(v), "steps": _count,
+                                    "compared_with": _text_or_none, "made": _text}),
+    "exact_l2_distance": ({"distances": lambda v: isinstance(v, list) and all(d is None or _number(d) and d >= 0 for d in v)},
+                          {"max_radius": _number, "made": _text}),
+}
+
+
+def check_entry(entry, kind, path, what):
+    """One entry: its required keys, each known key's value, and no key attack.py does not write."""
+    required, optional = ENTRY_FIELDS[kind]
+    files.require(entry, required, path, what)
+    files.require(entry, {k: check for k, check in optional.items() if k in entry}, path, what)
+    unknown = sorted(set(entry) - set(required) - set(optional))
+    if unknown:
+        raise D.UserError(f"{path}: {unknown[0]!r} is not a key of the {what}")
 
 
 def check_results(obj, path):
     """attack.json as this script writes it, or a UserError naming what is wrong: the model's identity
     (checkpoint path and content hash), every measure's entries (accuracies in [0, 1], image counts,
-    cosines in [-1, 1]), and robust accuracy never above the clean accuracy of the same images."""
+    radii that are numbers, cosines in [-1, 1], nothing attack.py does not write), and robust accuracy
+    never above the clean accuracy of the same number of images."""
     what = "results file of attack.py"
     files.require(obj, RESULT_FIELDS, path, what)
-    known = {*RESULT_FIELDS, "checkpoint_sha256", "epoch", "clean", "align", "visualize", "exact_l2_distance", *RADIUS_MEASURES}
+    files.require(obj, {k: check for k, check in RESULT_OPTIONAL.items() if k in obj}, path, what)
+    known = {*RESULT_FIELDS, *RESULT_OPTIONAL, "clean", "align", "visualize", "exact_l2_distance", *RADIUS_MEASURES}
     unknown = sorted(set(obj) - known)
     if unknown:
         raise D.UserError(f"{path}: {unknown[0]!r} is not a key of a {what}")
-    files.require(obj, {"checkpoint_sha256": lambda v: isinstance(v, str) and len(v) == 64,
-                        "epoch": lambda v: v is None or isinstance(v, int)}
-                  if "checkpoint_sha256" in obj else {}, path, what)
-    if "clean" in obj:
-        files.require(obj["clean"], MEASURED, path, f"{what}'s clean entry")
+    for kind in ("clean", "visualize", "exact_l2_distance"):
+        if kind in obj:
+            check_entry(obj[kind], kind, path, f"{what}'s {kind} entry")
     for key in RADIUS_MEASURES:
-        if key in obj:
-            files.require(obj, {key: dict}, path, what)
-            for radius, entry in obj[key].items():
-                try:
-                    float(radius)
-                except ValueError:
-                    raise D.UserError(f"{path}: {key} radius {radius!r} is not a number") from None
-                files.require(entry, MEASURED, path, f"{what}'s {key} entry at {radius}")
-                clean = obj.get("clean")
-                if clean and clean["eval_samples"] == entry["eval_samples"] and entry["acc"] > clean["acc"] + 1e-9:
-                    raise D.UserError(f"{path}: {key} at {radius} ({entry['acc']:.4f}) is above the clean accuracy of "
-                                      f"the same images ({clean['acc']:.4f}), which no attack can give")
+        if key not in obj:
+            continue
+        files.require(obj, {key: dict}, path, what)
+        for radius, entry in obj[key].items():
+            try:
+                ok = math.isfinite(float(radius)) and float(radius) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise D.UserError(f"{path}: {key} radius {radius!r} is not a finite number >= 0")
+            check_entry(entry, key.split("_")[0] if key != "exact_l2" else key, path, f"{what}'s {key} entry at {radius}")
+            clean = obj.get("clean")
+            if clean and clean["eval_samples"] == entry["eval_samples"] and entry["acc"] > clean["acc"] + 1e-9:
+                raise D.UserError(f"{path}: {key} at {radius} ({entry['acc']:.4f}) is above the clean accuracy of "
+                                  f"the same images ({clean['acc']:.4f}), which no attack can give")
     if "align" in obj:
         files.require(obj, {"align": dict}, path, what)
         for key, entry in obj["align"].items():
-            files.require(entry, {"cos": lambda v: isinstance(v, (int, float)) and -1 <= v <= 1, "eval_samples": _count},
-                          path, f"{what}'s align entry {key!r}")
-    if "visualize" in obj:
-        files.require(obj["visualize"], {"path": str}, path, f"{what}'s visualize entry")
-    if "exact_l2_distance" in obj:
-        files.require(obj["exact_l2_distance"], {"distances": list}, path, f"{what}'s exact_l2_distance")
+            check_entry(entry, "align", path, f"{what}'s align entry {key!r}")
     return obj
 
 
@@ -388,7 +414,7 @@ def main(argv=None):
     vis_path = None
     if "visualize" in args.attacks:
         vis_path = args.vis_out or os.path.join(out_dir, "targeted_attacks.png" if is_image else "regions.png")
-        files.check_output(vis_path, "--vis-out", [*inputs, out], FIGURE_SUFFIXES)
+        files.check_output(vis_path, "--vis-out", [*inputs, out], files.FIGURE_SUFFIXES)
     if args.vis_compare and ("visualize" not in args.attacks or not is_image):
         raise D.UserError("--vis-compare draws a second image model beside this one in `--attacks visualize`"
                           + ("" if is_image else " (for the 2-D toy: python bench/toy.py draws both models)"))
@@ -402,6 +428,11 @@ def main(argv=None):
                       targs["train_samples"], args.eval_samples, targs["image_size"], targs["data_seed"],
                       targs["val_samples"]).to(device)
     check_data_fits(ckpt, data, path)
+    shown = [(run_label(path), model, ckpt)]  # the models a picture shows: this one, and --vis-compare's (checked now)
+    if args.vis_compare:
+        other, other_ckpt = load_any_checkpoint(args.vis_compare, device, args.dataset)
+        check_data_fits(other_ckpt, data, args.vis_compare)
+        shown.append((run_label(args.vis_compare), other.requires_grad_(False), other_ckpt))
     x, y = D.to_float(data.test_x), data.test_y
     args.batch_size = args.batch_size or attack_batch_size(data)
     if args.target not in ("none", "runner-up") and not (args.target.isdigit() and int(args.target) < data.num_classes):
@@ -471,16 +502,19 @@ def main(argv=None):
             "targets": args.align_targets or data.num_classes, "seed": args.seed, "made": made()}}
     draw = None
     if vis_path:  # computed now; drawn after the numbers are written (a failed figure loses no result)
-        shown = [(run_label(path), model, ckpt)]
-        if args.vis_compare:
-            other, other_ckpt = load_any_checkpoint(args.vis_compare, device, args.dataset)
-            check_data_fits(other_ckpt, data, args.vis_compare)
-            shown.append((run_label(args.vis_compare), other.requires_grad_(False), other_ckpt))
         draw, vis_eps = visualize(shown, data, x, args)
 
+    def merge(old, entries):
+        merged = merge_results(check_results(old, out) if old else old, entries, path, sha256)
+        try:  # an entry the file kept can contradict what this call measured (a hand-edited file)
+            return check_results(merged, out)
+        except D.UserError as e:
+            measured = ", ".join(f"{k} {v}" for k, v in entries.items() if isinstance(v, dict))
+            raise D.UserError(f"{e}; with this call's results merged in, so {out} is left as it was (this call "
+                              f"measured: {measured[:300]}); pass another --out") from None
+
     def write(entries):
-        return files.update_json(out, lambda old: merge_results(check_results(old, out) if old else old, entries, path,
-                                                                sha256), "results file")
+        return files.update_json(out, lambda old: merge(old, entries), "results file")
     merged = write(results)
     if any(k in results for k in ("clean", "align", *RADIUS_MEASURES)):
         print_table(results)

@@ -673,6 +673,10 @@ def load_sbg_file(path, data, split="train"):
             raise UserError(f"{path} was exported for {n_file} {obj['dataset']} {file_split} images (train-samples "
                             f"{obj.get('train_samples')}, val-samples {obj.get('val_samples')}), not for these {n} "
                             f"{data.name} {split} images")
+        files.require(obj, {"classes": lambda v: v is None or isinstance(v, list) and all(isinstance(c, str) for c in v)}
+                      if "classes" in obj else {}, path, "sbg fields file")
+        if obj["fields"].layout != torch.strided:
+            raise UserError(f"{path}: its fields are a {obj['fields'].layout} tensor, not a dense one")
         if obj.get("classes") is not None and data.classes is not None and list(obj["classes"]) != list(data.classes):
             raise UserError(f"{path} holds fields for the classes {list(obj['classes'])}, in this order; the data's are "
                             f"{list(data.classes)}")
@@ -693,7 +697,7 @@ def load_sbg_file(path, data, split="train"):
                 (labels is not None and not torch.equal(labels.long(), data.train_y.cpu())):
             raise UserError(f"{path}: its images or labels are not this run's {n} {data.name} training images in order")
         fields = images_and_fields[:, 1:]
-    if tuple(fields.shape) != expected or fields.dtype not in (torch.float16, torch.float32, torch.bfloat16) \
+    if tuple(fields.shape) != expected or fields.dtype not in (torch.float16, torch.float32, torch.bfloat16, torch.float64) \
             or fields.layout != torch.strided:
         raise UserError(f"{path}: expected dense float fields of shape {expected}, got {fields.dtype} {tuple(fields.shape)}")
     if not bool(torch.isfinite(fields).all()):
@@ -719,7 +723,7 @@ def best_order(scores):
 
 def check_field_content(fields, images, train_x, train_y, num_classes, path, sample=256):
     """Refuse fields that pass every schema but would train nonsense:
-    - zero fields (the cosine is undefined there and the PAG term a constant): counted, per class;
+    - zero fields, or fields too small for the cosine's eps (the PAG term is then a constant): counted, per class;
     - fields whose classes are in another order than the dataset's, where a cheap statistic can see it:
       on a fixed sample of the images, S[t, u] = mean cos(field of slot t minus the image's mean field,
       class u's mean training image minus the mean of the class means). Fields that encode their classes
@@ -729,12 +733,14 @@ def check_field_content(fields, images, train_x, train_y, num_classes, path, sam
       best order, and a swap of two classes lifts them by 0.26 and 0.40 (refused); a 1-epoch denoiser's
       fields (signal 0.24) and a 1-epoch one on synthetic data (0.11) are too weak to be checked this way.
       (`sbg.py export` files also name their classes, checked exactly in load_sbg_file.)"""
-    zero = fields.flatten(2).abs().amax(2) == 0  # [N, C]
+    norms = torch.cat([fields[s: s + 1024].float().flatten(2).norm(dim=2) for s in range(0, len(fields), 1024)])  # [N, C]
+    # Zero for the cosine: below its own eps (1e-12, for gradients of norm ~1), or a millionth of the file's typical field.
+    zero = (norms < 1e-12) | (norms < 1e-6 * norms.median())
     if bool(zero.any()):
         per_class = zero.sum(0).tolist()
         named = ", ".join(f"class {t}: {k}" + (" (all)" if k == len(fields) else "") for t, k in enumerate(per_class) if k)
-        raise UserError(f"{path}: {int(zero.sum())} of {zero.numel()} fields are zero ({named} of {len(fields)} images); "
-                        "a zero field has no direction to align with")
+        raise UserError(f"{path}: {int(zero.sum())} of {zero.numel()} fields are zero or nearly ({named} of {len(fields)} "
+                        "images); such a field has no direction to align with")
     pick = torch.randperm(len(fields), generator=torch.Generator().manual_seed(0))[:max(16, min(sample, 25_600 // num_classes))]
     f = fields[pick].float().flatten(2)
     f = F.normalize(f - f.mean(1, keepdim=True), dim=2)  # [n, C, P]: what sets each class's field apart

@@ -69,10 +69,12 @@ def atomic_write(path, obj=None, text=None, write=None):
             with open(tmp, "w") as f:
                 f.write(text)
         os.replace(tmp, path)
-    except (OSError, RuntimeError, ValueError) as e:  # torch.save reports a full disk as a RuntimeError
+    except BaseException as e:  # noqa: BLE001 - a full disk, a bad value, or Ctrl-C: never a temporary left behind
         if os.path.lexists(tmp):
             os.remove(tmp)
-        raise write_failure(path, e) from None
+        if isinstance(e, (OSError, RuntimeError, ValueError)):  # torch.save reports a full disk as a RuntimeError
+            raise write_failure(path, e) from None
+        raise
 
 
 def save_figure(fig, path, **savefig_kw):
@@ -93,14 +95,15 @@ def temporary_name(name):
 
 
 def pid_alive(pid):
-    """Whether a process with this pid exists (a temporary of a live writer is not stale)."""
+    """Whether a process with this pid may exist (a temporary of a live writer is not stale); a number no
+    process can have counts as alive, so its file is left alone."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except (PermissionError, OSError, OverflowError):
         return True
     return True
 
@@ -112,9 +115,10 @@ def remove_stale_temporaries(folder, names):
         patterns = [temporary_name(n) for n in names]
         for f in os.listdir(folder):
             m = next((p.fullmatch(f) for p in patterns if p.fullmatch(f)), None)
-            if m and not pid_alive(int(m.group(1))):
+            stale = os.path.join(folder, f)
+            if m and os.path.isfile(stale) and not os.path.islink(stale) and not pid_alive(int(m.group(1))):
                 try:
-                    os.remove(os.path.join(folder, f))
+                    os.remove(stale)
                 except FileNotFoundError:
                     pass
 
@@ -135,6 +139,9 @@ def same_file(a, b):
         return os.path.samefile(a, b)
     except OSError:
         return os.path.abspath(a) == os.path.abspath(b)
+
+
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what a figure output may be called
 
 
 def check_output(path, what, inputs=(), suffixes=None):
@@ -282,8 +289,15 @@ class RunLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:  # a full disk or a file-size limit: no lock file or folder of ours stays
+            os.remove(self.path)
+            os.close(fd)
+            if self.made_folder and not os.listdir(folder):
+                os.rmdir(folder)
+            raise write_failure(self.path, e) from None
         self.fd = fd
 
     def release(self):
@@ -312,8 +326,9 @@ def read_json_object(path, what):
     try:
         with open(path) as f:
             obj = json.load(f, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a valid {what} ({e}); repair or move it") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise UserError(f"{path} is not a valid {what} ({reason}); repair or move it") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} is not a {what} (it holds a {type(obj).__name__})")
     return obj

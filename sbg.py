@@ -275,6 +275,8 @@ def sweep(args):
         raise D.UserError(f"--sweep-images must be at least 4 (its picture shows 4 images), got {args.sweep_images}")
     if args.out:
         files.check_output(args.out, "--out", [args.checkpoint], (".json",))
+    if args.png:
+        files.check_output(args.png, "--vis-out", [args.checkpoint, args.out], files.FIGURE_SUFFIXES)
     args.train_samples = args.sweep_images
     data = get_images(args)
     check_data_fits(data, ckpt)

@@ -1128,7 +1128,7 @@ def test_a_failed_start_leaves_no_folder_and_the_last_line_says_what_next(tmp_pa
     proc = run("train_pag.py", *TINY, "--epochs", "1", "--lr-drops=", "--out-dir", tmp_path / "p")
     first, last = proc.stdout.splitlines()[0], proc.stdout.strip().splitlines()[-1]
     assert "PAG source cm lambda 0.25" in first and "x C = 2.5" in first
-    assert last.startswith("done: ") and f"python attack.py --checkpoint {tmp_path / 'p' / 'model.pt'}" in last
+    assert last.startswith("done: ") and f"python attack.py --checkpoint={tmp_path / 'p' / 'model.pt'}" in last
     # No schedule depends on the epochs (no lr drops): a finished run continues for longer.
     run("train_pag.py", *TINY, "--epochs", "2", "--lr-drops=", "--out-dir", tmp_path / "p", "--resume")
     assert len((tmp_path / "p" / "metrics.jsonl").read_text().splitlines()) == 2
@@ -1409,7 +1409,11 @@ def test_a_result_belongs_to_one_model(tmp_path, tiny_run):
     for broken, fragment in [({**good, "pgd_l2": [0.5]}, "pgd_l2"), ({**good, "checkpoint": 3}, "checkpoint"),
                              ({**good, "clean": {"acc": 1.5, "eval_samples": 16}}, "acc"),
                              ({**good, "aa_l2": {"0.5": {"acc": 0.9, "eval_samples": 16}}, "clean": {"acc": 0.2, "eval_samples": 16}},
-                              "above the clean"), ({**good, "extra": 1}, "extra")]:
+                              "above the clean"), ({**good, "extra": 1}, "extra"),
+                             ({**good, "pgd_l2": {"nan": {"acc": 0.1, "eval_samples": 16}}}, "'nan'"),
+                             ({**good, "epoch": True}, "epoch"), ({**good, "clean": {**good["clean"], "foo": 1}}, "foo"),
+                             ({**good, "exact_l2_distance": {"distances": ["a"]}}, "distances"),
+                             ({**good, "checkpoint_sha256": "z" * 64}, "checkpoint_sha256")]:
         (b / "attack.json").write_text(json.dumps(broken))
         assert_cli_error(attack.main, ["--checkpoint", b, *base], "attack.json", fragment)
         assert json.loads((b / "attack.json").read_text()) == broken
@@ -1417,12 +1421,25 @@ def test_a_result_belongs_to_one_model(tmp_path, tiny_run):
     text = (b / "attack.json").read_text()
     assert_cli_error(attack.main, ["--checkpoint", b, *base], "NaN")
     assert (b / "attack.json").read_text() == text
+    (b / "attack.json").write_text("[" * 100000 + "]" * 100000)
+    assert_cli_error(attack.main, ["--checkpoint", b, *base], "nested too deeply")
+    # A kept entry that contradicts this call's clean accuracy (a hand-edited file): refused, the file as it was.
+    edited = {k: v for k, v in json.loads(before).items() if k != "clean"}
+    edited["pgd_l2"] = {"0.5": {**edited["pgd_l2"]["0.5"], "acc": 1.0}}
+    (b / "attack.json").write_text(json.dumps({**edited, "checkpoint_sha256": files.file_sha256(b / "model.pt")}))
+    text = (b / "attack.json").read_text()
+    assert_cli_error(attack.main, ["--checkpoint", b, *base], "above the clean accuracy", "left as it was")
+    assert (b / "attack.json").read_text() == text
     # A killed merge's temporary is removed by the next call; a live writer's is not touched.
     (b / "attack.json").unlink()
     (b / f"attack.json.tmp{dead_pid()}").write_text("{half")
     (b / f"attack.json.tmp{os.getpid()}x").write_text("not ours")
+    (b / "attack.json.tmp99999999999999999999").write_text("no process has this pid")
+    (b / f"attack.json.tmp{dead_pid()}").mkdir()  # a folder: never removed
     attack.main(["--checkpoint", str(b), *base])
-    assert sorted(os.listdir(b)) == sorted(["attack.json", "metrics.jsonl", "model.pt", f"attack.json.tmp{os.getpid()}x"])
+    assert sorted(os.listdir(b)) == sorted(["attack.json", "metrics.jsonl", "model.pt", f"attack.json.tmp{os.getpid()}x",
+                                            "attack.json.tmp99999999999999999999", *[p for p in os.listdir(b) if p.startswith(
+                                                "attack.json.tmp") and (b / p).is_dir()]])
 
 
 def test_sbg_export_replaces_only_an_earlier_export(tmp_path, tiny_run):
@@ -1438,6 +1455,8 @@ def test_sbg_export_replaces_only_an_earlier_export(tmp_path, tiny_run):
     sbg.main([*export, "--out", str(tmp_path / "f.pt")])
     made = torch.load(tmp_path / "f.pt", weights_only=True)
     assert made["denoiser_sha256"] == files.file_sha256(tmp_path / "dn" / "denoiser.pt") and made["classes"] is None
+    assert_cli_error(sbg.main, ["sweep", *data, "--checkpoint", tmp_path / "dn" / "denoiser.pt", "--png", run_dir / "model.pt"],
+                     "suffix")
     sbg.main([*export, "--out", str(tmp_path / "f.pt"), "--seed", "1"])  # an earlier export: replaced
     assert torch.load(tmp_path / "f.pt", weights_only=True)["seed"] == 1
 
@@ -1489,14 +1508,23 @@ def test_sbg_fields_that_are_zero_or_in_another_class_order_are_refused(tmp_path
         D.load_sbg_file(save(fields.roll(1, dims=1)), data)
     one_class = fields.clone()
     one_class[:, 3] = 0
-    with pytest.raises(D.UserError, match=r"200 of 2000 fields are zero \(class 3: 200 \(all\)"):
+    with pytest.raises(D.UserError, match=r"200 of 2000 fields are zero or nearly \(class 3: 200 \(all\)"):
         D.load_sbg_file(save(one_class), data)
     some = fields.clone()
     some[:5, 7] = 0
-    with pytest.raises(D.UserError, match=r"5 of 2000 fields are zero \(class 7: 5 of 200"):
+    with pytest.raises(D.UserError, match=r"5 of 2000 fields are zero or nearly \(class 7: 5 of 200"):
         D.load_sbg_file(save(some), data)
     with pytest.raises(D.UserError, match="2000 of 2000 fields are zero"):
         D.load_sbg_file(save(torch.zeros_like(fields)), data)
+    with pytest.raises(D.UserError, match="2000 of 2000 fields are zero or nearly"):  # below the cosine's eps
+        torch.save({"kind": "sbg-fields", "fields": fields * 1e-30, "dataset": "synthetic", "n": 200, "labels": data.train_y,
+                    "split": "train", "train_samples": 200, "val_samples": None}, tmp_path / "tiny.pt")
+        D.load_sbg_file(str(tmp_path / "tiny.pt"), data)
+    for odd, fragment in (({"classes": 3}, "'classes'"), ({"fields": fields.half().to_sparse()}, "sparse")):
+        torch.save({"kind": "sbg-fields", "fields": fields.half(), "dataset": "synthetic", "n": 200, "labels": data.train_y,
+                    "split": "train", "train_samples": 200, "val_samples": None, **odd}, tmp_path / "odd.pt")
+        with pytest.raises(D.UserError, match=fragment):
+            D.load_sbg_file(str(tmp_path / "odd.pt"), data)
     # Noise (no class structure) cannot be checked for its order: accepted, as weak real fields are.
     assert D.load_sbg_file(save(torch.randn(fields.shape, generator=torch.Generator().manual_seed(1))), data) is not None
     # Through the scripts: train_pag.py and attack.py's align say it in one line.
@@ -1543,6 +1571,18 @@ def test_faults_while_writing_end_in_one_line_and_keep_what_was_there(tmp_path, 
                           cwd=ROOT, capture_output=True, text=True)
     assert_one_line_error(proc, "model.pt", "disk is full or a file-size limit")
     assert not (tmp_path / "big" / "model.pt").exists()
+    proc = subprocess.run([sys.executable, "-c", limited.replace("100000, 100000", "0, 0"), os.path.join(ROOT, "train_baseline.py"),
+                           *map(str, [*TINY, "--epochs", "1", "--out-dir", tmp_path / "zero"])], cwd=ROOT, capture_output=True, text=True)
+    assert_one_line_error(proc, "run.lock", "disk is full or a file-size limit")
+    assert not (tmp_path / "zero").exists()
+    # Ctrl-C in the middle of a write: the temporary goes too.
+    def interrupted(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write(str(tmp_path / "k.pt"), write=interrupted)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("k.pt")]
 
 
 @pytest.mark.parametrize("script", ["attack.py", "sbg.py"])
@@ -1576,9 +1616,16 @@ def test_printed_commands_work_when_pasted_for_a_folder_with_spaces(tmp_path):
     proc = run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", out)
     command = proc.stdout.strip().splitlines()[-1].split("evaluate it with: ")[1].split("   (")[0]
     argv = shlex.split(command)
-    assert argv[:2] == ["python", "attack.py"] and argv[argv.index("--checkpoint") + 1] == str(out / "model.pt")
+    assert argv[:2] == ["python", "attack.py"] and f"--checkpoint={out / 'model.pt'}" in argv
     run(*argv[1:], "--eval-samples", "8", "--aa-version", "apgd", "--aa-iterations", "2", "--attacks", "clean")
     assert (out / "attack.json").exists()
+    # A folder that starts with a dash, run from another folder: the command still names both right.
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_baseline.py"), *map(str, TINY), "--epochs", "1",
+                           "--out-dir=-dash"], cwd=tmp_path, capture_output=True, text=True)
+    argv = shlex.split(proc.stdout.strip().splitlines()[-1].split("evaluate it with: ")[1].split("   (")[0])
+    pasted = subprocess.run([sys.executable, *argv[1:], "--eval-samples", "8", "--attacks", "clean"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert pasted.returncode == 0 and (tmp_path / "-dash" / "attack.json").exists(), pasted.stderr
 
 
 # ----------------------------------------------------------------------------- a newcomer's first hour
@@ -1825,6 +1872,11 @@ def test_visualize_draws_a_second_model_beside_the_first(tmp_path, tiny_run, cap
     assert adv.shape == (2, 10, 3, 16, 16)
     assert torch.equal(hit, T.predict(model, adv.flatten(0, 1)).view(2, 10) == torch.arange(10))
     assert_cli_error(attack.main, ["--checkpoint", a, "--attacks", "clean", "--vis-compare", b], "--vis-compare")
+    # A second model that cannot be drawn is refused before any attack runs: nothing is written.
+    (a / "attack.json").unlink()
+    for bad in (tmp_path / "missing.pt", tiny_run.parent / "nope"):
+        assert_cli_error(attack.main, ["--checkpoint", a, "--attacks", "pgd-l2", "visualize", "--vis-compare", bad], "does not exist")
+    assert not (a / "attack.json").exists()
 
 
 # ----------------------------------------------------------------------------- the toy

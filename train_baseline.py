@@ -480,8 +480,8 @@ def check_data_fits(ckpt, data, path):
     or trained with labels that mean something else."""
     names = list(data.classes) if data.classes else None
     if data.num_classes != ckpt["num_classes"] or (ckpt["classes"] is not None and names != list(ckpt["classes"])):
-        raise D.UserError(f"{path} was trained on {ckpt['num_classes']} classes {ckpt['classes'] or ''}, but the data "
-                          f"has {data.num_classes} {names or ''}")
+        raise D.UserError(f"{path} was trained on {ckpt['num_classes']} classes" + (f" {ckpt['classes']}" if ckpt["classes"] else "")
+                          + f", but the data has {data.num_classes}" + (f" {names}" if names else ""))
     if tuple(data.input_shape) != tuple(ckpt["input_shape"]):
         raise D.UserError(f"{path} was trained on inputs of shape {tuple(ckpt['input_shape'])}, the data's are "
                           f"{tuple(data.input_shape)} (--image-size?)")
@@ -664,7 +664,8 @@ class Run:
 
 def evaluate_command(ckpt_path, device):
     """The attack.py command a finished run suggests, shell-quoted, with what it costs where there is no GPU."""
-    cmd = shlex.join(["python", "attack.py", "--checkpoint", ckpt_path, "--attacks", "clean", "aa-l2", "aa-linf", "align"])
+    script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "attack.py"))  # from where we run
+    cmd = shlex.join(["python", script, f"--checkpoint={ckpt_path}", "--attacks", "clean", "aa-l2", "aa-linf", "align"])
     if device.type == "cuda":
         return cmd
     return (f"{cmd}   (standard AutoAttack on 1,000 test images: slow on a CPU, about 3-8 min per norm for the small cnn "
