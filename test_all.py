@@ -1243,6 +1243,10 @@ def test_paper_table_quick_trains_attacks_tabulates_and_resumes(tmp_path):
         assert 0 <= r["aa_l2"] <= r["clean"] <= 1 and 0 <= r["aa_linf"] <= r["clean"] and r["weights"] == "trained"
         assert r["paper_aa_l2"] is None  # synthetic data: the paper has no numbers for it
     assert "--arch vit" in out["rows"]["pag-sbg-vit"]["command"] and "--arch cnn" in out["rows"]["vanilla"]["command"]
+    fields = out["rows"]["pag-sbg"]["sbg_fields"]  # the runner's own denoiser made them: named by its content
+    assert fields["made_by"] == "sbg.py export" and fields["timestep"] == 300 and \
+        fields["denoiser_sha256"] == files.file_sha256(tmp_path / "paper_table_synthetic_sbg" / "denoiser.pt")
+    assert "--pag-coeff 2.0" in out["rows"]["pag-sbg"]["command"] and out["rows"]["pag-sbg"]["lambda"] == 2.0
     saved = json.loads((tmp_path / "paper_table_synthetic.json").read_text())
     assert saved["rows"] == out["rows"] and "not the standard attack" in saved["config"]["attack"]
     runs = tmp_path / "paper_table_synthetic_runs"
