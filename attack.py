@@ -179,8 +179,11 @@ def visualize(models, data, x, args):
     n, shown = args.vis_images, min(data.num_classes, 10)
     xs = x[:n]
     eps = args.vis_eps if args.vis_eps is not None else 10 * D.DATASETS[data.name]["eps_l2"]
+    ys = data.test_y[:n].cpu()
     grids = [(label, *targeted_grid(model, xs, shown, eps, args.vis_steps, data.box)) for label, model, _ in models]
+    preds = {label: predict(model, xs).cpu() for label, model, _ in models}
     rows = [(i, label, adv[i].cpu(), hit[i].cpu()) for i in range(len(xs)) for label, adv, hit in grids]
+    clean_pred = [int(preds[label][i]) for i, label, _, _ in rows]
 
     def draw(path):
         fig, axes = plt.subplots(len(rows), shown + 1, figsize=(1.1 * (shown + 1) + 0.6, 1.15 * len(rows) + 1.1),
@@ -197,13 +200,15 @@ def visualize(models, data, x, args):
                     for side in ax.spines.values():
                         side.set_edgecolor("#2ca02c" if hit[j - 1] else "#d62728")
                         side.set_linewidth(2.5)
-                if r == 0:
-                    ax.set_title("original" if j == 0 else f"→ {data.class_name(j - 1)}", fontsize=8)
-            if len(models) > 1 or r == 0:
-                axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+                if r == 0 and j > 0:
+                    ax.set_title(f"→ {data.class_name(j - 1)}", fontsize=8)
+            axes[r, 0].set_title(f"{data.class_name(int(ys[i]))}, {label} says {data.class_name(clean_pred[r])}"
+                                 if r == 0 or len(models) > 1 else f"{data.class_name(int(ys[i]))}", fontsize=6)
+            axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
         names = " vs ".join(label for label, _, _ in models)
-        fig.suptitle(f"{names}: targeted L2 PGD toward each class, ε = {eps:g}, {args.vis_steps} steps\n"
-                     "frame: green = the model now predicts the target class, red = it does not", fontsize=9)
+        fig.suptitle(f"{names}: targeted L2 PGD toward each class, ε = {eps:g} (L2 norm of the change, pixels in "
+                     f"[0, 1]), {args.vis_steps} steps\nfirst column: the test image, its label and each model's "
+                     "prediction; frame: green = the model now predicts the target class, red = it does not", fontsize=9)
         fig.tight_layout()
         files.save_figure(fig, path, dpi=110)
         plt.close(fig)
@@ -347,10 +352,12 @@ def merge_results(old, new, checkpoint, sha256):
 def print_table(results):
     print(f"\n{'measure':<30}{'value':>10}  settings")
     if "clean" in results:
-        print(f"{'clean':<30}{results['clean']['acc']:>10.2%}  {results['clean']['eval_samples']} images")
+        print(f"{'clean':<30}{results['clean']['acc']:>10.2%}  {results['clean']['eval_samples']} images, "
+              f"{results['clean']['made']}")
     for key in ("pgd_l2", "pgd_linf", "exact_l2", "aa_l2", "aa_linf"):
         for eps, e in results.get(key, {}).items():
-            how = f"{e.get('version', '')} {e.get('steps', '')}".strip()
+            how = " ".join(filter(None, [e.get("version") and f"AutoAttack {e['version']}",
+                                         e.get("steps") and f"{e['steps']} steps"]))
             print(f"{key + ' eps=' + eps:<30}{e['acc']:>10.2%}  {e['eval_samples']} images {how}, {e['made']}")
     for key, e in results.get("align", {}).items():
         print(f"{'align ' + key:<30}{e['cos']:>10.4f}  cos, {e['eval_samples']} images, {e['made']}")
@@ -518,14 +525,15 @@ def main(argv=None):
     merged = write(results)
     if any(k in results for k in ("clean", "align", *RADIUS_MEASURES)):
         print_table(results)
-    kept = sorted(k for k in merged if k not in results)
+    kept = sorted(k for k in merged if k not in results and not (draw and k == "visualize"))
     print(f"wrote {out}" + (f" (kept its earlier {', '.join(kept)})" if kept else ""))
     if draw:  # the figure atomically, then the entry that points at it: attack.json never names a partial figure
         draw(vis_path)
+        print(f"wrote {vis_path}" + (f" (beside {args.vis_compare})" if args.vis_compare else ""))
         merged = write({**results, "visualize": {"path": vis_path, "eps": vis_eps, "steps": args.vis_steps,
                                                  "compared_with": args.vis_compare and os.path.abspath(args.vis_compare),
                                                  "made": made()}})
-        print(f"wrote {vis_path}" + (f" (beside {args.vis_compare})" if args.vis_compare else ""))
+        print(f"wrote {out} (its visualize entry now names {vis_path})")
     return merged
 
 

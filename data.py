@@ -342,6 +342,7 @@ def load_fashion_mnist(root, download):
         for suffix in ("", ".gz"):
             paths = [os.path.join(folder, f + suffix) for f in names]
             if all(os.path.exists(p) for p in paths):
+                print(f"fashion-mnist: reading {folder}", flush=True)
                 arrays = [torch.from_numpy(files.read_idx(p).copy()) for p in paths]
                 for images, labels, ip, lp in ((arrays[0], arrays[1], paths[0], paths[1]), (arrays[2], arrays[3], paths[2], paths[3])):
                     if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):

@@ -1851,7 +1851,7 @@ def test_a_missing_dataset_is_downloaded_by_default_and_never_when_forbidden(tmp
     assert calls and not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
 
 
-def test_radii_and_steps_accept_fractions(tmp_path, tiny_run):
+def test_radii_and_steps_accept_fractions(tmp_path, tiny_run, capsys):
     assert D.radius("8/255") == 8 / 255 and D.step_size("2/255") == 2 / 255
     assert_cli_error(attack.main, ["--checkpoint", tiny_run, "--eps-linf", "8/0"], "fraction")
     run_dir = copy_run(tiny_run, tmp_path / "r")
@@ -1859,6 +1859,7 @@ def test_radii_and_steps_accept_fractions(tmp_path, tiny_run):
                  "--step-size", "2/255", "--eval-samples", "8"])
     entry = json.loads((run_dir / "attack.json").read_text())["pgd_linf"][f"{8 / 255:g}"]
     assert entry["step_size"] == 2 / 255  # recorded as a number
+    assert "8 images 1 steps" in capsys.readouterr().out  # the table names what its numbers are
 
 
 def test_visualize_draws_a_second_model_beside_the_first(tmp_path, tiny_run, capsys):
@@ -1867,6 +1868,7 @@ def test_visualize_draws_a_second_model_beside_the_first(tmp_path, tiny_run, cap
                  "--vis-compare", str(b)])
     out = capsys.readouterr().out
     assert "measure" not in out and f"beside {b}" in out  # no empty table
+    assert out.strip().splitlines()[-1] == f"wrote {a / 'attack.json'} (its visualize entry now names {a / 'targeted_attacks.png'})"
     entry = json.loads((a / "attack.json").read_text())["visualize"]
     assert entry["compared_with"] == str(b) and os.path.getsize(a / "targeted_attacks.png") > 5000
     # The marks: a targeted attack counts as reached when the model then predicts the target class.
@@ -1944,7 +1946,8 @@ def test_the_toy_trains_as_its_rerun_did_in_float64_and_the_same_with_any_thread
                                "--data-seed", "2", "--out-dir", str(out), "--cache-dir", str(tmp_path / "c")], cwd=ROOT,
                               env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-        assert "PAG source nn lambda 5 (x C = 10)" in next(l for l in proc.stdout.splitlines() if l.startswith("pag_nn"))
+        first = next(line for line in proc.stdout.splitlines() if line.startswith("pag_nn"))
+        assert "PAG source nn lambda 5 (x C = 10)" in first and "float64 on 1 thread" in first
         ckpt = torch.load(out / "model.pt", weights_only=True)
         assert {s["step"].item() for s in ckpt["optimizer"]["state"].values()} == {2 * 47}  # 6,000 / 128: 47 batches
         assert all(v.dtype == torch.float64 for v in ckpt["model"].values())

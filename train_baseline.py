@@ -450,6 +450,14 @@ def use_dataset_precision(name):
         torch.set_num_threads(D.DATASETS[name]["threads"])
 
 
+def precision_text(name, amp):
+    """How a run computes, for its first line: the toy's float64 on one thread, else --amp."""
+    row = D.DATASETS[name]
+    if row["dtype"] != "float32":
+        return f"{row['dtype']}" + (f" on {row['threads']} thread{'s' * (row['threads'] != 1)}" if row["threads"] else "")
+    return amp
+
+
 def build_for(ckpt, path):
     """The model a checkpoint's fields describe (not yet loaded), in its dataset's precision."""
     shape = ckpt["input_shape"]
@@ -756,7 +764,8 @@ def setup(args, make_loss, rank, world, device):
     run.log(f"{args.run_name}: {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
             f"{data.name}, {len(data.train_y)} train images"
             f"{f' ({len(data.val_y)} held out for validation)' if data.val_y is not None else ''}, {args.epochs} epoch{'s' * (args.epochs != 1)}, batch {args.batch_size}{procs}, "
-            f"{args.optimizer} lr {args.lr:g}, {args.amp}, augment {'on' if args.augment else 'off'}, device {device}"
+            f"{args.optimizer} lr {args.lr:g}, {precision_text(data.name, args.amp)}, augment {'on' if args.augment else 'off'}, "
+            f"device {device}"
             f"{adv}; writing {args.out_dir}/", flush=True)
     return run
 

@@ -44,9 +44,9 @@ PAPER_TABLE_1 = {
     "source": "Ganz, Kawar & Elad, ICML 2023, Table 1 and the lambda sweep (CIFAR-10, ResNet-18)",
     "cifar10": {
         "vanilla": dict(aa_l2=0.00, aa_linf=0.00, paper_lambda=None, basis="no PAG term"),
-        "pag-oi": dict(aa_l2=46.63, aa_linf=13.50, paper_lambda=1.5, basis="the official config's (assumed: not stated)"),
-        "pag-cm": dict(aa_l2=47.25, aa_linf=11.24, paper_lambda=1.5, basis="the official config's (assumed: not stated)"),
-        "pag-nn": dict(aa_l2=42.12, aa_linf=7.51, paper_lambda=1.5, basis="the official config's (assumed: not stated)"),
+        "pag-oi": dict(aa_l2=46.63, aa_linf=13.50, paper_lambda=1.5, basis="the official config's, assumed: the paper states none"),
+        "pag-cm": dict(aa_l2=47.25, aa_linf=11.24, paper_lambda=1.5, basis="the official config's, assumed: the paper states none"),
+        "pag-nn": dict(aa_l2=42.12, aa_linf=7.51, paper_lambda=1.5, basis="the official config's, assumed: the paper states none"),
         "pag-sbg": dict(aa_l2=55.39, aa_linf=23.97, paper_lambda=2.0, basis="equal to the lambda-sweep point at 2.0"),
         "pag-sbg-lambda1.5": dict(aa_l2=None, aa_linf=None, paper_lambda=None,
                                   basis="the paper reports no SBG number at 1.5 (its sweep: 1.0 and 2.0)"),
@@ -185,6 +185,12 @@ class PaperTable(claims.Bench):
             keep.append(a)
         print("# from the repository root; one job per row (it trains, attacks and writes the row's result file), "
               "each followed by the commands it runs")
+        print("# each job wants one GPU (a PAG ResNet-18 row: ~3.6 h for 100 epochs, projected in bench/README.md); the "
+              f"dataset is downloaded into data/ on first use: fetch it once before the jobs start, and give "
+              "offline nodes --no-download")
+        fields = self.cfg.get("sbg_file")
+        if fields and any("sbg" in self.models[r][1] for r in self.rows) and not os.path.isfile(fields):
+            print(f"# note: --sbg-file {fields} does not exist yet: the SBG jobs need it")
         for row in self.rows:
             p = paper.get(row, {})
             l2, linf = p.get("aa_l2"), p.get("aa_linf")
@@ -202,8 +208,9 @@ class PaperTable(claims.Bench):
             print("  " + shlex.join(["python", *map(str, self.command(row, seed, None)), "--out-dir", run_dir]))
             print("  " + shlex.join(["python", *map(str, self.attack_command(os.path.join(run_dir, "model.pt"), seed,
                                                                       os.path.join(run_dir, "attack_test.json")))]))
-        print(f"# then: python bench/paper_table.py with the same flags assembles {self.name}.json and .md from the "
-              f"result files in {self.runs_dir} (dry run: nothing was written)")
+        print(f"# each job keeps its checkpoint and logs in {self.out_dir}/<row>_seed{seed}/ and its result in "
+              f"{self.runs_dir}/; then python bench/paper_table.py with the same flags (no --rows) assembles "
+              f"{self.name}.json and .md from those results (dry run: nothing was written)")
 
     def table(self, wall):
         """paper_table_<dataset>.json and .md from the result files that exist (a later call adds the rest)."""

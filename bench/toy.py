@@ -9,8 +9,8 @@ It only orchestrates the ordinary scripts (their main(), in this process), so th
 exercises the same code as the image experiments:
     python train_baseline.py --dataset toy --out-dir DIR/vanilla --seed S --data-seed S
     python train_pag.py      --dataset toy --out-dir DIR/pag     --seed S --data-seed S
-    python attack.py --checkpoint DIR/<model>/model.pt --attacks clean pgd-l2 exact-l2 visualize \
-        --eps-l2 1 2 5 10 15 20 30 --target runner-up --steps 100
+    python attack.py --checkpoint DIR/<model>/model.pt --attacks clean pgd-l2 exact-l2 visualize
+        --eps-l2 1 2 5 10 15 20 30 --target runner-up --steps 100   (one command)
 Both models see the same data and the same initialisation: the seed fixes the draw of the
 data and the initialisation. The outcome depends on both (bench/README.md: PAG keeps 16.7-90.3% of
 the points at eps 15 over ten seeds, and one ulp of one initial weight re-draws a seed), so one seed
@@ -18,8 +18,8 @@ is an anecdote; report several. Both models train in float64 on one thread (data
 seed gives the same numbers with any OMP_NUM_THREADS on one machine. The attack is
 targeted L2 PGD toward the other class (runner-up of two), normalised-gradient steps,
 projection onto the eps ball, 100 steps of 2.5*eps/100. In 2-D the eps ball can also be
-searched exhaustively: exact.json holds the robust accuracy from each point's distance to
-the decision boundary (attack.py's exact-l2, a ray search), which checks the PGD numbers.
+searched without an attack: exact.json holds the robust accuracy from each point's distance to
+the decision boundary (attack.py's exact-l2: 360 rays, refined by bisection), which checks the PGD numbers.
 """
 import contextlib
 import importlib
@@ -46,7 +46,7 @@ def run_script(script, log, *args):
     """Run one of our scripts' main() in this process (the same code as `python script args`,
     without paying torch's import once per script), its output appended to `log`."""
     argv = [str(a) for a in args]
-    print(f"$ python {script} " + " ".join(argv) + f"   > {os.path.relpath(log)}", flush=True)
+    print(f"$ python {script} " + " ".join(argv) + f"   >> {os.path.relpath(log)}", flush=True)
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stdout(f):
         importlib.import_module(script.removesuffix(".py")).main(argv)
