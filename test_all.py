@@ -2194,6 +2194,12 @@ def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
     # Times are summed once per model (pag-cm is both a row and a sweep point).
     assert seeds["config"]["models"] == len(runs)
     assert seeds["config"]["train_minutes_sum"] == pytest.approx(sum(r["train_seconds"] for r in runs.values()) / 60, abs=0.051)
+    # Every result names, by content, the SBG test fields it was aligned with; PAG-SBG also the fields it trained on.
+    test_fields = files.file_sha256(tmp_path / "runs" / "sbg" / "fields_test.pt")
+    assert all(r["sbg_fields"]["test"]["sha256"] == test_fields for r in runs.values())
+    trained = {r["sbg_fields"]["train"]["denoiser_sha256"] for r in runs.values() if r["model"] == "pag-sbg"}
+    assert trained == {files.file_sha256(res / "fashion_mnist_sbg" / "denoiser.pt")}
+    assert all("train" not in r["sbg_fields"] for r in runs.values() if r["model"] != "pag-sbg")
     for model in ("vanilla", "pag-sbg"):
         for metric in fm.METRICS:
             entry = seeds["rows"][model][metric]

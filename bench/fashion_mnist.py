@@ -246,6 +246,18 @@ def check_result(obj, path, required=RESULT_FIELDS):
     return obj
 
 
+def fields_provenance(path):
+    """What an SBG fields file is (recorded per SBG row): an `sbg.py export` (its denoiser's hash, timestep
+    and noise draws) or the official release's tensor, and the file's own content hash."""
+    obj = files.load_file(path, "sbg fields file", mmap=True)  # a glance: the tensors stay on disk
+    if isinstance(obj, dict) and obj.get("kind") == "sbg-fields":
+        out = {"made_by": "sbg.py export", "denoiser_sha256": obj.get("denoiser_sha256"),
+               "timestep": obj.get("timestep"), "noise_draws": obj.get("noise_draws")}
+    else:
+        out = {"made_by": "the official release"}
+    return {**out, "sha256": files.file_sha256(path)}
+
+
 # ----------------------------------------------------------------------------- running jobs
 def sh(log, *cmd):
     """Run one of our scripts as a one-thread process, its output appended to `log`; fail loudly."""
@@ -358,8 +370,12 @@ class Bench:
         return check_result(files.read_json_object(path, "result file"), path, self.result_fields)
 
     def result_extras(self, model):
-        """What a result file records besides its numbers (a thin entry adds its own)."""
-        return {}
+        """What a result file records besides its numbers (a thin entry adds its own): which SBG fields, by
+        content, the model was trained on (SBG rows) and aligned with (every model: the test fields)."""
+        fields = {"train": fields_provenance(self.fields["train"])} if "sbg" in self.models[model][1] else {}
+        if self.align:
+            fields["test"] = fields_provenance(self.fields["test"])
+        return {"sbg_fields": fields} if fields else {}
 
     def command(self, model, seed, lam):
         script, extra = self.models[model]

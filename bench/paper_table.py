@@ -32,7 +32,7 @@ import sys
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 import fashion_mnist as claims  # noqa: E402 - the claims runner: one runner that knows scales
-from fashion_mnist import D, ROOT, files, run_jobs, sh, wilson_interval  # noqa: E402
+from fashion_mnist import D, ROOT, fields_provenance, files, run_jobs, sh, wilson_interval  # noqa: E402
 from models import from_official  # noqa: E402
 
 # The paper's Table 1 (CIFAR-10, ResNet-18; AutoAttack robust accuracy in %, L2 eps 0.5 / L-inf eps 8/255), as
@@ -81,18 +81,6 @@ def row_flags(row, quick):
     """The flags a row trains with: its own, its lambda, and under --quick the cnn for the ResNet rows."""
     _, flags, lam, arch = ROWS[row]
     return [*flags, *(["--pag-coeff", lam] if lam is not None else []), *(["--arch", QUICK_ARCH] if quick and arch != "vit" else [])]
-
-
-def fields_provenance(path):
-    """What an SBG fields file is (recorded per SBG row): an `sbg.py export` (its denoiser's hash, timestep
-    and noise draws) or the official release's tensor, and the file's own content hash."""
-    obj = files.load_file(path, "sbg fields file", mmap=True)  # a glance: the tensors stay on disk
-    if isinstance(obj, dict) and obj.get("kind") == "sbg-fields":
-        out = {"made_by": "sbg.py export", "denoiser_sha256": obj.get("denoiser_sha256"),
-               "timestep": obj.get("timestep"), "noise_draws": obj.get("noise_draws")}
-    else:
-        out = {"made_by": "the official release"}
-    return {**out, "sha256": files.file_sha256(path)}
 
 
 class PaperTable(claims.Bench):
