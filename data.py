@@ -306,6 +306,20 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
     return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes, classes, val_x, val_y)
 
 
+def first_missing_folder(root):
+    """The outermost folder of root's path that does not exist yet (None if root exists): a download that
+    fails removes it again (remove_made_folder), so no empty or half-downloaded folder stays."""
+    made, path = None, os.path.abspath(root)
+    while not os.path.exists(path):
+        made, path = path, os.path.dirname(path)
+    return made
+
+
+def remove_made_folder(made):
+    if made is not None and os.path.isdir(made):
+        shutil.rmtree(made)  # everything in it is this call's
+
+
 def load_torchvision(name, root, download):
     """CIFAR-10/100 or STL-10 from torchvision's folder under root, downloaded there (with torchvision's
     progress) when missing and allowed. A failed download leaves no folder it made; without downloads the
@@ -314,18 +328,14 @@ def load_torchvision(name, root, download):
 
     cls = {"stl10": tvd.STL10, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
     fetch = f"fetch {cls.url} and unpack it in {os.path.abspath(root)} (it holds {cls.base_folder}/)"
-    made = None  # the first folder of root's path that does not exist yet: removed again if the download fails
-    path = os.path.abspath(root)
-    while not os.path.exists(path):
-        made, path = path, os.path.dirname(path)
+    made = first_missing_folder(root)
     try:
         if name == "stl10":
             tr, te = (tvd.STL10(root, split=s, download=download) for s in ("train", "test"))
             return torch.from_numpy(tr.data), torch.from_numpy(tr.labels), torch.from_numpy(te.data), torch.from_numpy(te.labels)
         tr, te = (cls(root, train=t, download=download) for t in (True, False))
     except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError: no network; RuntimeError: not found / corrupt
-        if made is not None and os.path.isdir(made):
-            shutil.rmtree(made)  # everything in it is this call's: no empty or half-downloaded folder stays
+        remove_made_folder(made)
         if not download:
             raise UserError(f"{name} not found under {os.path.abspath(root)} and downloads are off (--no-download): "
                             f"{fetch}, or set --data-dir") from None
@@ -355,14 +365,11 @@ def load_fashion_mnist(root, download):
         raise UserError(f"fashion-mnist not found under {where} and downloads are off (--no-download)")
     import torchvision.datasets as tvd
 
-    made, path = None, os.path.abspath(root)
-    while not os.path.exists(path):
-        made, path = path, os.path.dirname(path)
+    made = first_missing_folder(root)
     try:
         tr, te = (tvd.FashionMNIST(root, train=t, download=True) for t in (True, False))
     except (OSError, RuntimeError) as e:
-        if made is not None and os.path.isdir(made):
-            shutil.rmtree(made)
+        remove_made_folder(made)
         raise UserError(f"fashion-mnist: could not download it ({getattr(e, 'reason', None) or e}); put its four "
                         f"idx files under {where}") from None
     return tr.data[:, None], tr.targets, te.data[:, None], te.targets

@@ -103,7 +103,7 @@ def pid_alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError, OverflowError):
+    except (OSError, OverflowError):  # not ours to signal, or no pid at all: leave its file
         return True
     return True
 
@@ -114,7 +114,7 @@ def remove_stale_temporaries(folder, names):
     if os.path.isdir(folder):
         patterns = [temporary_name(n) for n in names]
         for f in os.listdir(folder):
-            m = next((p.fullmatch(f) for p in patterns if p.fullmatch(f)), None)
+            m = next(filter(None, (p.fullmatch(f) for p in patterns)), None)
             stale = os.path.join(folder, f)
             if m and os.path.isfile(stale) and not os.path.islink(stale) and not pid_alive(int(m.group(1))):
                 try:

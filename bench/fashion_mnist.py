@@ -246,16 +246,16 @@ def check_result(obj, path, required=RESULT_FIELDS):
     return obj
 
 
-def fields_provenance(path):
+def fields_provenance(path, sha256=None):
     """What an SBG fields file is (recorded per SBG row): an `sbg.py export` (its denoiser's hash, timestep
-    and noise draws) or the official release's tensor, and the file's own content hash."""
+    and noise draws) or the official release's tensor, and the file's own content hash (given, if known)."""
     obj = files.load_file(path, "sbg fields file", mmap=True)  # a glance: the tensors stay on disk
     if isinstance(obj, dict) and obj.get("kind") == "sbg-fields":
         out = {"made_by": "sbg.py export", "denoiser_sha256": obj.get("denoiser_sha256"),
                "timestep": obj.get("timestep"), "noise_draws": obj.get("noise_draws")}
     else:
         out = {"made_by": "the official release"}
-    return {**out, "sha256": files.file_sha256(path)}
+    return {**out, "sha256": sha256 or files.file_sha256(path)}
 
 
 # ----------------------------------------------------------------------------- running jobs
@@ -332,6 +332,7 @@ class Bench:
         self.lam = None  # the selected lambda, once the sweep is in
         self.sbg_done = threading.Event()  # set when the "sbg" job has ended (made the fields, or failed)
         self.sbg_made = False
+        self.sha256_of_fields = {}  # split -> content hash, read once (fields_sha256)
         self.data_flags, self.common = self.common_flags(cfg)
 
     def common_flags(self, cfg):
@@ -372,10 +373,16 @@ class Bench:
     def result_extras(self, model):
         """What a result file records besides its numbers (a thin entry adds its own): which SBG fields, by
         content, the model was trained on (SBG rows) and aligned with (every model: the test fields)."""
-        fields = {"train": fields_provenance(self.fields["train"])} if "sbg" in self.models[model][1] else {}
-        if self.align:
-            fields["test"] = fields_provenance(self.fields["test"])
+        splits = (["train"] if "sbg" in self.models[model][1] else []) + (["test"] if self.align else [])
+        fields = {s: fields_provenance(self.fields[s], self.fields_sha256(s)) for s in splits}
         return {"sbg_fields": fields} if fields else {}
+
+    def fields_sha256(self, split):
+        """The content hash of the SBG fields of a split, read once per bench (fields files are gigabytes at
+        CIFAR scale; they do not change while it runs)."""
+        if split not in self.sha256_of_fields:
+            self.sha256_of_fields[split] = files.file_sha256(self.fields[split])
+        return self.sha256_of_fields[split]
 
     def command(self, model, seed, lam):
         script, extra = self.models[model]

@@ -94,7 +94,6 @@ class PaperTable(claims.Bench):
         self.models = {row: (script, row_flags(row, cfg["quick"])) for row, (script, *_) in ROWS.items()}
         super().__init__(cfg, os.path.join(out_dir, self.name), out_dir, workers, rows)
         self.official = official
-        self.sbg_file_hash = None
         if cfg["sbg_file"]:
             self.fields["train"] = os.path.abspath(cfg["sbg_file"])
 
@@ -103,17 +102,15 @@ class PaperTable(claims.Bench):
         other fields under the same name are other settings)."""
         out = super().settings(model, seed, lam)
         if self.cfg["sbg_file"] and "sbg" in self.models[model][1]:
-            if self.sbg_file_hash is None:
-                files.regular_file(self.fields["train"], "--sbg-file")
-                self.sbg_file_hash = files.file_sha256(self.fields["train"])
-            out["sbg_file_sha256"] = self.sbg_file_hash
+            files.regular_file(self.fields["train"], "--sbg-file")
+            out["sbg_file_sha256"] = self.fields_sha256("train")
         return out
 
     def result_extras(self, model):
         """What a row's result file records besides its numbers: its lambda, and for SBG rows which fields."""
         extras = {"lambda": ROWS[model][2]}
         if "sbg" in self.models[model][1]:
-            extras["sbg_fields"] = fields_provenance(self.fields["train"])
+            extras["sbg_fields"] = fields_provenance(self.fields["train"], self.fields_sha256("train"))
         return extras
 
     def common_flags(self, cfg):
@@ -174,7 +171,7 @@ class PaperTable(claims.Bench):
         print("# from the repository root; one job per row (it trains, attacks and writes the row's result file), "
               "each followed by the commands it runs")
         print("# each job wants one GPU (a PAG ResNet-18 row: ~3.6 h for 100 epochs, projected in bench/README.md); the "
-              f"dataset is downloaded into data/ on first use: fetch it once before the jobs start, and give "
+              "dataset is downloaded into data/ on first use: fetch it once before the jobs start, and give "
               "offline nodes --no-download")
         fields = self.cfg.get("sbg_file")
         if fields and any("sbg" in self.models[r][1] for r in self.rows) and not os.path.isfile(fields):
