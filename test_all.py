@@ -1375,6 +1375,49 @@ def test_claims_bench_assembles_a_subset_of_rows(tmp_path):
         (tmp_path / "fashion_mnist_seeds.md").read_text()
 
 
+def test_claims_bench_adds_seeds_at_the_chosen_lambda_without_choosing_again(tmp_path, monkeypatch):
+    """--seeds 0 1 2 --sweep-seeds 0 1: the sweep (and the choice of lambda) stays at seeds 0 1; seed 2 gets
+    every row at the chosen lambda; claim 3's verdict is over the same models at every seed, the sweep seeds'
+    correlation with the sweep beside it."""
+    fm = load_bench("fashion_mnist")
+    assert_cli_error(fm.main, ["--seeds", "0", "1", "--sweep-seeds", "1", "2"], "among --seeds")
+    cfg = json.loads(json.dumps({**fm.CONFIG, **fm.QUICK, "seeds": [0, 1, 2], "sweep_seeds": [0, 1]}))
+    bench = fm.Bench(cfg, str(tmp_path), str(tmp_path), 1)
+    planned = {}
+    monkeypatch.setattr(fm, "run_jobs", lambda jobs, needs, workers, cost: planned.update(jobs=jobs, needs=needs))
+    bench.run()
+    jobs = set(planned["jobs"])
+    assert {"pag-cm lambda 0.1 seed 0", "pag-cm lambda 1 seed 1"} <= jobs and not any("lambda" in j and "seed 2" in j for j in jobs)
+    assert {f"{m} seed 2" for m in fm.MODELS} <= jobs and "pag-cm seed 0" not in jobs  # the sweep's run is seed 0's row
+    assert planned["needs"]["pag-cm seed 2"] == {"select"} and planned["needs"]["pag-sbg seed 2"] == {"select", "sbg"}
+    assert planned["needs"]["select"] == {"vanilla seed 0", "vanilla seed 1", *(f"pag-cm lambda {x:g} seed {s}"
+                                                                               for x in (0.1, 1.0) for s in (0, 1))}
+
+    def write(model, seed, lam, l2):
+        key = bench.key(model, seed, lam)
+        files.write_json({**bench_result(model, 0.8, l2, l2 / 2, n=32, align_nn=l2 / 2 + seed / 100,
+                                         align_sbg=l2 / 3 + seed / 50, val_acc=0.9 - (lam or 0) / 10, val_pgd_l2_acc=0.1,
+                                         train_seconds=1.0, seconds=2.0, **{"lambda": lam}), "key": key, "seed": seed},
+                         bench.result_path(key))
+    for seed in (0, 1, 2):
+        for i, model in enumerate(fm.MODELS):
+            lam = 1.0 if model in fm.PAG_ROWS else None  # 1.0: the larger lambda within 10 points of vanilla
+            write(model, seed, lam, 0.1 + i / 40 + seed / 100 + (i * seed % 3) / 50)
+    for seed in (0, 1):
+        write("pag-cm", seed, 0.1, 0.12 + seed / 100)
+    out = bench.assemble(0.0)
+    assert bench.lam == 1.0 and out["config"]["sweep_seeds"] == [0, 1]
+    assert all(len(r["aa_l2"]["per_seed"]) == 3 for r in out["rows"].values())
+    lambda_rows = json.loads((tmp_path / "fashion_mnist_lambda.json").read_text())["rows"]
+    assert lambda_rows["0.1"]["aa_l2"]["per_seed"] == [0.12, 0.13] and len(lambda_rows["1"]["clean"]["per_seed"]) == 2
+    c3 = out["claims"]["3"]
+    assert [c["points"] for c in c3["comparisons"]] == [9, 9] and "over the PAG rows," in c3["claim"]
+    fuller = c3["with_lambda_sweep"]
+    assert [c["points"] for c in fuller["comparisons"]] == [8, 8] and len(fuller["comparisons"][0]["per_seed"]) == 2
+    md = (tmp_path / "fashion_mnist_seeds.md").read_text()
+    assert "3 seeds (0, 1, 2)" in md and "validation split of seeds 0, 1" in md and "3 (seeds 0, 1 with the λ sweep" in md
+
+
 def other_model(tiny_run, dest):
     """A copy of tiny_run whose weights differ (another model under the same kind of folder)."""
     run_dir = copy_run(tiny_run, dest)

@@ -1,19 +1,20 @@
 """The paper's four claims at CPU scale on real data (Fashion-MNIST): seeds, intervals, choices on validation images.
 
-    python bench/fashion_mnist.py            # 3 seeds, every row and the lambda sweep (hours on 2 CPU cores)
+    python bench/fashion_mnist.py            # 8 seeds of every row, the lambda sweep at 3 (hours on 2 CPU cores)
     python bench/fashion_mnist.py --quick    # smoke run: 2 seeds, tiny subsets, 1 epoch (minutes)
 
 Every model is trained by the ordinary scripts and evaluated by attack.py, once per seed (the seed
 sets initialisation, batch order, PAG targets and attack starts; the training images, the validation
 images and the test images stay fixed):
 
-  rows     vanilla, pag-cm, pag-nn, pag-oi, pag-sbg, pgd-at, trades, pag-cm+pgd-at
-  sweep    pag-cm at every lambda of --lambdas
+  rows     vanilla, pag-cm, pag-nn, pag-oi, pag-sbg, pgd-at, trades, pag-cm+pgd-at (every seed of --seeds)
+  sweep    pag-cm at every lambda of --lambdas (the seeds of --sweep-seeds: lambda is chosen there once,
+           and further seeds add models at that lambda without choosing again)
 
 The protocol (CONFIG below holds every number):
   1. A validation split (--val-samples training images, a fixed random subset, never trained on) is
      the only data any choice looks at: every per-epoch check, and lambda.
-  2. lambda for every PAG row = the SELECTION_RULE applied to the sweep's validation accuracies.
+  2. lambda for every PAG row = the SELECTION_RULE applied to the sweep's validation accuracies (sweep seeds).
   3. The test images are touched once per model, by the final evaluation: clean accuracy, AutoAttack
      (APGD-CE + APGD-T, standard settings) L2 and L-inf, and held-out alignment: the cosine between the
      model's grad log softmax and the targets on those test images, NN targets from the training
@@ -49,8 +50,8 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 # Every setting of the bench, in one place (written into the results' config).
 CONFIG = dict(
     dataset="fashion-mnist", arch="cnn", optimizer="adam", lr=1e-3, lr_drops=None, augment=False, batch_size=64,
-    epochs=10, train_samples=6000, val_samples=1000, test_samples=500, seeds=[0, 1, 2],
-    lambdas=[0.1, 0.25, 0.5, 1.0], selection_split="val",
+    epochs=10, train_samples=6000, val_samples=1000, test_samples=500, seeds=[0, 1, 2, 3, 4, 5, 6, 7],
+    lambdas=[0.1, 0.25, 0.5, 1.0], sweep_seeds=[0, 1, 2], selection_split="val",
     selection_rule="the largest lambda of the sweep whose mean validation clean accuracy (last epoch, over seeds) "
                    "is at most 10 points below vanilla's; the smallest lambda if none is",
     selection_max_drop=0.10,
@@ -64,7 +65,7 @@ CONFIG = dict(
                "for some comparison; not shown: otherwise",
 )
 QUICK = dict(epochs=1, train_samples=384, val_samples=64, test_samples=32, seeds=[0, 1], lambdas=[0.1, 1.0],
-             sbg=dict(CONFIG["sbg"], epochs=1))
+             sweep_seeds=[0, 1], sbg=dict(CONFIG["sbg"], epochs=1))
 MODELS = {  # row -> (script, flags); PAG rows also get --pag-coeff (the selected lambda)
     "vanilla": ("train_baseline.py", []),
     "pag-cm": ("train_pag.py", ["--source", "cm"]),
@@ -198,12 +199,12 @@ def claims(rows):
 CLAIM_3_MEASURES = (("align_sbg", "pag-sbg"), ("align_nn", "pag-nn"))  # each measure, and the row trained on its targets
 
 
-def claim_3(points, seeds):
+def claim_3(points, seeds, over="the PAG rows and the lambda sweep"):
     """Claim 3 by CLAIM_RULE: among PAG models, held-out alignment correlates with AutoAttack L2, for each measure
     of alignment (SBG fields, NN targets), each without the row trained on that measure's own targets (aligned
     to them by construction). The correlations with those rows are kept beside it (`with_own_rows`)."""
-    text = ("better-aligned models are more robust: within-seed Pearson r of held-out alignment with aa_l2 over the "
-            "PAG rows and the lambda sweep, for SBG and NN alignment")
+    text = (f"better-aligned models are more robust: within-seed Pearson r of held-out alignment with aa_l2 over {over}, "
+            "for SBG and NN alignment")
 
     def correlation(measure, rows, what):
         c = correlation_over_seeds([(p["seed"], p[measure], p["aa_l2"]) for p in rows], seeds)
@@ -493,8 +494,8 @@ class Bench:
             self.sbg_done.set()
 
     def select(self):
-        """SELECTION_RULE on the validation accuracies of vanilla and the sweep (all seeds)."""
-        seeds, lambdas = self.cfg["seeds"], self.cfg["lambdas"]
+        """SELECTION_RULE on the validation accuracies of vanilla and the sweep (every sweep seed)."""
+        seeds, lambdas = self.cfg["sweep_seeds"], self.cfg["lambdas"]
         val = {"vanilla": [self.read_result(self.key("vanilla", s))["val_acc"] for s in seeds]}
         for lam in lambdas:
             val[lam] = [self.read_result(self.key("pag-cm", s, lam))["val_acc"] for s in seeds]
@@ -512,6 +513,8 @@ class Bench:
         def add(model, seed, lam, after):
             """One job per model: train, attack, align (once the SBG fields exist), write its result file."""
             name = f"{model}{f' lambda {lam:g}' if isinstance(lam, float) else ''} seed {seed}"
+            if name in jobs:  # vanilla at a sweep seed is a row too
+                return name
             value = lambda: self.lam if lam == "selected" else lam  # noqa: E731 - known once "select" ran
             jobs[name], needs[name], cost[name] = (lambda: self.train_and_attack(model, seed, value())), after, COST.get(model, 10)
             return name
@@ -520,37 +523,42 @@ class Bench:
                 for model in self.rows:
                     add(model, s, None, {"sbg"} if "sbg" in self.models[model][1] else set())
             return run_jobs(jobs, needs, self.workers, cost)
-        sweep, pag = set(), any(m in PAG_ROWS for m in self.rows)
+        sweep, pag, sweep_seeds = set(), any(m in PAG_ROWS for m in self.rows), self.cfg["sweep_seeds"]
         for s in seeds:
             for model in [m for m in self.rows if m not in PAG_ROWS]:
-                name = add(model, s, None, set())
-                sweep |= {name} if model == "vanilla" else set()
-            for lam in lambdas if pag else []:
-                sweep.add(add("pag-cm", s, lam, set()))
+                add(model, s, None, set())
+        for s in sweep_seeds if pag else []:  # the selection's inputs: vanilla and pag-cm at every lambda
+            sweep |= {add("vanilla", s, None, set()), *(add("pag-cm", s, lam, set()) for lam in lambdas)}
         if pag:
             jobs["select"], needs["select"], cost["select"] = self.select, sweep, math.inf  # it gates every later PAG row
             for name in sweep:  # every later PAG row waits for the selection: its inputs go first
                 cost[name] += 100
         for s in seeds:
-            for model in self.rows:
-                if model in PAG_ROWS and model != "pag-cm":  # the pag-cm row is the sweep's run at the selected lambda
+            for model in self.rows:  # at a sweep seed the pag-cm row is the sweep's run at the selected lambda
+                if model in PAG_ROWS and not (model == "pag-cm" and s in sweep_seeds):
                     add(model, s, "selected", {"select", "sbg"} if model == "pag-sbg" else {"select"})
         return run_jobs(jobs, needs, self.workers, cost)
 
     # -- the tables, claims and figures, from the result files alone
     def assemble(self, wall):
-        seeds, lambdas, cfg = self.cfg["seeds"], self.cfg["lambdas"], self.cfg
+        seeds, sweep_seeds, lambdas, cfg = self.cfg["seeds"], self.cfg["sweep_seeds"], self.cfg["lambdas"], self.cfg
         pag = any(m in PAG_ROWS for m in self.rows)
         val = self.select() if pag else {}
         results = {m: [self.read_result(self.key(m, s, self.lam if m in PAG_ROWS else None)) for s in seeds] for m in self.rows}
-        sweep = {lam: [self.read_result(self.key("pag-cm", s, lam)) for s in seeds] for lam in (lambdas if pag else [])}
+        sweep = {lam: [self.read_result(self.key("pag-cm", s, lam)) for s in sweep_seeds] for lam in (lambdas if pag else [])}
         stat = lambda rs: {k: mean_interval([r[k] for r in rs]) for k in (*METRICS, "val_acc", "val_pgd_l2_acc")}  # noqa: E731
         rows = {m: stat(rs) for m, rs in results.items()}
         lambda_rows = {f"{lam:g}": stat(rs) for lam, rs in sweep.items()}
         found = claims(rows)
-        points = [r for m in self.rows if m in PAG_ROWS and m != "pag-cm+pgd-at" for r in results[m]] + \
-                 [r for lam, rs in sweep.items() if lam != self.lam for r in rs]
-        found["3"] = claim_3(points, seeds)
+        points = [r for m in self.rows if m in PAG_ROWS and m != "pag-cm+pgd-at" for r in results[m]]
+        swept = [r for lam, rs in sweep.items() if lam != self.lam for r in rs]
+        if set(seeds) <= set(sweep_seeds):  # every seed has the sweep: its points join the rows'
+            points += swept
+            found["3"] = claim_3(points, seeds)
+        else:  # the same models at every seed for the verdict; the sweep seeds' fuller correlation beside it
+            found["3"] = claim_3(points, seeds, over="the PAG rows")
+            found["3"]["with_lambda_sweep"] = claim_3([p for p in points if p["seed"] in sweep_seeds] + swept, sweep_seeds)
+            points += swept
         every = {r["key"]: r for rs in (*results.values(), *sweep.values()) for r in rs}  # pag-cm is also a sweep point
         train_minutes = sum(r["train_seconds"] for r in every.values()) / 60
         job_minutes = sum(r["seconds"] for r in every.values()) / 60
@@ -582,17 +590,18 @@ def fmt(st, pct=True):
 
 def markdown(rows, lambda_rows, found, config):
     n = len(config["seeds"])
+    sweep_seeds = ", ".join(map(str, config["sweep_seeds"]))
     lines = [f"Fashion-MNIST, cnn, {config['train_samples']} training images, {config['epochs']} epochs, {n} seeds "
              f"({', '.join(map(str, config['seeds']))}); "
              + ("no PAG row" if config["selected_lambda"] is None else f"lambda {config['selected_lambda']:g} chosen on the "
-                                                                       "validation split")
+                                                                       f"validation split of seeds {sweep_seeds}")
              + f"; {config['test_samples']} test images. Mean [95% t interval over seeds], accuracies in %.", "",
              f"| model | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:g} | "
              "align NN (test) | align SBG (test) |", "|---|---|---|---|---|---|"]
     for m, r in rows.items():
         lines.append(f"| {m} | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
                      f"{fmt(r['align_nn'], False)} | {fmt(r['align_sbg'], False)} |")
-    lines += ["", "λ sweep (PAG-CM):", "", "| λ | validation clean | clean | AA L2 | AA L∞ | align SBG (test) |",
+    lines += ["", f"λ sweep (PAG-CM, seeds {sweep_seeds}):", "", "| λ | validation clean | clean | AA L2 | AA L∞ | align SBG (test) |",
               "|---|---|---|---|---|---|"]
     for lam, r in lambda_rows.items():
         lines.append(f"| {lam} | {fmt(r['val_acc'])} | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
@@ -624,6 +633,9 @@ def markdown(rows, lambda_rows, found, config):
             lines.append(row(k, c, 100, 1, n if n is not None else "> 1000" if c["difference"] else "never"))
     for c in found["3"].get("with_own_rows", {}).values():
         lines.append(row("3 (not in the verdict)", c, 1, 2, "—"))
+    fuller = found["3"].get("with_lambda_sweep")  # the sweep seeds only, their sweep's models in
+    for c in [*fuller.get("comparisons", []), *fuller.get("with_own_rows", {}).values()] if fuller else []:
+        lines.append(row(f"3 (seeds {sweep_seeds} with the λ sweep, not in the verdict)", c, 1, 2, "—"))
     return "\n".join(lines) + "\n"
 
 
@@ -647,7 +659,8 @@ def figures(rows, lambda_rows, points, others, claim3, config, out_dir):
         label = f"{m} (λ={lam_sel:g}, from the PAG-CM sweep)" if m in PAG_ROWS else m
         ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color=colour[m], label=label)
     sweep = [(float(lam), err(r["clean"])[0], err(r["aa_l2"])[0]) for lam, r in lambda_rows.items()]
-    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k--", lw=1, label="PAG-CM λ sweep (means only)")
+    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k--", lw=1,
+            label=f"PAG-CM λ sweep (means only, seeds {', '.join(map(str, config['sweep_seeds']))})")
     for lam, x, y in sweep:
         if lam != lam_sel:  # the selected point is the pag-cm row's marker
             ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
@@ -693,6 +706,10 @@ def main(argv=None):
                                                                                   if k != "sbg") + ", 1 denoiser epoch")
     p.add_argument("--seeds", type=D.seed, nargs="+", help=f"default: {CONFIG['seeds']} ({QUICK['seeds']} with --quick)")
     p.add_argument("--lambdas", type=D.loss_weight, nargs="+", help=f"the sweep (default: {CONFIG['lambdas']})")
+    p.add_argument("--sweep-seeds", type=D.seed, nargs="+",
+                   help=f"the seeds the sweep runs at and lambda is chosen on (default: {CONFIG['sweep_seeds']}; "
+                        f"{QUICK['sweep_seeds']} with --quick; every seed of --seeds when --seeds is given alone): the other "
+                        "seeds add models at the lambda chosen there, no re-selection")
     p.add_argument("--epochs", type=D.positive_int, help=f"default: {CONFIG['epochs']}")
     p.add_argument("--train-samples", type=D.positive_int, help=f"default: {CONFIG['train_samples']}")
     p.add_argument("--val-samples", type=D.positive_int, help=f"default: {CONFIG['val_samples']}")
@@ -706,11 +723,17 @@ def main(argv=None):
                                          "the --out-dir)")
     args = p.parse_args(argv)
     cfg = json.loads(json.dumps({**CONFIG, **(QUICK if args.quick else {})}))
-    for k in ("seeds", "lambdas", "epochs", "train_samples", "val_samples", "test_samples"):
+    for k in ("seeds", "sweep_seeds", "lambdas", "epochs", "train_samples", "val_samples", "test_samples"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if len(set(cfg["seeds"])) != len(cfg["seeds"]) or len(cfg["seeds"]) < 2:
         raise D.UserError(f"--seeds needs at least two distinct seeds (intervals are over seeds), got {cfg['seeds']}")
+    if args.seeds is not None and args.sweep_seeds is None:  # seeds of one's own: the sweep runs at each
+        cfg["sweep_seeds"] = cfg["seeds"]
+    if len(set(cfg["sweep_seeds"])) != len(cfg["sweep_seeds"]) or len(cfg["sweep_seeds"]) < 2 \
+            or not set(cfg["sweep_seeds"]) <= set(cfg["seeds"]):
+        raise D.UserError(f"--sweep-seeds needs at least two distinct seeds among --seeds {cfg['seeds']}, got "
+                          f"{cfg['sweep_seeds']}")
     if len(set(cfg["lambdas"])) != len(cfg["lambdas"]):
         raise D.UserError(f"--lambdas has a value twice: {cfg['lambdas']}")
     cfg["lambdas"] = sorted(cfg["lambdas"])
