@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: clean accuracy, PGD, AutoAttack, gradient alignment, pictures.
 
-    python attack.py --checkpoint runs/pag_cm_cifar10_resnet18/model.pt --attacks clean pgd-l2 aa-l2 aa-linf align visualize
+    python attack.py --checkpoint runs/pag_cm_cifar10_resnet18/model.pt --measures clean pgd-l2 aa-l2 aa-linf align visualize
 
 The checkpoint alone rebuilds the model and its test data (the same first N test
 images for every attack). Every adversarial example is checked to lie in its
@@ -17,14 +17,16 @@ import time
 
 import torch
 
+import cli
 import data as D
 import files
+from files import UserError
 from train_baseline import (Progress, attack_batch_size, check_data_fits, check_perturbation, load_checkpoint, pgd,
                             pick_device, predict, robust_mask, use_dataset_precision)
 from models import from_official
 from train_pag import pag_loss, sample_targets
 
-ATTACKS = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "exact-l2", "align", "visualize")
+MEASURES = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "exact-l2", "align", "visualize")
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
@@ -69,7 +71,7 @@ def import_autoattack():
         from autoattack import AutoAttack
         return AutoAttack, "autoattack"
     except ImportError:
-        raise D.UserError("AutoAttack is not installed: pip install pyautoattack") from None
+        raise UserError("AutoAttack is not installed: pip install pyautoattack") from None
 
 
 def autoattack_mask(model, x, y, eps, norm, box, version="standard", seed=0, batch_size=250, n_iter=None):
@@ -111,7 +113,7 @@ def autoattack_accuracy(*args, **kwargs):
 
 
 def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_size=100, seed=0, indices=None):
-    """Mean cosine between grad_x log softmax(f(x))_t and the source's g(x, t).
+    """Mean cosine between grad_x log softmax(f(x))_t and the source's gt_grad(x, t).
 
     Over all classes (or k sampled per image), on the given (test) images: the
     paper's measure linking PAG to robustness, comparable across models because
@@ -124,8 +126,8 @@ def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_s
     for i in range(0, len(x), batch_size):
         xb = x[i: i + batch_size]
         target_classes = sample_targets(len(xb), num_classes, k, gen).to(x.device)
-        gt = gt_grad_fn(xb, target_classes, None if indices is None else indices[i: i + batch_size])
-        total += (1 - pag_loss(model, xb, gt, target_classes, create_graph=False)).item() * len(xb)
+        gt_grad = gt_grad_fn(xb, target_classes, None if indices is None else indices[i: i + batch_size])
+        total += (1 - pag_loss(model, xb, gt_grad, target_classes, create_graph=False)).item() * len(xb)
     return total / len(x)
 
 
@@ -167,7 +169,7 @@ def visualize(models, data, x, args):
         label, model, ckpt = models[0]
         arrows = None
         if ckpt["pag_source"]:  # a PAG model: show the field it was trained to follow
-            arrows = toy_data.ground_truth_arrows(data.train_x.cpu(), data.train_y.cpu())
+            arrows = toy_data.gt_grad_arrows(data.train_x.cpu(), data.train_y.cpu())
         dev = next(model.parameters()).device
 
         def draw_regions(path):
@@ -229,15 +231,15 @@ def load_any_checkpoint(path, device, dataset=None):
     if isinstance(obj, dict) and ("kind" in obj or "format" in obj):  # ours (checked in full by load_checkpoint)
         model, ckpt = load_checkpoint(path, device, loaded=obj)
         if dataset is not None and D.canonical_dataset(dataset) != ckpt["dataset"]:
-            raise D.UserError(f"{path} was trained on {ckpt['dataset']}; --dataset {dataset} is for files without metadata")
+            raise UserError(f"{path} was trained on {ckpt['dataset']}; --dataset {dataset} is for files without metadata")
         return model, ckpt
     dataset = D.canonical_dataset(dataset or "cifar10")
     if dataset not in OFFICIAL_IMAGE_SIDE:
-        raise D.UserError(f"--dataset {dataset}: official checkpoints are for {', '.join(OFFICIAL_IMAGE_SIDE)}")
+        raise UserError(f"--dataset {dataset}: official checkpoints are for {', '.join(OFFICIAL_IMAGE_SIDE)}")
     try:
         model = from_official(obj, image_size=OFFICIAL_IMAGE_SIDE[dataset])
     except ValueError as e:
-        raise D.UserError(f"{path} is neither a checkpoint of this project nor an official PAG-ROB one: {e}") from None
+        raise UserError(f"{path} is neither a checkpoint of this project nor an official PAG-ROB one: {e}") from None
     side = model.patch * 8 if hasattr(model, "patch") else OFFICIAL_IMAGE_SIDE[dataset]
     arch = "vit" if hasattr(model, "patch") else "resnet18"
     num_classes = (model.fc[1] if arch == "vit" else model.linear).out_features
@@ -287,7 +289,7 @@ def check_entry(entry, kind, path, what):
     files.require(entry, {k: check for k, check in optional.items() if k in entry}, path, what)
     unknown = sorted(set(entry) - set(required) - set(optional))
     if unknown:
-        raise D.UserError(f"{path}: {unknown[0]!r} is not a key of the {what}")
+        raise UserError(f"{path}: {unknown[0]!r} is not a key of the {what}")
 
 
 def check_results(obj, path):
@@ -301,7 +303,7 @@ def check_results(obj, path):
     known = {*RESULT_FIELDS, *RESULT_OPTIONAL, "clean", "align", "visualize", "exact_l2_distance", *RADIUS_MEASURES}
     unknown = sorted(set(obj) - known)
     if unknown:
-        raise D.UserError(f"{path}: {unknown[0]!r} is not a key of a {what}")
+        raise UserError(f"{path}: {unknown[0]!r} is not a key of a {what}")
     for kind in ("clean", "visualize", "exact_l2_distance"):
         if kind in obj:
             check_entry(obj[kind], kind, path, f"{what}'s {kind} entry")
@@ -315,11 +317,11 @@ def check_results(obj, path):
             except ValueError:
                 ok = False
             if not ok:
-                raise D.UserError(f"{path}: {key} radius {radius!r} is not a finite number >= 0")
+                raise UserError(f"{path}: {key} radius {radius!r} is not a finite number >= 0")
             check_entry(entry, key.split("_")[0] if key != "exact_l2" else key, path, f"{what}'s {key} entry at {radius}")
             clean = obj.get("clean")
             if clean and clean["eval_samples"] == entry["eval_samples"] and entry["acc"] > clean["acc"] + 1e-9:
-                raise D.UserError(f"{path}: {key} at {radius} ({entry['acc']:.4f}) is above the clean accuracy of "
+                raise UserError(f"{path}: {key} at {radius} ({entry['acc']:.4f}) is above the clean accuracy of "
                                   f"the same images ({clean['acc']:.4f}), which no attack can give")
     if "align" in obj:
         files.require(obj, {"align": dict}, path, what)
@@ -336,11 +338,11 @@ def merge_results(old, new, checkpoint, sha256):
     if old:
         if "checkpoint_sha256" in old:
             if old["checkpoint_sha256"] != sha256:
-                raise D.UserError(f"the results file holds results of another model (checkpoint {old['checkpoint']!r} with "
+                raise UserError(f"the results file holds results of another model (checkpoint {old['checkpoint']!r} with "
                                   f"other content: another model, or the same run trained further since), not of "
                                   f"{checkpoint}; pass another --out")
         elif not files.same_file(old.get("checkpoint", ""), checkpoint):  # written before content hashes
-            raise D.UserError(f"the results file holds results of {old.get('checkpoint')!r}, not of {checkpoint}; "
+            raise UserError(f"the results file holds results of {old.get('checkpoint')!r}, not of {checkpoint}; "
                               "pass another --out")
     merged = {**old, **{k: v for k, v in new.items() if not isinstance(v, dict) or k in ("clean", "visualize")}}
     for key, value in new.items():
@@ -365,33 +367,34 @@ def print_table(results):
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
-    p = D.Parser(description=__doc__)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="model.pt written by a training script, or its run folder")
-    p.add_argument("--attacks", nargs="+", default=["clean", "pgd-l2", "pgd-linf"], choices=ATTACKS, help="what to measure")
-    p.add_argument("--eps-l2", type=D.radius, nargs="+", help="L2 radii (default: the dataset's, e.g. 0.5 for CIFAR)")
-    p.add_argument("--eps-linf", type=D.radius, nargs="+", help="L-inf radii (default: 8/255 for CIFAR/STL, 0.1 Fashion-MNIST)")
-    p.add_argument("--steps", type=D.positive_int, default=20, help="PGD iterations")
-    p.add_argument("--step-size", type=D.step_size, help="PGD step (default: 2.5*eps/steps)")
+    p.add_argument("--measures", "--attacks", nargs="+", default=["clean", "pgd-l2", "pgd-linf"], choices=MEASURES,
+                   help="what to measure: clean accuracy, attacks, alignment, a picture (--attacks: its older name)")
+    p.add_argument("--eps-l2", type=cli.radius, nargs="+", help="L2 radii (default: the dataset's, e.g. 0.5 for CIFAR)")
+    p.add_argument("--eps-linf", type=cli.radius, nargs="+", help="L-inf radii (default: 8/255 for CIFAR/STL, 0.1 Fashion-MNIST)")
+    p.add_argument("--steps", type=cli.positive_int, default=20, help="PGD iterations")
+    p.add_argument("--step-size", type=cli.step_size, help="PGD step (default: 2.5*eps/steps)")
     p.add_argument("--pgd-loss", default="margin", choices=("margin", "ce"),
                    help="margin (default: does not saturate on confident models) or ce")
     p.add_argument("--target", default="none", help="PGD target: none (untargeted), runner-up, or a class index")
     p.add_argument("--aa-version", default="standard", choices=("standard", "apgd"),
                    help="standard AutoAttack, or its APGD-CE + APGD-T subset (cheaper: the CPU benches use it)")
-    p.add_argument("--aa-iterations", type=D.positive_int,
+    p.add_argument("--aa-iterations", type=cli.positive_int,
                    help="override AutoAttack's iterations (smoke runs only: then it is not the standard attack)")
-    p.add_argument("--eval-samples", "--n-samples", dest="eval_samples", type=D.positive_int, default=1000,
+    p.add_argument("--eval-samples", "--n-samples", dest="eval_samples", type=cli.positive_int, default=1000,
                    help="the first N test images")
-    p.add_argument("--batch-size", type=D.positive_int,
+    p.add_argument("--batch-size", type=cli.positive_int,
                    help="images per attack batch (default: 250 at 32 px, as many pixels for bigger images: 27 at 96 px)")
     p.add_argument("--align-source", choices=D.SOURCES,
                    help="ground truth for align (default: the model's own PAG source, else nn)")
-    p.add_argument("--align-targets", type=D.positive_int, help="classes per image for align (default: all)")
+    p.add_argument("--align-targets", type=cli.positive_int, help="classes per image for align (default: all)")
     p.add_argument("--align-split", default="test", choices=("test", "train"),
                    help="images for align: held-out test images, or the training images the model was fit to")
     p.add_argument("--sbg-file", help="fields for --align-source sbg: sbg.py export --split test for test images")
-    p.add_argument("--vis-images", type=D.positive_int, default=8, help="test images in the picture (rows)")
-    p.add_argument("--vis-eps", type=D.radius, help="L2 radius of the pictures' targeted attack (default: 10x the dataset's eps)")
-    p.add_argument("--vis-steps", type=D.positive_int, default=60, help="steps of the picture's targeted attack")
+    p.add_argument("--vis-images", type=cli.positive_int, default=8, help="test images in the picture (rows)")
+    p.add_argument("--vis-eps", type=cli.radius, help="L2 radius of the pictures' targeted attack (default: 10x the dataset's eps)")
+    p.add_argument("--vis-steps", type=cli.positive_int, default=60, help="steps of the picture's targeted attack")
     p.add_argument("--vis-compare", metavar="CHECKPOINT",
                    help="visualize: a second model (e.g. the vanilla run) drawn beside this one, on the same images, "
                         "targets, eps and steps (the paper's figure 1)")
@@ -405,7 +408,7 @@ def main(argv=None):
                    help="download a missing CIFAR-10/100, STL-10 or Fashion-MNIST, with progress (--no-download: "
                         "never, e.g. on an offline cluster: the error says what to fetch and where)")
     p.add_argument("--cache-dir", default="cache", help="where nearest-neighbour tables are cached")
-    p.add_argument("--seed", type=D.seed, default=0, help="random starts of PGD and AutoAttack, align targets")
+    p.add_argument("--seed", type=cli.seed, default=0, help="random starts of PGD and AutoAttack, align targets")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
     args = p.parse_args(argv)
 
@@ -419,11 +422,11 @@ def main(argv=None):
     model, ckpt = load_any_checkpoint(path, device, args.dataset)
     is_image = len(ckpt["input_shape"]) == 3
     vis_path = None
-    if "visualize" in args.attacks:
+    if "visualize" in args.measures:
         vis_path = args.vis_out or os.path.join(out_dir, "targeted_attacks.png" if is_image else "regions.png")
         files.check_output(vis_path, "--vis-out", [*inputs, out], files.FIGURE_SUFFIXES)
-    if args.vis_compare and ("visualize" not in args.attacks or not is_image):
-        raise D.UserError("--vis-compare draws a second image model beside this one in `--attacks visualize`"
+    if args.vis_compare and ("visualize" not in args.measures or not is_image):
+        raise UserError("--vis-compare draws a second image model beside this one in `--measures visualize`"
                           + ("" if is_image else " (for the 2-D toy: python bench/toy.py draws both models)"))
     sha256 = files.file_sha256(path)  # the model is the file's content (the path is only where it was)
     if os.path.lexists(out):  # a broken file, or another model's: refused now, before any attack, and left as it is
@@ -441,14 +444,14 @@ def main(argv=None):
         check_data_fits(other_ckpt, data, args.vis_compare)
         shown.append((run_label(args.vis_compare), other.requires_grad_(False), other_ckpt))
     x, y = D.to_float(data.test_x), data.test_y
-    args.batch_size = args.batch_size or attack_batch_size(data)
+    batch_size = args.batch_size or attack_batch_size(data)
     if args.target not in ("none", "runner-up") and not (args.target.isdigit() and int(args.target) < data.num_classes):
-        raise D.UserError(f"--target must be none, runner-up or a class in 0..{data.num_classes - 1}, got {args.target!r}")
+        raise UserError(f"--target must be none, runner-up or a class in 0..{data.num_classes - 1}, got {args.target!r}")
     if args.align_targets is not None and args.align_targets > data.num_classes:
-        raise D.UserError(f"--align-targets must be in 1..{data.num_classes}, got {args.align_targets}")
-    if "exact-l2" in args.attacks and data.is_image:
-        raise D.UserError("exact-l2 searches the whole eps ball and needs 2-D inputs (the toy); use pgd-l2 or aa-l2")
-    args.align_source = args.align_source or (ckpt["pag_source"] if ckpt["pag_source"] in ("oi", "cm", "nn") else "nn")
+        raise UserError(f"--align-targets must be in 1..{data.num_classes}, got {args.align_targets}")
+    if "exact-l2" in args.measures and data.is_image:
+        raise UserError("exact-l2 searches the whole eps ball and needs 2-D inputs (the toy); use pgd-l2 or aa-l2")
+    align_source = args.align_source or (ckpt["pag_source"] if ckpt["pag_source"] in ("oi", "cm", "nn") else "nn")
     defaults = D.DATASETS[data.name]
     radii = {"l2": sorted(set(args.eps_l2 or [defaults["eps_l2"]])), "linf": sorted(set(args.eps_linf or [defaults["eps_linf"]]))}
     made = lambda: time.strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
@@ -457,17 +460,17 @@ def main(argv=None):
                "arch": ckpt["arch"], "pag_source": ckpt["pag_source"], "weights": ckpt.get("weights", "trained")}
     torch.manual_seed(args.seed)
 
-    if "clean" in args.attacks:
+    if "clean" in args.measures:
         results["clean"] = {"acc": (predict(model, x) == y).float().mean().item(), "eval_samples": n, "made": made()}
     for norm in ("l2", "linf"):
-        if f"pgd-{norm}" not in args.attacks:
+        if f"pgd-{norm}" not in args.measures:
             continue
         # Balls are nested: a point is robust at eps only if it survives every radius <= eps of this
         # call (an adversarial example found at a smaller radius is valid at a larger one).
         survived, results[f"pgd_{norm}"] = torch.ones_like(y, dtype=torch.bool), {}
         for eps in radii[norm]:
             print(f"pgd-{norm} eps={eps:g}, {args.steps} steps, target={args.target}", flush=True)
-            survived &= robust_mask(model, x, y, eps, norm, data.box, args.batch_size, args.target,
+            survived &= robust_mask(model, x, y, eps, norm, data.box, batch_size, args.target,
                                     Progress(f"  pgd-{norm} eps={eps:g}:", len(x), "img"),
                                     generator=torch.Generator().manual_seed(args.seed),
                                     steps=args.steps, step_size=args.step_size, loss=args.pgd_loss)
@@ -475,7 +478,7 @@ def main(argv=None):
                 "acc": survived.float().mean().item(), "eval_samples": n, "steps": args.steps,
                 "step_size": args.step_size or 2.5 * eps / args.steps, "loss": args.pgd_loss, "target": args.target,
                 "random_start": True, "seed": args.seed, "nested_with": [f"{e:g}" for e in radii[norm]], "made": made()}
-    if "exact-l2" in args.attacks:
+    if "exact-l2" in args.measures:
         print(f"exact L2 robustness by ray search up to eps={max(radii['l2']):g}", flush=True)
         dist = boundary_distance_2d(model, x, y, max(radii["l2"]))
         results["exact_l2"] = {f"{eps:g}": {"acc": (dist > eps).float().mean().item(), "eval_samples": n, "made": made()}
@@ -484,28 +487,28 @@ def main(argv=None):
         results["exact_l2_distance"] = {"max_radius": max(radii["l2"]), "made": made(),
                                         "distances": [None if d == float("inf") else round(d, 4) for d in dist.tolist()]}
     for norm in ("l2", "linf"):
-        if f"aa-{norm}" not in args.attacks:
+        if f"aa-{norm}" not in args.measures:
             continue
         logging.basicConfig(format="  %(name)s: %(message)s")
         logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack's own progress lines
         survived, results[f"aa_{norm}"] = torch.ones_like(y, dtype=torch.bool), {}
         for eps in radii[norm]:  # nested like PGD's: never more robust at a larger radius
             print(f"aa-{norm} eps={eps:g}: AutoAttack ({args.aa_version})", flush=True)
-            survived &= autoattack_mask(model, x, y, eps, norm, data.box, args.aa_version, args.seed, args.batch_size,
+            survived &= autoattack_mask(model, x, y, eps, norm, data.box, args.aa_version, args.seed, batch_size,
                                         n_iter=args.aa_iterations)
             version = args.aa_version + (f" ({args.aa_iterations} iterations: not the standard attack)"
                                          if args.aa_iterations else "")
             results[f"aa_{norm}"][f"{eps:g}"] = {"acc": survived.float().mean().item(), "eval_samples": n,
                                                  "version": version, "seed": args.seed,
                                                  "nested_with": [f"{e:g}" for e in radii[norm]], "made": made()}
-    if "align" in args.attacks:
-        gt_fn = D.make_source(args.align_source, data, args.cache_dir, seed=targs["seed"], sbg_file=args.sbg_file,
+    if "align" in args.measures:
+        gt_grad_fn = D.make_source(align_source, data, args.cache_dir, seed=targs["seed"], sbg_file=args.sbg_file,
                               split=args.align_split)
         images = data.train_x[: args.eval_samples] if args.align_split == "train" else data.test_x
         xa, idx = D.to_float(images), torch.arange(len(images), device=device)  # the first N, with their indices
-        results["align"] = {f"{args.align_source} {args.align_split}": {
-            "cos": alignment(model, xa, gt_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx),
-            "source": args.align_source, "split": args.align_split, "eval_samples": len(xa),
+        results["align"] = {f"{align_source} {args.align_split}": {
+            "cos": alignment(model, xa, gt_grad_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx),
+            "source": align_source, "split": args.align_split, "eval_samples": len(xa),
             "targets": args.align_targets or data.num_classes, "seed": args.seed, "made": made()}}
     draw = None
     if vis_path:  # computed now; drawn after the numbers are written (a failed figure loses no result)
@@ -515,9 +518,9 @@ def main(argv=None):
         merged = merge_results(check_results(old, out) if old else old, entries, path, sha256)
         try:  # an entry the file kept can contradict what this call measured (a hand-edited file)
             return check_results(merged, out)
-        except D.UserError as e:
+        except UserError as e:
             measured = ", ".join(f"{k} {v}" for k, v in entries.items() if isinstance(v, dict))
-            raise D.UserError(f"{e}; with this call's results merged in, so {out} is left as it was (this call "
+            raise UserError(f"{e}; with this call's results merged in, so {out} is left as it was (this call "
                               f"measured: {measured[:300]}); pass another --out") from None
 
     def write(entries):
@@ -538,4 +541,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

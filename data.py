@@ -11,14 +11,9 @@ Ground truth g(x, t) for the heuristic sources is r_t(x) - x (the paper, sec. 3;
   sbg precomputed score-based fields from a file (see load_sbg_file)
 Only the direction of g matters (PAG compares by cosine).
 """
-import argparse
 import hashlib
-import math
 import os
 import shutil
-import signal
-import sys
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,105 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import files
-import toy_data
-from files import UserError  # noqa: F401 - every script's D.UserError
-
-
-# ----------------------------------------------------------------------------- command lines
-def raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def run_cli(main):
-    """Every script's entry point: a UserError (or a failed file operation) becomes one
-    `error: ...` line on stderr and exit status 1, never a traceback; Ctrl-C one `interrupted:`
-    line and exit status 130. SIGTERM (what clusters and `kill` send) ends a script as Ctrl-C does."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-    try:
-        main()
-    except files.Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted: nothing more was written", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # unreadable input, read-only or full disk, no network
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        sys.exit(f"error: {e.strerror or e}{where}")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every flag's default in its help: the value, or the
-    help's own "default: ..." where it depends on the dataset or architecture."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default is None or action.default is False or \
-                action.default == argparse.SUPPRESS or not action.option_strings:
-            return text
-        shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
-        return f"{text} (default: {shown})" if text else f"default: {shown}"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (`error: ...`, exit status 2) and defaults shown in --help."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=HelpFormatter, **kw)
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _number(kind, check, what):
-    def parse(text):
-        try:
-            if kind is float and text.count("/") == 1:  # a fraction, as papers write radii: 8/255
-                num, den = (float(part) for part in text.split("/"))
-                value = num / den
-            else:
-                value = kind(text)
-        except (ValueError, ZeroDivisionError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number" + (" (or a fraction such as 8/255)"
-                                                                             if kind is float else "")) from None
-        if not (math.isfinite(value) and check(value)):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-    parse.__name__ = what  # argparse names the type in its messages
-    return parse
-
-
-positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
-nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
-unit_interval = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-# Upper bounds where a larger value only overflows float32 (or memory) deep inside a run.
-radius = _number(float, lambda v: 0 <= v <= 1e6, "a finite radius in [0, 1e6] (larger ones overflow float32 in the attack)")
-step_size = _number(float, lambda v: 0 < v <= 1e6, "a finite step in (0, 1e6] (larger ones overflow float32 in the attack)")
-learning_rate = _number(float, lambda v: 0 < v <= 1e6, "a finite learning rate in (0, 1e6] (larger ones overflow float32)")
-weight_decay = _number(float, lambda v: 0 <= v <= 1e6, "a finite weight decay in [0, 1e6] (larger ones overflow float32)")
-loss_weight = _number(float, lambda v: 0 <= v <= 1e6, "a finite weight in [0, 1e6] (larger ones overflow float32)")
-seed = _number(int, lambda v: 0 <= v < 2 ** 32, "a seed in 0..2^32-1")
-image_side = _number(int, lambda v: 1 <= v <= 1024, "an image side in 1..1024 px (larger ones exhaust memory)")
-
-
-def fractions(text):
-    """'0.5,0.75' -> [0.5, 0.75]: points of training, each strictly inside (0, 1); '' -> []."""
-    try:
-        values = [float(f) for f in text.split(",") if f.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of fractions") from None
-    if any(not 0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every fraction must be in (0, 1), got {text}")
-    return values
+from files import UserError
 
 
 # The project's one table of defaults, per dataset (paper where it says: README "Choices") and per
-# architecture. Flags left unset take these (resolve_defaults). Weight decay follows the optimiser
+# architecture. Flags left unset take these (train_baseline.resolve_settings, once per run). Weight decay follows the optimiser
 # (1e-4 with SGD, 0 with Adam); augmentation (random crop, padding 4, + flip, per sample) is on where
 # the table says, and "folder" (None) turns it on for images of 32 px or more (a 4-pixel shift is
 # half of an 8-pixel image). Fashion-MNIST uses the recipe its benchmark measured to learn in few
@@ -179,28 +80,12 @@ def pag_coeff_default(arch, num_classes):
     return ARCH_DEFAULTS[arch]["pag_coeff"] * min(num_classes, 10) / num_classes
 
 
-def resolve_defaults(args):
-    """Fill, in place, every flag of `args` left unset (None) from the dataset's row of DATASETS, then
-    the architecture's row of ARCH_DEFAULTS, then the few that follow from others. The one place
-    where defaults are decided, for every script."""
-    args.dataset = canonical_dataset(args.dataset)
-    row = DATASETS[args.dataset]
-
-    def fill(values):
-        for key, value in values.items():
-            if getattr(args, key, 0) is None:
-                setattr(args, key, list(value) if isinstance(value, list) else value)
-    if getattr(args, "source", 0) is None and getattr(args, "sbg_file", None):
-        args.source = "sbg"  # fields given: the paper's best source
-    fill(row)
-    if args.arch not in ARCH_DEFAULTS:
-        raise UserError(f"unknown arch {args.arch!r}; choose from {', '.join(ARCH_DEFAULTS)}")
-    fill({k: v for k, v in ARCH_DEFAULTS[args.arch].items() if k != "pag_coeff"})
-    if row["num_classes"]:  # a folder dataset knows its classes only once loaded: train_pag.make_pag_loss
-        fill({"pag_coeff": pag_coeff_default(args.arch, row["num_classes"])})
-    fill({"weight_decay": 1e-4 if getattr(args, "optimizer", None) == "sgd" else 0.0, "eval_eps": row["eps_l2"],
-          "adv_eps": row[f"eps_{getattr(args, 'adv_norm', 'l2')}"]})
-    return args
+def pag_weight(settings, num_classes, epoch):
+    """What multiplies the mean (1 - cos) PAG term in an epoch (0-based): lambda (settings.pag_coeff, by
+    default pag_coeff_default) x C, as the official code's sum over classes, x pag_first_half_scale in the
+    first half of training (the ViT's 2/3)."""
+    scale = settings.pag_first_half_scale if epoch < settings.epochs / 2 else 1.0
+    return settings.pag_coeff * num_classes * scale
 
 
 def canonical_dataset(name):
@@ -272,7 +157,7 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
     if data_seed is not None and name != "toy":
         raise UserError(f"--data-seed picks a draw of the toy; {name} is not drawn")
     if name == "toy":
-        train_x, train_y, test_x, test_y = toy_data.make_toy(seed=data_seed or 0, dtype=torch.float64)
+        train_x, train_y, test_x, test_y = make_toy(seed=data_seed or 0, dtype=torch.float64)
         num_classes = 2
     elif name == "synthetic":
         train_x, train_y, test_x, test_y = make_synthetic(image_size or 32)
@@ -304,6 +189,34 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
         test_x, test_y = test_x[:test_samples], test_y[:test_samples]
     classes = tuple(classes) if name == "folder" else CLASS_NAMES.get(name)
     return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes, classes, val_x, val_y)
+
+
+# The paper's 2-D toy: two classes on the line x2 = 2*x1, three modes each (toy_data.py draws it).
+TOY_CENTRES = ((-50.0, -10.0, 30.0), (-30.0, 10.0, 50.0))  # x1 centres of class 0, class 1
+TOY_SLOPE = 2.0
+
+
+def make_toy(seed=0, train_per_mode=1000, test_per_mode=100, dtype=torch.float32):
+    """Return (train_x, train_y, test_x, test_y); x [N, 2] of dtype, y long [N].
+
+    Train and test come from one generator so a seed fixes both; the test set
+    is balanced (test_per_mode points from each of the six modes). The draws are
+    made in float64 and then cast, so a dtype changes only the precision.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample(per_mode):
+        xs, ys = [], []
+        for label, centres in enumerate(TOY_CENTRES):
+            for c in centres:
+                x1 = (c + torch.randn(per_mode, generator=gen, dtype=torch.float64)).to(dtype)
+                xs.append(torch.stack([x1, TOY_SLOPE * x1], dim=1))
+                ys.append(torch.full((per_mode,), label, dtype=torch.long))
+        return torch.cat(xs), torch.cat(ys)
+
+    train_x, train_y = sample(train_per_mode)
+    test_x, test_y = sample(test_per_mode)
+    return train_x, train_y, test_x, test_y
 
 
 def first_missing_folder(root):

@@ -31,6 +31,8 @@ except ImportError:  # Windows
 import numpy as np
 import torch
 
+from models import weights_problem
+
 
 class UserError(Exception):
     """Bad input from the user: the scripts print it as one line and exit non-zero."""
@@ -208,26 +210,13 @@ def finite_tensor(t):
 
 
 def check_state_dict(model, state_dict, path, what):
-    """Weights for `model`: exactly its keys, each a dense tensor of its shape and dtype, every float
-    finite. Returns nothing; the first mismatch is one UserError naming the key."""
+    """Weights for `model` (models.weights_problem: keys, shapes, dtypes, finite), else one UserError naming
+    the file and the first problem."""
     if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
         raise UserError(f"{path}: the weights of this {what} are not a state dict")
-    expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
-    if missing or extra:
-        parts = ([f"missing {len(missing)} (e.g. {missing[0]!r})"] if missing else []) + \
-                ([f"unexpected {len(extra)} (e.g. {extra[0]!r})"] if extra else [])
-        raise UserError(f"{path}: the weights of this {what} do not fit its model: {', '.join(parts)}")
-    for key, want in expected.items():
-        got = state_dict[key]
-        if not torch.is_tensor(got) or got.layout != torch.strided:
-            raise UserError(f"{path}: weight {key!r} of this {what} is not a dense tensor")
-        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-            raise UserError(f"{path}: weight {key!r} of this {what} is {got.dtype} {tuple(got.shape)}, "
-                            f"its model needs {want.dtype} {tuple(want.shape)}")
-    floats = [v for v in state_dict.values() if v.is_floating_point()]
-    if floats and not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
-        raise UserError(f"{path} holds weights that are not finite (a diverged run?)")
+    problem = weights_problem(model, state_dict)
+    if problem:
+        raise UserError(f"{path} ({what}): {problem}")
 
 
 IDX_TYPES = {0x08: np.uint8}  # the only type the Fashion-MNIST / MNIST files use

@@ -244,15 +244,35 @@ def from_official(obj, image_size=32):
     else:
         raise ValueError(f"neither the official ResNet-18 nor the official ViT (keys such as {sorted(state)[:3]})")
     model = build_model(arch, num_classes, in_channels, image_size)
+    problem = weights_problem(model, state, same_dtype=False)
+    if problem:
+        raise ValueError(f"this is not the official {arch}'s: {problem}")
+    expected = model.state_dict()
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.eval()
+
+
+def weights_problem(model, state, same_dtype=True):
+    """What keeps the state dict `state` from being `model`'s weights, as one phrase, or None: exactly its
+    keys, each a dense tensor of its shape and dtype (same_dtype=False: any real dtype of the same kind, to be
+    converted), every floating value finite (in the model's dtype). The one check of weights: loading a
+    checkpoint or an official file, and a training epoch's end (divergence)."""
     expected = model.state_dict()
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
-        raise ValueError(f"keys do not match the official {arch}: missing {missing[:3]}, unexpected {extra[:3]}")
+        return "the weights do not fit the model: " + ", ".join(
+            ([f"missing {len(missing)} (e.g. {missing[0]!r})"] if missing else []) +
+            ([f"unexpected {len(extra)} (e.g. {extra[0]!r})"] if extra else []))
     for key, want in expected.items():
         got = state[key]
-        if tuple(got.shape) != tuple(want.shape) or got.is_floating_point() != want.is_floating_point() or got.is_complex():
-            raise ValueError(f"{key} is {got.dtype} {tuple(got.shape)}, the official {arch} has {want.dtype} {tuple(want.shape)}")
-        if got.is_floating_point() and not bool(torch.isfinite(got.to(want.dtype)).all()):
-            raise ValueError(f"{key} holds values that are not finite (in {want.dtype})")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return model.eval()
+        if not torch.is_tensor(got) or got.layout != torch.strided:
+            return f"weight {key!r} is not a dense tensor"
+        fits = got.dtype == want.dtype if same_dtype else \
+            got.is_floating_point() == want.is_floating_point() and not got.is_complex()
+        if tuple(got.shape) != tuple(want.shape) or not fits:
+            return f"weight {key!r} is {got.dtype} {tuple(got.shape)}, the model needs {want.dtype} {tuple(want.shape)}"
+    floats = [v.to(expected[k].dtype) for k, v in state.items() if v.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
+        bad = next(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v.to(expected[k].dtype)).all()))
+        return f"weights are not finite (e.g. {bad!r}; a diverged run?)"
+    return None

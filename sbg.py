@@ -17,7 +17,6 @@ the gradient of log p(t | x_t), averaged over --noise-draws draws of eps at time
 pixel space (cosines are unchanged by the factor 2 to [0, 1] pixels).
 """
 import argparse
-import gc
 import math
 import os
 import time
@@ -27,11 +26,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
+import cli
 import data as D
 import files
-from train_baseline import CHECKPOINT_FORMAT, Progress, pick_device, read_checkpoint, resume_checkpoint, setup_distributed
+from files import UserError
+from train_baseline import (CHECKPOINT_FORMAT, Progress, check_data_fits, gather_states, leave_process_group,
+                            pick_device, random_streams, read_checkpoint, resume_checkpoint, setup_distributed,
+                            shard_batches, wrap_for_ranks)
 
 # Flags that may differ between `sbg.py train` and its --resume: more --epochs continue a finished run.
 RESUME_MAY_CHANGE = {"job", "resume", "device", "out_dir", "data_dir", "download", "epochs", "checkpoint", "timestep",
@@ -123,22 +125,14 @@ def load_denoiser(path, device):
 
 def check_timesteps(steps, ckpt):
     if max(steps) >= ckpt["args"]["timesteps"]:
-        raise D.UserError(f"timestep {max(steps)} is beyond the denoiser's schedule (0..{ckpt['args']['timesteps'] - 1})")
-
-
-def check_data_fits(data, ckpt):
-    """The images are the kind the denoiser was trained on (the dataset flags are not in the checkpoint's
-    place: they are given again, and a forgotten --dataset would feed it other images)."""
-    if data.name != ckpt["dataset"] or data.input_shape != tuple(ckpt["input_shape"]):
-        raise D.UserError(f"denoiser was trained on {ckpt['dataset']} {tuple(ckpt['input_shape'])}, "
-                          f"not {data.name} {data.input_shape}: pass its --dataset (and --image-size)")
+        raise UserError(f"timestep {max(steps)} is beyond the denoiser's schedule (0..{ckpt['args']['timesteps'] - 1})")
 
 
 def get_images(args):
     data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
                       args.image_size, val_samples=args.val_samples)
     if not data.is_image:
-        raise D.UserError("sbg works on image datasets")
+        raise UserError("sbg works on image datasets")
     return data
 
 
@@ -156,11 +150,9 @@ def _train(args, rank, world, device):
     torch.manual_seed(args.seed)
     net = Denoiser(data.input_shape[0], data.num_classes, args.width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    train_net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else net
+    train_net = wrap_for_ranks(net, world, device)
     abar = alpha_bars(args.timesteps).to(device)
-    order_gen = torch.Generator().manual_seed(args.seed)  # the same permutation on every rank
-    sample_gen = torch.Generator().manual_seed(args.seed * 1000 + 1 + rank)  # noise, timesteps, label drops
+    order_gen, sample_gen = random_streams(args.seed, rank)  # sample_gen: noise, timesteps, label drops
     path = os.path.join(args.out_dir, "denoiser.pt")
     start = 0
     if rank == 0:
@@ -169,22 +161,22 @@ def _train(args, rank, world, device):
         ckpt = resume_checkpoint(path, args, "sbg-denoiser", "denoiser checkpoint of sbg.py train", RESUME_MAY_CHANGE)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        order_gen.set_state(ckpt["generator"])
+        order_gen.set_state(ckpt["data_order_generator"])
         sample_gen.set_state(ckpt["sample_generators"][rank])
         start = ckpt["epoch"]
     elif os.path.exists(path):
-        raise D.UserError(f"{path} exists; pass --resume to continue it or choose another --out-dir")
+        raise UserError(f"{path} exists; pass --resume to continue it or choose another --out-dir")
     n = len(y_all)
     if rank == 0:
         print(f"denoiser: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {n} images of {data.name}, "
               f"{args.epochs} epoch{'s' * (args.epochs != 1)}, batch {args.batch_size} x {world} process(es), device {device}", flush=True)
     for epoch in range(start, args.epochs):
         t0, total, batches = time.time(), 0.0, 0
-        order = torch.randperm(n, generator=order_gen)
-        shard = order[: n - n % world][rank::world]
-        progress = Progress(f"epoch {epoch + 1}/{args.epochs}:", len(shard) * world, "img",
+        batches_of_epoch = shard_batches(order_gen, n, rank, world, args.batch_size, drop_last=False)
+        shard = sum(map(len, batches_of_epoch))
+        progress = Progress(f"epoch {epoch + 1}/{args.epochs}:", shard * world, "img",
                             print_fn=print if rank == 0 else (lambda *a, **k: None))
-        for idx in shard.split(args.batch_size):
+        for idx in batches_of_epoch:
             x0 = D.to_float(x_all[idx.to(device)]) * 2 - 1
             c = y_all[idx.to(device)].clone()
             drop = torch.rand(len(idx), generator=sample_gen).to(device) < args.p_uncond
@@ -197,30 +189,25 @@ def _train(args, rank, world, device):
             loss.backward()
             opt.step()
             total, batches = total + loss.item(), batches + 1
-            epoch_seconds = (time.time() - t0) / (batches * args.batch_size) * len(shard)
-            progress(min(batches * args.batch_size, len(shard)) * world, f"loss {total / batches:.4f} ",
+            epoch_seconds = (time.time() - t0) / (batches * args.batch_size) * shard
+            progress(min(batches * args.batch_size, shard) * world, f"loss {total / batches:.4f} ",
                      later_seconds=epoch_seconds * (args.epochs - epoch - 1))
-        states = [sample_gen.get_state()]
-        if world > 1:
-            states = [None] * world
-            dist.all_gather_object(states, sample_gen.get_state())
+        states = gather_states(sample_gen, world)
         if rank == 0:
             print(f"epoch {epoch + 1}: loss {total / batches:.4f} (rank 0) [{time.time() - t0:.0f}s]", flush=True)
             if not math.isfinite(total):
-                raise D.UserError(f"denoiser training diverged in epoch {epoch + 1} (loss {total}); "
+                raise UserError(f"denoiser training diverged in epoch {epoch + 1} (loss {total}); "
                                   f"{path} keeps the last good epoch")
             files.atomic_write(path, {"format": CHECKPOINT_FORMAT, "kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
-                           "generator": order_gen.get_state(), "sample_generators": states, "epoch": epoch + 1,
+                           "data_order_generator": order_gen.get_state(), "sample_generators": states, "epoch": epoch + 1,
                            "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
                            "input_shape": tuple(data.input_shape)})
             if epoch == start:
                 print(f"wrote {path} (updated every epoch)", flush=True)
         if world > 1:
             dist.barrier()
-    if world > 1:
-        train_net = None  # the DDP wrapper holds the group: freed first, as train_baseline.train does
-        gc.collect()
-        dist.destroy_process_group()
+    train_net = None  # the DDP wrapper holds the process group
+    leave_process_group(world)
 
 
 @torch.no_grad()
@@ -228,7 +215,7 @@ def export(args):
     device = pick_device(args.device)
     net, ckpt = load_denoiser(args.checkpoint, device)
     data = get_images(args)
-    check_data_fits(data, ckpt)
+    check_data_fits(ckpt, data, args.checkpoint, "denoiser")
     images, labels = data.split(args.split)
     x_all, c = D.to_float(images) * 2 - 1, data.num_classes
     check_timesteps([args.timestep], ckpt)
@@ -246,7 +233,7 @@ def export(args):
         fields[s: s + len(xb)] = (acc / args.noise_draws).half().cpu()
         progress(s + len(xb))
     if not bool(torch.isfinite(fields).all()):  # e.g. values beyond float16's range
-        raise D.UserError(f"the fields of {args.checkpoint} are not finite at timestep {args.timestep}; nothing written")
+        raise UserError(f"the fields of {args.checkpoint} are not finite at timestep {args.timestep}; nothing written")
     files.atomic_write(args.out, {"kind": "sbg-fields", "fields": fields, "dataset": data.name, "n": len(x_all),
                    "split": args.split, "train_samples": args.train_samples, "val_samples": args.val_samples,
                    "labels": labels.cpu().clone(), "classes": list(data.classes) if data.classes else None,
@@ -272,14 +259,14 @@ def sweep(args):
     net, ckpt = load_denoiser(args.checkpoint, device)
     check_timesteps(args.sweep_timesteps, ckpt)
     if args.sweep_images < 4:
-        raise D.UserError(f"--sweep-images must be at least 4 (its picture shows 4 images), got {args.sweep_images}")
+        raise UserError(f"--sweep-images must be at least 4 (its picture shows 4 images), got {args.sweep_images}")
     if args.out:
         files.check_output(args.out, "--out", [args.checkpoint], (".json",))
     if args.png:
         files.check_output(args.png, "--vis-out", [args.checkpoint, args.out], files.FIGURE_SUFFIXES)
     args.train_samples = args.sweep_images
     data = get_images(args)
-    check_data_fits(data, ckpt)
+    check_data_fits(ckpt, data, args.checkpoint, "denoiser")
     x = (D.to_float(data.train_x) * 2 - 1).to(device)
     c = data.num_classes
     classes = torch.arange(c).expand(len(x), c).to(device)
@@ -318,7 +305,7 @@ def sweep(args):
 
 
 def main(argv=None):
-    p = D.Parser(description=__doc__)
+    p = cli.Parser(description=__doc__)
     p.add_argument("job", choices=("train", "export", "sweep"),
                    help="train the denoiser, export fields for train_pag.py, or sweep noise levels")
     p.add_argument("--dataset", default="fashion-mnist", help="an image dataset of train_pag.py")
@@ -326,50 +313,50 @@ def main(argv=None):
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download a missing CIFAR-10/100, STL-10 or Fashion-MNIST, with progress (--no-download: "
                         "never, e.g. on an offline cluster: the error says what to fetch and where)")
-    p.add_argument("--train-samples", type=D.positive_int, help="the first N training images (must match train_pag.py's)")
-    p.add_argument("--val-samples", type=D.positive_int, help="training images held out for validation (must match train_pag.py's)")
-    p.add_argument("--image-size", type=D.image_side, help="resize folder images / size of synthetic images")
+    p.add_argument("--train-samples", type=cli.positive_int, help="the first N training images (must match train_pag.py's)")
+    p.add_argument("--val-samples", type=cli.positive_int, help="training images held out for validation (must match train_pag.py's)")
+    p.add_argument("--image-size", type=cli.image_side, help="resize folder images / size of synthetic images")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
-    p.add_argument("--seed", type=D.seed, default=0, help="initialisation, data order and noise draws")
-    p.add_argument("--batch-size", type=D.positive_int, default=128, help="images per step (train) or per pass (export)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="initialisation, data order and noise draws")
+    p.add_argument("--batch-size", type=cli.positive_int, default=128, help="images per step (train) or per pass (export)")
     # train
     p.add_argument("--out-dir", default=os.path.join("runs", "sbg"), help="train: where denoiser.pt goes")
-    p.add_argument("--epochs", type=D.positive_int, default=20, help="train: epochs")
-    p.add_argument("--lr", type=D.learning_rate, default=1e-3, help="train: Adam learning rate")
-    p.add_argument("--width", type=D.positive_int, default=32, help="train: U-Net base channels (64 or more for CIFAR on a GPU)")
-    p.add_argument("--timesteps", type=D.positive_int, default=1000, help="train: diffusion steps of the schedule")
-    p.add_argument("--p-uncond", type=D.unit_interval, default=0.1, help="train: probability of dropping the class label")
+    p.add_argument("--epochs", type=cli.positive_int, default=20, help="train: epochs")
+    p.add_argument("--lr", type=cli.learning_rate, default=1e-3, help="train: Adam learning rate")
+    p.add_argument("--width", type=cli.positive_int, default=32, help="train: U-Net base channels (64 or more for CIFAR on a GPU)")
+    p.add_argument("--timesteps", type=cli.positive_int, default=1000, help="train: diffusion steps of the schedule")
+    p.add_argument("--p-uncond", type=cli.unit_interval, default=0.1, help="train: probability of dropping the class label")
     p.add_argument("--resume", action="store_true", help="train: continue OUT_DIR/denoiser.pt (more --epochs allowed)")
     # export / sweep
     p.add_argument("--checkpoint", help="export, sweep: denoiser.pt from `sbg.py train`")
-    p.add_argument("--timestep", type=D.nonneg_int, default=300, help="export: noise level of the fields (see `sweep`)")
-    p.add_argument("--noise-draws", type=D.positive_int, default=4, help="export: noise draws averaged per field")
+    p.add_argument("--timestep", type=cli.nonneg_int, default=300, help="export: noise level of the fields (see `sweep`)")
+    p.add_argument("--noise-draws", type=cli.positive_int, default=4, help="export: noise draws averaged per field")
     p.add_argument("--split", default="train", choices=("train", "test"),
                    help="export: fields for the training images (train_pag.py) or the first --eval-samples test "
                         "images (held-out alignment: attack.py --align-split test)")
-    p.add_argument("--eval-samples", "--n-samples", type=D.positive_int, help="export --split test: the first N test images (default: all)")
+    p.add_argument("--eval-samples", "--n-samples", type=cli.positive_int, help="export --split test: the first N test images (default: all)")
     p.add_argument("--out", help="export: the fields file; sweep: a JSON of the measurements")
-    p.add_argument("--sweep-timesteps", type=D.nonneg_int, nargs="+", default=[50, 100, 200, 300, 400, 600, 800],
+    p.add_argument("--sweep-timesteps", type=cli.nonneg_int, nargs="+", default=[50, 100, 200, 300, 400, 600, 800],
                    help="sweep: noise levels to measure")
-    p.add_argument("--sweep-images", type=D.positive_int, default=64, help="sweep: training images to measure on")
+    p.add_argument("--sweep-images", type=cli.positive_int, default=64, help="sweep: training images to measure on")
     p.add_argument("--vis-out", "--png", dest="png", help="sweep: draw the fields of 4 images at every timestep (a PNG)")
     args = p.parse_args(argv)
     if args.job == "train":
         train(args)
         return
     if not args.checkpoint:
-        raise D.UserError(f"sbg.py {args.job} needs --checkpoint (a denoiser.pt from `sbg.py train`)")
+        raise UserError(f"sbg.py {args.job} needs --checkpoint (a denoiser.pt from `sbg.py train`)")
     if args.job == "export":
         if not args.out:
-            raise D.UserError("sbg.py export needs --out FILE")
+            raise UserError("sbg.py export needs --out FILE")
         files.check_output(args.out, "--out", [args.checkpoint])
         if os.path.lexists(args.out):  # only an earlier export is replaced (never a classifier or the release's fields)
             try:
                 old = files.load_file(args.out, "file", mmap=True)
-            except D.UserError:
+            except UserError:
                 old = None
             if not (isinstance(old, dict) and old.get("kind") == "sbg-fields"):
-                raise D.UserError(f"--out {args.out} exists and is not a fields file of sbg.py export; it is not "
+                raise UserError(f"--out {args.out} exists and is not a fields file of sbg.py export; it is not "
                                   "replaced: choose another path (or move it)")
         export(args)
     else:
@@ -377,4 +364,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

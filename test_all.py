@@ -18,8 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attack
+import cli
 import data as D
 import files
+from files import UserError
 import toy_data
 import train_baseline as T
 from models import build_model
@@ -354,11 +356,19 @@ def test_nearest_of_class_matches_brute_force_and_never_returns_itself():
     assert (ours != torch.arange(60)[:, None]).all()
 
 
-def test_nearest_of_class_agrees_with_the_toy_reference():
-    train_x, train_y, test_x, _ = toy_data.make_toy(seed=1, train_per_mode=50, test_per_mode=10)
+def brute_force_nearest_of_class(points, train_x, train_y, exclude_self=False):
+    """The reference: exact float64 distances to every training point (no |a|^2 - 2ab + |b|^2 shortcut)."""
+    dist = torch.cdist(points.double(), train_x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    if exclude_self:
+        dist.fill_diagonal_(float("inf"))
+    return torch.stack([(train_y == t).nonzero().squeeze(1)[dist[:, train_y == t].argmin(1)] for t in (0, 1)], 1)
+
+
+def test_nearest_of_class_agrees_with_a_brute_force_search_on_the_toy():
+    train_x, train_y, test_x, _ = D.make_toy(seed=1, train_per_mode=50, test_per_mode=10, dtype=torch.float64)
     ours = D.nearest_of_class(train_x, train_x, train_y, 2, query_idx=torch.arange(len(train_x)), chunk=64)
-    assert (ours == toy_data.exact_nearest_of_class(train_x, train_x, train_y, exclude_self=True)).all()
-    assert (D.nearest_of_class(test_x, train_x, train_y, 2) == toy_data.exact_nearest_of_class(test_x, train_x, train_y)).all()
+    assert (ours == brute_force_nearest_of_class(train_x, train_x, train_y, exclude_self=True)).all()
+    assert (D.nearest_of_class(test_x, train_x, train_y, 2) == brute_force_nearest_of_class(test_x, train_x, train_y)).all()
 
 
 @pytest.mark.smoke
@@ -446,7 +456,7 @@ def test_folder_dataset(tmp_path):
 
 def test_dataset_aliases_and_unknown_dataset():
     assert D.canonical_dataset("stl") == "stl10" and D.canonical_dataset("CIFAR10") == "cifar10"
-    with pytest.raises(D.UserError):
+    with pytest.raises(UserError):
         D.canonical_dataset("imagenet")
 
 
@@ -555,9 +565,14 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, script, extra):
     run(script, *args, "--out-dir", tmp_path / "full")
     run(script, *args, "--out-dir", tmp_path / "cut", "--stop-after-epoch", "1")
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 1
+    if script == "train_baseline.py":  # a checkpoint of format 3 (its data-order generator under "generator") resumes too
+        old = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+        old["generator"], old["format"] = old.pop("data_order_generator"), 3
+        torch.save(old, tmp_path / "cut" / "model.pt")
     run(script, *args, "--out-dir", tmp_path / "cut", "--resume")
     full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    assert cut["format"] == T.CHECKPOINT_FORMAT == 4 and "generator" not in cut and "data_order_generator" in cut
     for k, v in full["model"].items():
         assert torch.equal(v, cut["model"][k]), k
     lines = [[json.loads(s) for s in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "cut")]
@@ -567,7 +582,7 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, script, extra):
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
     assert_one_line_error(run("train_baseline.py", "--dataset", "imagenet", check=False), "unknown dataset")
-    assert_one_line_error(run("train_baseline.py", *TINY, "--arch", "vgg", check=False), "unknown arch")
+    assert_one_line_error(run("train_baseline.py", *TINY, "--arch", "vgg", check=False), "invalid choice: 'vgg'")
     assert_one_line_error(run("train_pag.py", "--dataset", "cifar10", "--data-dir", tmp_path / "none", "--no-download",
                               check=False), "not found", "--no-download")
     assert_one_line_error(run("train_pag.py", *TINY, "--source", "sbg", check=False), "--sbg-file")
@@ -630,14 +645,14 @@ def test_no_file_the_project_reads_runs_code(tmp_path):
     assert_one_line_error(proc, "not a valid nearest-neighbour table", "delete it")
 
 
-def cli(main, argv):
+def run_main(main, argv):
     """Run a script's main(argv) in this process as its command line would: (exit status, stderr text)."""
     import contextlib
     import io
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            D.run_cli(lambda: main([str(a) for a in argv]))
+            cli.run_cli(lambda: main([str(a) for a in argv]))
         except SystemExit as e:
             code = e.code
             if isinstance(code, str):  # sys.exit("error: ..."): Python prints it and exits 1
@@ -648,7 +663,7 @@ def cli(main, argv):
 
 
 def assert_cli_error(main, argv, *fragments):
-    code, err = cli(main, argv)
+    code, err = run_main(main, argv)
     lines = err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and lines[0].startswith("error:"), (argv, err)
     for frag in fragments:
@@ -705,7 +720,7 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
     parser = T.add_common_args(argparse.ArgumentParser())
     args = lambda *extra: parser.parse_args([str(a) for a in [*TINY, "--epochs", 2, "--out-dir", tmp_path / "nan", *extra]])  # noqa: E731
-    with pytest.raises(D.UserError, match=r"epoch 2, batch 1: the CE loss is nan"):
+    with pytest.raises(UserError, match=r"epoch 2, batch 1: the CE loss is nan"):
         T.train(args(), make_loss(bad_epoch=1))
     kept = torch.load(tmp_path / "nan" / "model.pt", weights_only=True)
     assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
@@ -755,7 +770,7 @@ def test_failed_writes_leave_nothing_behind_and_say_so(tmp_path, monkeypatch):
             fh.write(b"half")
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(D.UserError, match="could not write .*model.pt: the disk is full or a file-size limit"):
+    with pytest.raises(UserError, match="could not write .*model.pt: the disk is full or a file-size limit"):
         files.atomic_write(str(tmp_path / "model.pt"), {"w": torch.zeros(1)})
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
@@ -772,7 +787,7 @@ def test_failed_writes_leave_nothing_behind_and_say_so(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("Temporary failure in name resolution")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(D.UserError, match="could not download"):
+    with pytest.raises(UserError, match="could not download"):
         D.load_torchvision("cifar10", str(tmp_path / "nodata"), download=True)
     assert not (tmp_path / "nodata").exists()
 
@@ -857,7 +872,7 @@ def test_robustness_numbers_are_never_silently_wrong(tmp_path, tiny_run):
         assert_cli_error(attack.main, ["--checkpoint", ckpt, "--out", tmp_path / "a.json", *flags], flags[0], "float32")
     # An attack that produced non-finite points is never counted.
     x = torch.rand(4, 3, 8, 8)
-    with pytest.raises(D.UserError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite"):
         T.check_perturbation(x + float("nan"), x, 1.0, "l2", (0.0, 1.0), "pgd-l2")
     # Robust accuracy never rises with eps, for PGD and for AutoAttack (nested radii within a call).
     res = attack.main(["--checkpoint", str(ckpt), "--attacks", "clean", "pgd-l2", "aa-linf", "--eps-l2", "2", "0.1", "0.5",
@@ -968,7 +983,7 @@ def test_every_file_kind_is_checked_against_its_schema(tmp_path, tiny_run):
                           ((torch.zeros(12, 11, 3, 8, 8),), "official tensor"),
                           ((torch.zeros(12, 11, 3, 8, 8, dtype=torch.complex64), data.train_y), "official tensor")]:
         torch.save(obj, tmp_path / "f.pt")
-        with pytest.raises(D.UserError, match=fragment):
+        with pytest.raises(UserError, match=fragment):
             D.load_sbg_file(str(tmp_path / "f.pt"), data)
     # The nearest-neighbour cache: sparse, or every image its own neighbour, or not the nearest ones
     d = D.get_data("synthetic", train_samples=40, image_size=8)
@@ -983,7 +998,7 @@ def test_every_file_kind_is_checked_against_its_schema(tmp_path, tiny_run):
         shuffled[:, t] = members[(members.view(-1, 1) == table[:, t]).float().argmax(0).add(1) % len(members)]
     for bad in (table.to_sparse(), self_table, shuffled):
         torch.save(bad, path)
-        with pytest.raises(D.UserError, match="not a valid nearest-neighbour table"):
+        with pytest.raises(UserError, match="not a valid nearest-neighbour table"):
             D.cached_nearest(d, str(tmp_path / "c"))
     # idx files: truncated, a label file shorter than the images, a label out of range
     import gzip
@@ -1000,7 +1015,7 @@ def test_every_file_kind_is_checked_against_its_schema(tmp_path, tiny_run):
         for prefix in ("train", "t10k"):
             idx(f"{prefix}-images-idx3-ubyte", images, cut_images)
             idx(f"{prefix}-labels-idx1-ubyte", labels_now)
-        with pytest.raises(D.UserError, match=fragment):
+        with pytest.raises(UserError, match=fragment):
             D.get_data("fashion-mnist", str(tmp_path / "fm"))
     # A denoiser whose weights are not finite exports nothing.
     sbg_data = ["--dataset", "synthetic", "--image-size", "16", "--train-samples", "16"]
@@ -1095,7 +1110,7 @@ def test_attack_results_merge_across_calls_and_concurrent_processes(tmp_path, ti
     assert_cli_error(attack.main, ["--checkpoint", other, "--out", run_dir / "attack.json", "--attacks", "clean"],
                      "results of another model")
     (tmp_path / "text.pt").write_text("not a checkpoint at all")
-    code, err = cli(attack.main, ["--checkpoint", tmp_path / "text.pt"])
+    code, err = run_main(attack.main, ["--checkpoint", tmp_path / "text.pt"])
     assert code == 1 and err.strip().endswith(")") and len(err.strip().splitlines()) == 1
 
 
@@ -1267,7 +1282,7 @@ def test_paper_table_quick_trains_attacks_tabulates_and_resumes(tmp_path):
 
 
 def bench_result(row, clean, l2, linf, n=10000, **extra):
-    """A result file as the claims runner writes one (the fields check_result requires)."""
+    """A result file as the bench runner writes one (the fields check_result requires)."""
     return {"key": f"{row}_seed3407", "model": row, "seed": 3407, "clean": clean, "aa_l2": l2, "aa_linf": linf,
             "settings": {"train": f"train {row}", "attack": {"test_samples": n}}, **extra}
 
@@ -1364,7 +1379,7 @@ def test_claims_bench_assembles_a_subset_of_rows(tmp_path):
     """--rows vanilla: the tables, claims ("not run") and figures from what there is, no KeyError."""
     fm = load_bench("fashion_mnist")
     cfg = json.loads(json.dumps({**fm.CONFIG, **fm.QUICK}))
-    bench = fm.Bench(cfg, str(tmp_path), str(tmp_path), 1, {"vanilla"})
+    bench = fm.ClaimsBench(cfg, str(tmp_path), str(tmp_path), 1, {"vanilla"})
     for seed in cfg["seeds"]:
         r = bench_result("vanilla", 0.8, 0.1 + seed / 10, 0.05, n=32, align_nn=0.2, align_sbg=0.1, val_acc=0.8,
                          val_pgd_l2_acc=0.1, train_seconds=1.0, seconds=2.0, **{"lambda": None})
@@ -1382,7 +1397,7 @@ def test_claims_bench_adds_seeds_at_the_chosen_lambda_without_choosing_again(tmp
     fm = load_bench("fashion_mnist")
     assert_cli_error(fm.main, ["--seeds", "0", "1", "--sweep-seeds", "1", "2"], "among --seeds")
     cfg = json.loads(json.dumps({**fm.CONFIG, **fm.QUICK, "seeds": [0, 1, 2], "sweep_seeds": [0, 1]}))
-    bench = fm.Bench(cfg, str(tmp_path), str(tmp_path), 1)
+    bench = fm.ClaimsBench(cfg, str(tmp_path), str(tmp_path), 1)
     planned = {}
     monkeypatch.setattr(fm, "run_jobs", lambda jobs, needs, workers, cost: planned.update(jobs=jobs, needs=needs))
     bench.run()
@@ -1549,28 +1564,28 @@ def test_sbg_fields_that_are_zero_or_in_another_class_order_are_refused(tmp_path
         return str(tmp_path / "f.pt")
     assert D.load_sbg_file(save(fields), data).shape == fields.shape  # the right order: accepted
     swapped = fields[:, [1, 0, *range(2, 10)]]
-    with pytest.raises(D.UserError, match=r"another order.*slot 0 fits class 1.*slot 1 fits class 0"):
+    with pytest.raises(UserError, match=r"another order.*slot 0 fits class 1.*slot 1 fits class 0"):
         D.load_sbg_file(save(swapped), data)
-    with pytest.raises(D.UserError, match="another order"):
+    with pytest.raises(UserError, match="another order"):
         D.load_sbg_file(save(fields.roll(1, dims=1)), data)
     one_class = fields.clone()
     one_class[:, 3] = 0
-    with pytest.raises(D.UserError, match=r"200 of 2000 fields are zero or nearly \(class 3: 200 \(all\)"):
+    with pytest.raises(UserError, match=r"200 of 2000 fields are zero or nearly \(class 3: 200 \(all\)"):
         D.load_sbg_file(save(one_class), data)
     some = fields.clone()
     some[:5, 7] = 0
-    with pytest.raises(D.UserError, match=r"5 of 2000 fields are zero or nearly \(class 7: 5 of 200"):
+    with pytest.raises(UserError, match=r"5 of 2000 fields are zero or nearly \(class 7: 5 of 200"):
         D.load_sbg_file(save(some), data)
-    with pytest.raises(D.UserError, match="2000 of 2000 fields are zero"):
+    with pytest.raises(UserError, match="2000 of 2000 fields are zero"):
         D.load_sbg_file(save(torch.zeros_like(fields)), data)
-    with pytest.raises(D.UserError, match="2000 of 2000 fields are zero or nearly"):  # below the cosine's eps
+    with pytest.raises(UserError, match="2000 of 2000 fields are zero or nearly"):  # below the cosine's eps
         torch.save({"kind": "sbg-fields", "fields": fields * 1e-30, "dataset": "synthetic", "n": 200, "labels": data.train_y,
                     "split": "train", "train_samples": 200, "val_samples": None}, tmp_path / "tiny.pt")
         D.load_sbg_file(str(tmp_path / "tiny.pt"), data)
     for odd, fragment in (({"classes": 3}, "'classes'"), ({"fields": fields.half().to_sparse()}, "sparse")):
         torch.save({"kind": "sbg-fields", "fields": fields.half(), "dataset": "synthetic", "n": 200, "labels": data.train_y,
                     "split": "train", "train_samples": 200, "val_samples": None, **odd}, tmp_path / "odd.pt")
-        with pytest.raises(D.UserError, match=fragment):
+        with pytest.raises(UserError, match=fragment):
             D.load_sbg_file(str(tmp_path / "odd.pt"), data)
     # Noise (no class structure) cannot be checked for its order: accepted, as weak real fields are.
     assert D.load_sbg_file(save(torch.randn(fields.shape, generator=torch.Generator().manual_seed(1))), data) is not None
@@ -1584,7 +1599,7 @@ def test_sbg_fields_that_are_zero_or_in_another_class_order_are_refused(tmp_path
     torch.save({"kind": "sbg-fields", "fields": fields[:, :, :1].half(), "dataset": "fashion-mnist", "n": 200, "split": "train",
                 "labels": data.train_y, "classes": list(reversed(D.CLASS_NAMES["fashion-mnist"])), "train_samples": 200,
                 "val_samples": None}, tmp_path / "g.pt")
-    with pytest.raises(D.UserError, match="in this order"):
+    with pytest.raises(UserError, match="in this order"):
         D.load_sbg_file(str(tmp_path / "g.pt"), fm)
 
 
@@ -1707,7 +1722,7 @@ def test_the_last_partial_batch_is_dropped_as_the_official_loader_does(tmp_path)
     def make_loss(args, data):
         base = T.make_classification_loss(args, data)
         return lambda model, train_model, batch: (sizes.append(len(batch.y)), base(model, train_model, batch))[1]
-    p = T.add_common_args(D.Parser())
+    p = T.add_common_args(cli.Parser())
     T.train(p.parse_args([*TINY, "--train-samples", "90", "--epochs", "2", "--out-dir", str(tmp_path / "r")]), make_loss)
     assert sizes == [32, 32] * 2  # 90 = 2 x 32 + 26: the 26 never train
     assert_cli_error(T.main, [*TINY, "--train-samples", "20", "--out-dir", tmp_path / "s"], "20 training image", "--batch-size")
@@ -1726,30 +1741,48 @@ def test_bf16_is_refused_on_a_gpu_without_bf16_arithmetic(tmp_path, monkeypatch)
     T.check_amp("bf16", torch.device("cpu"))  # the CPU emulates it (slowly), as tests do
 
 
-def test_defaults_come_from_one_table_per_dataset():
+def test_settings_are_resolved_once_from_one_table_per_dataset():
+    """resolve_settings: the dataset's row, the architecture's, then what follows from the loaded data (a folder's
+    classes and image size); the result is read-only, and lambda per epoch comes from one function."""
     import argparse
     parser = T.add_common_args(argparse.ArgumentParser())
-    fm = T.resolve_defaults(parser.parse_args(["--dataset", "fashion-mnist"]), "baseline")
-    assert (fm.arch, fm.optimizer, fm.lr, fm.lr_drops, fm.weight_decay) == ("cnn", "adam", 1e-3, [], 0.0)
-    cifar = T.resolve_defaults(parser.parse_args(["--dataset", "cifar10"]), "baseline")
-    assert (cifar.arch, cifar.optimizer, cifar.lr, cifar.lr_drops, cifar.weight_decay, cifar.batch_size) == \
-        ("resnet18", "sgd", 0.01, [0.5, 0.75], 1e-4, 64)
-    assert T.resolve_defaults(parser.parse_args(["--dataset", "stl"]), "b").batch_size == 32
-    image = lambda name, size: D.Data(name, torch.zeros(2, 3, size, size, dtype=torch.uint8), torch.zeros(2), None, None, 2)  # noqa: E731
-    assert T.resolve_augment(None, image("cifar10", 32)) and not T.resolve_augment(None, image("fashion-mnist", 28))
-    assert T.resolve_augment(None, image("folder", 32)) and not T.resolve_augment(None, image("folder", 16))
-    assert T.resolve_augment(True, image("folder", 16)) and not T.resolve_augment(False, image("cifar10", 32))
-    stl = D.resolve_defaults(parser_pag().parse_args(["--dataset", "stl"]))
-    assert (stl.pag_chunk, stl.source, stl.pag_coeff, stl.pag_first_half_scale) == (4, "cm", 1.5, 1.0)
-    vit = D.resolve_defaults(parser_pag().parse_args(["--dataset", "cifar10", "--arch", "vit", "--sbg-file", "f.pt"]))
+    image = lambda name, size=32, classes=10: D.Data(name, torch.zeros(2, 3, size, size, dtype=torch.uint8),  # noqa: E731
+                                                     torch.zeros(2), None, None, classes)
+    resolve = lambda p, argv, data, name="baseline": T.resolve_settings(p.parse_args(argv), data, name)  # noqa: E731
+    fm = resolve(parser, ["--dataset", "fashion-mnist"], image("fashion-mnist", 28))
+    assert (fm.arch, fm.optimizer, fm.lr, fm.lr_drops, fm.weight_decay, fm.augment) == ("cnn", "adam", 1e-3, [], 0.0, False)
+    cifar = resolve(parser, ["--dataset", "cifar10"], image("cifar10"))
+    assert (cifar.arch, cifar.optimizer, cifar.lr, cifar.lr_drops, cifar.weight_decay, cifar.batch_size, cifar.augment) == \
+        ("resnet18", "sgd", 0.01, [0.5, 0.75], 1e-4, 64, True)
+    assert (cifar.run_name, cifar.out_dir) == ("baseline", os.path.join("runs", "baseline_cifar10_resnet18"))
+    with pytest.raises(AttributeError, match="resolved once"):
+        cifar.lr = 1.0
+    assert resolve(parser, ["--dataset", "stl"], image("stl10", 96), "b").batch_size == 32
+    assert resolve(parser, ["--dataset", "folder"], image("folder", 32)).augment
+    assert not resolve(parser, ["--dataset", "folder"], image("folder", 16)).augment
+    assert resolve(parser, ["--dataset", "folder", "--augment"], image("folder", 16)).augment
+    assert not resolve(parser, ["--dataset", "cifar10", "--no-augment"], image("cifar10")).augment
+    with pytest.raises(UserError, match="--standardize is for the toy"):
+        resolve(parser, ["--dataset", "cifar10", "--standardize"], image("cifar10"))
+    pag = parser_pag()
+    stl = resolve(pag, ["--dataset", "stl"], image("stl10", 96), lambda s: f"pag_{s.source}")
+    assert (stl.pag_chunk, stl.source, stl.pag_coeff, stl.pag_first_half_scale, stl.targets_per_image, stl.run_name) == \
+        (4, "cm", 1.5, 1.0, 10, "pag_cm")
+    vit = resolve(pag, ["--dataset", "cifar10", "--arch", "vit", "--sbg-file", "f.pt", "--epochs", "10"], image("cifar10"))
     assert (vit.pag_chunk, vit.source, vit.pag_coeff, vit.pag_first_half_scale) == (None, "sbg", 3.0, 2 / 3)
+    # lambda per epoch: lambda x C, times 2/3 in the first half for the vit (epochs 0-4 of 10)
+    assert [D.pag_weight(vit, 10, e) for e in (0, 4, 5, 9)] == pytest.approx([20.0, 20.0, 30.0, 30.0])
     # CIFAR-100: lambda * C * mean over 10 targets = 1.5 * 10 * mean, the official code's weight (README "Choices")
-    c100 = D.resolve_defaults(parser_pag().parse_args(["--dataset", "cifar100"]))
-    assert c100.pag_coeff == pytest.approx(0.15) and c100.pag_coeff * 100 == pytest.approx(1.5 * 10)
+    c100 = resolve(pag, ["--dataset", "cifar100"], image("cifar100", 32, 100))
+    assert c100.pag_coeff == pytest.approx(0.15) and D.pag_weight(c100, 100, 0) == pytest.approx(1.5 * 10)
     assert D.pag_coeff_default("vit", 20) == pytest.approx(1.5) and D.pag_coeff_default("cnn", 10) == 0.25
-    assert D.resolve_defaults(parser_pag().parse_args(["--dataset", "folder"])).pag_coeff is None  # known once loaded
-    toy = D.resolve_defaults(parser_pag().parse_args(["--dataset", "toy", "--pag-coeff", "7"]))
-    assert (toy.arch, toy.source, toy.pag_coeff, toy.optimizer, toy.lr) == ("mlp", "nn", 7.0, "adam", 0.01)
+    folder = resolve(pag, ["--dataset", "folder"], image("folder", 32, 20))  # known once loaded: 20 classes
+    assert (folder.pag_coeff, folder.targets_per_image) == (pytest.approx(0.75), 10)
+    with pytest.raises(UserError, match=r"--targets-per-image must be in 1..10, got 11"):
+        resolve(pag, ["--dataset", "cifar10", "--targets-per-image", "11"], image("cifar10"))
+    toy_data_ = D.Data("toy", torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2), None, None, 2)
+    toy = resolve(pag, ["--dataset", "toy", "--pag-coeff", "7"], toy_data_)
+    assert (toy.arch, toy.source, toy.pag_coeff, toy.optimizer, toy.lr, toy.augment) == ("mlp", "nn", 7.0, "adam", 0.01, False)
     from models import ARCHS
     assert set(D.ARCH_DEFAULTS) == set(ARCHS)  # every architecture has its row
 
@@ -1783,13 +1816,13 @@ def test_every_help_shows_its_defaults(monkeypatch):
 
 # Each piece the README offers for copy-paste, with the same-file helpers it needs (README "Copy-paste pieces").
 COPY_PASTE = {
-    "train_pag.pag_loss": ("train_pag", ["FORMULATIONS", "sample_targets", "couples_samples", "_fp32", "input_gradients",
+    "train_pag.pag_loss": ("train_pag", ["FORMULATIONS", "sample_targets", "couples_samples", "at_least_fp32", "input_gradients",
                                          "pag_loss"]),
-    "train_pag.chunked_pag_loss": ("train_pag", ["FORMULATIONS", "couples_samples", "_fp32", "input_gradients", "pag_loss",
-                                                 "local_pass", "chunked_pag_loss"]),
+    "train_pag.chunked_pag_loss": ("train_pag", ["FORMULATIONS", "couples_samples", "at_least_fp32", "input_gradients", "pag_loss",
+                                                 "isolated_pass", "chunked_pag_loss"]),
     "models.from_official": ("models", ["PIXEL_MEAN", "PIXEL_STD", "ARCHS", "Normalize", "BasicBlock", "ResNet18",
                                         "Attention", "EncoderLayer", "ViT", "SmallCNN", "mlp", "build_model",
-                                        "official_state_dict", "from_official"]),
+                                        "official_state_dict", "from_official", "weights_problem"]),
     "train_baseline.pgd": ("train_baseline", ["per_sample_norm", "project", "random_in_ball", "attack_loss", "pgd"]),
     "data sources": ("data", ["to_float", "class_means", "one_image_per_class", "nearest_of_class"]),
     "data.crop_flip": ("data", ["draw_crop_flip", "crop_flip"]),
@@ -1860,7 +1893,11 @@ def test_no_import_cycle_among_the_projects_modules():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 found.add(node.module.split(".")[0])
         graph[name] = found & ours
-    assert graph["models"] == graph["toy_data"] == graph["files"] == set() and graph["data"] == {"toy_data", "files"}
+    assert graph["models"] == set() and graph["files"] == {"models"} and graph["cli"] == {"files"}
+    assert graph["data"] == {"files"} and graph["toy_data"] == {"data"}  # the toy's draw is data's; its picture imports it
+    layers = ["models", "files", "cli", "data", "toy_data", "train_baseline", "train_pag", "sbg", "attack"]
+    assert set(layers) == ours  # none upward: each module imports only those before it
+    assert all(layers.index(m) < layers.index(n) for n in layers for m in graph[n]), graph
     done, visiting = set(), []
 
     def visit(n):
@@ -1895,7 +1932,7 @@ def test_a_missing_dataset_is_downloaded_by_default_and_never_when_forbidden(tmp
 
 
 def test_radii_and_steps_accept_fractions(tmp_path, tiny_run, capsys):
-    assert D.radius("8/255") == 8 / 255 and D.step_size("2/255") == 2 / 255
+    assert cli.radius("8/255") == 8 / 255 and cli.step_size("2/255") == 2 / 255
     assert_cli_error(attack.main, ["--checkpoint", tiny_run, "--eps-linf", "8/0"], "fraction")
     run_dir = copy_run(tiny_run, tmp_path / "r")
     attack.main(["--checkpoint", str(run_dir), "--attacks", "pgd-linf", "--eps-linf", "8/255", "--steps", "1",
@@ -1930,23 +1967,23 @@ def test_visualize_draws_a_second_model_beside_the_first(tmp_path, tiny_run, cap
 
 # ----------------------------------------------------------------------------- the toy
 def test_toy_data_follows_the_spec():
-    train_x, train_y, test_x, test_y = toy_data.make_toy(seed=0)
+    train_x, train_y, test_x, test_y = D.make_toy(seed=0)
     assert train_x.shape == (6000, 2) and test_x.shape == (600, 2)
     assert (train_y.bincount() == 3000).all() and (test_y.bincount() == 300).all()
     assert torch.equal(train_x[:, 1], 2 * train_x[:, 0]) and torch.equal(test_x[:, 1], 2 * test_x[:, 0])
-    for label, centres in enumerate(toy_data.CENTRES):
+    for label, centres in enumerate(D.TOY_CENTRES):
         x1 = train_x[train_y == label, 0]
         for m, c in enumerate(centres):  # 1,000 points per mode, N(c, 1)
             mode = x1[m * 1000: (m + 1) * 1000]
             assert abs(mode.mean().item() - c) < 0.15 and 0.9 < mode.std().item() < 1.1
-    assert torch.equal(toy_data.make_toy(seed=0)[0], train_x) and not torch.equal(toy_data.make_toy(seed=1)[0], train_x)
+    assert torch.equal(D.make_toy(seed=0)[0], train_x) and not torch.equal(D.make_toy(seed=1)[0], train_x)
 
 
 def test_toy_ground_truth_on_a_hand_made_case():
     train_x = torch.tensor([[0.0, 0.0], [1.0, 2.0], [5.0, 10.0], [-3.0, -6.0]])
     train_y = torch.tensor([0, 0, 1, 1])
     targets = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
-    g = toy_data.toy_ground_truth(train_x, targets, train_x, train_y, exclude_self=True)
+    g = toy_data.toy_gt_grad(train_x, targets, train_x, train_y, exclude_self=True)
     expected_nn = torch.tensor([[1, 3], [0, 2], [1, 3], [0, 2]])  # never the point itself
     assert torch.equal(g, train_x[expected_nn] - train_x[:, None])
 
@@ -2029,9 +2066,9 @@ def test_standardized_toy_keeps_raw_radii(tmp_path):
 
 
 def test_toy_data_seed_reaches_training_and_the_attack(tmp_path):
-    assert torch.equal(D.get_data("toy").train_x, toy_data.make_toy(0, dtype=torch.float64)[0])
-    assert torch.equal(D.get_data("toy", data_seed=3).test_x, toy_data.make_toy(3, dtype=torch.float64)[2])
-    assert torch.equal(toy_data.make_toy(3)[2], toy_data.make_toy(3, dtype=torch.float64)[2].float())  # one draw, two precisions
+    assert torch.equal(D.get_data("toy").train_x, D.make_toy(0, dtype=torch.float64)[0])
+    assert torch.equal(D.get_data("toy", data_seed=3).test_x, D.make_toy(3, dtype=torch.float64)[2])
+    assert torch.equal(D.make_toy(3)[2], D.make_toy(3, dtype=torch.float64)[2].float())  # one draw, two precisions
     run("train_baseline.py", "--dataset", "toy", "--seed", 1, "--data-seed", 3, "--epochs", 1, "--out-dir", tmp_path)
     run("attack.py", "--checkpoint", tmp_path / "model.pt", "--attacks", "exact-l2", "--eps-l2", 2)
     model, ckpt = attack.load_checkpoint(str(tmp_path / "model.pt"))
@@ -2041,7 +2078,7 @@ def test_toy_data_seed_reaches_training_and_the_attack(tmp_path):
     assert reported.isfinite().sum() > 50  # enough points near a boundary to tell the draws apart
     with torch.no_grad():  # the attack measured the points of draw 3, not those of the default draw
         for seed, same in ((3, True), (0, False)):
-            _, _, test_x, test_y = toy_data.make_toy(seed, dtype=torch.float64)
+            _, _, test_x, test_y = D.make_toy(seed, dtype=torch.float64)
             expected = attack.boundary_distance_2d(model, test_x, test_y, 2.0)
             assert torch.allclose(reported, expected, atol=1e-4, rtol=0) == same  # attack.json rounds to 4 places
 
@@ -2128,7 +2165,9 @@ def test_speed_bench_writes_the_rows_the_gpu_section_needs(tmp_path, monkeypatch
     assert (row["arch"], row["formulation"]) == ("vit", "replicated") and 0 < row["pag_peak_gib"] < 1
     # The GPU's STL row is `train_pag.py --dataset stl` as its defaults resolve.
     import train_pag
-    stl = T.resolve_defaults(train_pag.add_pag_args(T.add_common_args(D.Parser())).parse_args(["--dataset", "stl"]), "x")
+    stl_data = D.Data("stl10", torch.zeros(2, 3, 96, 96, dtype=torch.uint8), torch.zeros(2), None, None, 10)
+    stl = T.resolve_settings(train_pag.add_pag_args(T.add_common_args(cli.Parser())).parse_args(["--dataset", "stl"]),
+                             stl_data, "x")
     stl_rows = [s for s in bench.GPU_SETTINGS if s[1] == 96]
     assert {s[4] for s in stl_rows} == {"fp32", "bf16"}
     for arch, size, batch, k, amp, chunk in stl_rows:
@@ -2156,25 +2195,25 @@ def test_validation_split_is_held_out_and_the_per_epoch_check_uses_it(tmp_path):
 
 
 def test_claims_bench_statistics_and_verdicts_on_hand_made_numbers():
-    fm = load_bench("fashion_mnist")
+    fm, stats, reports = load_bench("fashion_mnist"), load_bench("stats"), load_bench("reports")
     a, b = [0.50, 0.55, 0.60], [0.40, 0.41, 0.45]
     d = [x - y for x, y in zip(a, b)]
     m, sd = sum(d) / 3, (sum((v - sum(d) / 3) ** 2 for v in d) / 2) ** 0.5
-    out = fm.paired(a, b, "a - b")
+    out = stats.paired(a, b, "a - b")
     assert out["difference"] == pytest.approx(m) and out["ci95"] == pytest.approx([m - 4.303 * sd / 3 ** 0.5, m + 4.303 * sd / 3 ** 0.5])
-    assert out["verdict"] == "holds" and fm.paired(b, a, "b - a")["verdict"] == "contradicted"
-    unclear = fm.paired([0.5, 0.4, 0.6], [0.45, 0.45, 0.5], "x")  # differences +5, -5, +10
+    assert out["verdict"] == "holds" and stats.paired(b, a, "b - a")["verdict"] == "contradicted"
+    unclear = stats.paired([0.5, 0.4, 0.6], [0.45, 0.45, 0.5], "x")  # differences +5, -5, +10
     assert unclear["verdict"] == "not shown"
     # What would decide it: 23 seeds with this mean (3.33) and standard deviation (7.64): t(21) 2.080 * 7.64 /
     # sqrt(22) = 3.39 > 3.33 still holds 0, t(22) 2.074 * 7.64 / sqrt(23) = 3.30 does not.
     assert unclear["seeds_to_decide"] == 23 and out["seeds_to_decide"] == 3  # out: it already holds at 3
-    assert fm.seeds_to_decide([0.1, -0.1]) is None and fm.seeds_to_decide([0.3]) is None
-    assert fm.seeds_to_decide([0.001, -0.0012, 0.0011], most=50) is None  # a mean near 0 takes more than 50
-    assert fm.seeds_to_decide([-0.05, 0.05, -0.10]) == 23  # the sign does not matter
-    assert fm.verdict([0.01, 0.2]) == "holds" and fm.verdict([-0.2, -0.01]) == "contradicted"
-    assert fm.verdict([-0.1, 0.1]) == "not shown" and fm.verdict(None) == "not shown"
-    assert fm.t_quantile_975(2) == 4.303 and abs(fm.t_quantile_975(60) - 2.000) < 2e-3
-    st = fm.mean_interval([1.0, 2.0, 3.0, 4.0])
+    assert stats.seeds_to_decide([0.1, -0.1]) is None and stats.seeds_to_decide([0.3]) is None
+    assert stats.seeds_to_decide([0.001, -0.0012, 0.0011], most=50) is None  # a mean near 0 takes more than 50
+    assert stats.seeds_to_decide([-0.05, 0.05, -0.10]) == 23  # the sign does not matter
+    assert stats.verdict([0.01, 0.2]) == "holds" and stats.verdict([-0.2, -0.01]) == "contradicted"
+    assert stats.verdict([-0.1, 0.1]) == "not shown" and stats.verdict(None) == "not shown"
+    assert stats.t_quantile_975(2) == 4.303 and abs(stats.t_quantile_975(60) - 2.000) < 2e-3
+    st = stats.mean_interval([1.0, 2.0, 3.0, 4.0])
     assert st["mean"] == 2.5 and st["ci95"] == pytest.approx([2.5 - 3.182 * (5 / 3) ** 0.5 / 2, 2.5 + 3.182 * (5 / 3) ** 0.5 / 2])
     # A claim of several comparisons: holds only if each holds; one contradicted comparison contradicts it.
     rows = {m: {k: {"per_seed": v} for k in ("aa_l2", "aa_linf")} for m, v in
@@ -2192,11 +2231,11 @@ def test_claims_bench_statistics_and_verdicts_on_hand_made_numbers():
     rs = [statistics.correlation(xs, ys[s]) for s in (0, 1, 2)]
     z = [math.atanh(r) for r in rs]
     half = 4.303 * statistics.stdev(z) / 3 ** 0.5
-    got = fm.correlation_over_seeds(pts, [0, 1, 2])
+    got = stats.correlation_over_seeds(pts, [0, 1, 2])
     assert got["per_seed"] == pytest.approx(rs) and got["r"] == pytest.approx(math.tanh(statistics.fmean(z)))
     assert got["ci95"] == pytest.approx([math.tanh(statistics.fmean(z) - half), math.tanh(statistics.fmean(z) + half)])
-    assert fm.correlation_over_seeds(pts[:-2], [0, 1, 2])["r"] is None  # seed 2 with 2 points has no r
-    assert fm.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and fm.pearson([1, 1], [2, 3]) is None
+    assert stats.correlation_over_seeds(pts[:-2], [0, 1, 2])["r"] is None  # seed 2 with 2 points has no r
+    assert stats.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and stats.pearson([1, 1], [2, 3]) is None
     # The claim: both measures, each without the row trained on its targets; SBG holds here, NN does not.
     models = [("pag-cm", 0.1), ("pag-cm", 0.5), ("pag-nn", 0.25), ("pag-sbg", 0.25)]
     points = [{"seed": s, "model": m, "lambda": lam, "aa_l2": 0.3 + 0.1 * i + 0.01 * s, "align_sbg": 0.4 + 0.05 * i - 0.001 * s * i,
@@ -2211,9 +2250,9 @@ def test_claims_bench_statistics_and_verdicts_on_hand_made_numbers():
     val = {"vanilla": [0.80, 0.82], 0.1: [0.79, 0.80], 0.5: [0.72, 0.73], 1.0: [0.60, 0.65]}
     assert fm.select_lambda(val, [0.1, 0.5, 1.0], 0.10) == 0.5 and fm.select_lambda(val, [0.5, 1.0], 0.01) == 0.5
     # The .md twin lists every comparison with what would decide it (here claim 4: 50 - 50, +2, -2 points).
-    full = {m: {k: fm.mean_interval(v["aa_l2"]["per_seed"]) for k in (*fm.METRICS, "val_acc")} for m, v in rows.items()}
+    full = {m: {k: stats.mean_interval(v["aa_l2"]["per_seed"]) for k in (*fm.METRICS, "val_acc")} for m, v in rows.items()}
     config = dict(fm.CONFIG, selected_lambda=0.25)
-    md = fm.markdown(full, {}, found, config).splitlines()
+    md = reports.claims_markdown(full, {}, found, config).splitlines()
     line = next(x for x in md if x.startswith("| 4 | pag-cm+pgd-at - pgd-at, aa_l2 |"))
     # mean 0.333, sd 2.082 points: 4.303 * 2.082 / sqrt(3) = 5.17 around it; sqrt(n) / t(n - 1) must pass
     # 2.082 / 0.333 = 6.245: at 152 seeds 12.329 / 1.9758 = 6.240, at 153 12.369 / 1.9757 = 6.261.
@@ -2302,7 +2341,7 @@ def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(tmp_path):
 
 def test_bench_scheduler_respects_dependencies_and_fails_loudly():
     import threading
-    run_jobs = load_bench("fashion_mnist").run_jobs
+    run_jobs = load_bench("runner").run_jobs
     log, lock = [], threading.Lock()
 
     def job(name):
@@ -2326,6 +2365,30 @@ def test_bench_scheduler_respects_dependencies_and_fails_loudly():
     with pytest.raises(RuntimeError, match="failed: x"):
         run_jobs({"sbg": boom, "pag-sbg": job("pag-sbg")}, {"pag-sbg": {"sbg"}}, workers=2)
     assert ("start", "pag-sbg") not in log[len(jobs) * 2:]  # nothing that needed the failed job started
+
+
+def test_bench_runner_reuses_a_result_file_only_if_made_with_the_same_settings(tmp_path):
+    """The runner's result cache alone, nothing trained: a file made with a model's settings (its command,
+    the SBG fields named by role, not by path) is its result; one made with other settings is refused in one
+    line naming it."""
+    runner = load_bench("runner")
+
+    class Tiny(runner.Bench):
+        name, models = "tiny", {"pag-sbg": ("train_pag.py", ["--source", "sbg"])}
+
+        def common_flags(self, cfg):
+            return ["--dataset", "synthetic"], ["--dataset", "synthetic", "--epochs", cfg["epochs"]]
+    cfg = {"epochs": 1, "test_samples": 16, "aa_version": "apgd", "eps_l2": 0.5, "eps_linf": 0.03, "sbg": None}
+    bench = Tiny(cfg, str(tmp_path / "runs"), str(tmp_path), 1)
+    key, want = bench.key("pag-sbg", 0, 0.5), bench.settings("pag-sbg", 0, 0.5)
+    assert key == "pag-sbg_lambda0.5_seed0" and want["train"] == \
+        "train_pag.py --dataset synthetic --epochs 1 --source sbg --sbg-file SBG_TRAIN_FIELDS --pag-coeff 0.5 --seed 0"
+    files.write_json({**bench_result("pag-sbg", 0.8, 0.3, 0.2), "key": key, "settings": want}, bench.result_path(key))
+    bench.train_and_attack("pag-sbg", 0, 0.5)
+    assert not (tmp_path / "runs").exists()  # its file is its result: no run folder, no training
+    files.write_json({**bench_result("pag-sbg", 0.8, 0.3, 0.2), "key": key, "settings": {**want, "train": "other"}},
+                     bench.result_path(key))
+    assert_cli_error(lambda argv: bench.train_and_attack("pag-sbg", 0, 0.5), [], f"{key}.json was made with other settings")
 
 
 # ----------------------------------------------------------------------------- adversarial training
@@ -2469,7 +2532,7 @@ def test_sbg_train_export_and_train_pag_with_the_file(tmp_path):
     other = ["--dataset", "synthetic", "--image-size", "8", "--train-samples", "32"]  # not the denoiser's images
     for cmd in (["export", "--out", tmp_path / "g.pt"], ["sweep", "--sweep-timesteps", "100", "--sweep-images", "4"]):
         assert_one_line_error(run("sbg.py", cmd[0], *other, "--checkpoint", tmp_path / "dn" / "denoiser.pt", *cmd[1:],
-                                  check=False), "denoiser was trained on synthetic (3, 16, 16)", "--dataset")
+                                  check=False), "denoiser was trained on synthetic (3, 16, 16)", "not synthetic (3, 8, 8)", "--dataset")
     assert not (tmp_path / "g.pt").exists()
     assert torch.isfinite(obj["fields"].float()).all() and obj["fields"].float().abs().sum() > 0
     run("train_pag.py", *TINY[:6], "--train-samples", "32", "--eval-samples", "16", "--batch-size", "16", "--eval-steps", "1",
@@ -2529,9 +2592,9 @@ def test_sbg_reads_the_official_release_format_and_refuses_other_images(tmp_path
     torch.save(official, tmp_path / "bare.pt")  # a bare tensor works too
     assert torch.equal(D.make_source("sbg", d, sbg_file=str(tmp_path / "bare.pt"))(None, t, idx), fields[idx[:, None], t])
     torch.save((official[torch.randperm(12)], d.train_y), tmp_path / "shuffled.pt")
-    with pytest.raises(D.UserError, match="not this run's"):
+    with pytest.raises(UserError, match="not this run's"):
         D.make_source("sbg", d, sbg_file=str(tmp_path / "shuffled.pt"))
-    with pytest.raises(D.UserError, match="shape"):
+    with pytest.raises(UserError, match="shape"):
         D.make_source("sbg", D.get_data("synthetic", train_samples=10, image_size=8), sbg_file=str(tmp_path / "official.pt"))
 
 

@@ -5,69 +5,30 @@
 Class 0 has modes at x1 = -50, -10, 30 and class 1 at -30, 10, 50; x1 = centre +
 N(0, 1) and x2 = 2*x1 exactly. The true perceptually aligned gradient toward
 class t is the way to the nearest training point of class t: g(x, t) = nn_t(x) - x.
-This file imports nothing of ours: it is the toy's data module and its picture.
+The draw itself is data.make_toy (every dataset lives in the data module); this file is the toy's
+ground-truth field and its picture, and a script that draws both.
 """
 import argparse
 import os
 
 import torch
 
-CENTRES = ((-50.0, -10.0, 30.0), (-30.0, 10.0, 50.0))  # x1 centres of class 0, class 1
-SLOPE = 2.0
+from data import TOY_SLOPE, make_toy, nearest_of_class
 
-
-def make_toy(seed=0, train_per_mode=1000, test_per_mode=100, dtype=torch.float32):
-    """Return (train_x, train_y, test_x, test_y); x [N, 2] of dtype, y long [N].
-
-    Train and test come from one generator so a seed fixes both; the test set
-    is balanced (test_per_mode points from each of the six modes). The draws are
-    made in float64 and then cast, so a dtype changes only the precision.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def sample(per_mode):
-        xs, ys = [], []
-        for label, centres in enumerate(CENTRES):
-            for c in centres:
-                x1 = (c + torch.randn(per_mode, generator=gen, dtype=torch.float64)).to(dtype)
-                xs.append(torch.stack([x1, SLOPE * x1], dim=1))
-                ys.append(torch.full((per_mode,), label, dtype=torch.long))
-        return torch.cat(xs), torch.cat(ys)
-
-    train_x, train_y = sample(train_per_mode)
-    test_x, test_y = sample(test_per_mode)
-    return train_x, train_y, test_x, test_y
-
-
-def exact_nearest_of_class(points, train_x, train_y, num_classes=2, exclude_self=False):
-    """[N, C] index of the nearest training point of each class (L2).
-
-    exclude_self: True when `points` is `train_x` itself, or the points' indices in train_x; then
-    a point is never its own neighbour. Brute force, exact (float64, no |a|^2 - 2ab + |b|^2 shortcut,
-    which loses near-ties at the toy's coordinates): fine for 6,000 points.
-    """
-    dist = torch.cdist(points.double(), train_x.double(), compute_mode="donot_use_mm_for_euclid_dist")
-    if exclude_self is not False and exclude_self is not None:
-        own = torch.arange(len(points)) if exclude_self is True else exclude_self
-        dist[torch.arange(len(points)), own] = float("inf")
-    out = torch.empty(len(points), num_classes, dtype=torch.long)
-    for t in range(num_classes):
-        members = (train_y == t).nonzero().squeeze(1)
-        out[:, t] = members[dist[:, members].argmin(dim=1)]
-    return out
-
-
-def toy_ground_truth(points, target_classes, train_x, train_y, exclude_self=False):
-    """g(x, t) = nearest training point of class t - x, for t in target_classes [N, k] -> [N, k, 2]."""
-    nn_idx = exact_nearest_of_class(points, train_x, train_y, int(train_y.max()) + 1, exclude_self)
+def toy_gt_grad(points, target_classes, train_x, train_y, exclude_self=False):
+    """g(x, t) = nearest training point of class t - x, for t in target_classes [N, k] -> [N, k, 2], by the
+    nn source's own search (data.nearest_of_class). exclude_self: True when `points` is `train_x` itself, or
+    the points' indices in train_x; then a point is never its own neighbour."""
+    own = torch.arange(len(points)) if exclude_self is True else exclude_self if exclude_self is not False else None
+    nn_idx = nearest_of_class(points, train_x, train_y, int(train_y.max()) + 1, query_idx=own)
     return train_x[nn_idx.gather(1, target_classes)] - points[:, None]
 
 
-def ground_truth_arrows(train_x, train_y, count=60, seed=0):
+def gt_grad_arrows(train_x, train_y, count=60, seed=0):
     """(starts, vectors): g(x, other class) at `count` random training points, the field PAG learns."""
     pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:count]
-    g = toy_ground_truth(train_x[pick], (1 - train_y[pick])[:, None], train_x, train_y, exclude_self=pick)
-    return train_x[pick], g[:, 0]
+    gt_grad = toy_gt_grad(train_x[pick], (1 - train_y[pick])[:, None], train_x, train_y, exclude_self=pick)
+    return train_x[pick], gt_grad[:, 0]
 
 
 # ----------------------------------------------------------------------------- picture
@@ -86,7 +47,7 @@ def plot_toy(ax, points, labels, predict=None, arrows=None, title="", x1_range=(
     from matplotlib.patches import Patch
 
     x1_lo, x1_hi = x1_range
-    x2_lo, x2_hi = SLOPE * x1_lo, SLOPE * x1_hi
+    x2_lo, x2_hi = TOY_SLOPE * x1_lo, TOY_SLOPE * x1_hi
     handles = []
     if predict is not None:
         g1, g2 = torch.meshgrid(torch.linspace(x1_lo, x1_hi, resolution), torch.linspace(x2_lo, x2_hi, 2 * resolution),
@@ -131,7 +92,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     train_x, train_y, _, _ = make_toy(args.seed)
     # Arrows toward the *other* class from a random subset: the field PAG learns.
-    fig = toy_figure(train_x, train_y, arrows=ground_truth_arrows(train_x, train_y, args.arrows, args.seed),
+    fig = toy_figure(train_x, train_y, arrows=gt_grad_arrows(train_x, train_y, args.arrows, args.seed),
                      title="toy data and g(x, other class)")
     tmp = f"{args.out}.tmp{os.getpid()}"  # atomically, as files.atomic_write does (this file imports nothing of ours)
     fig.savefig(tmp, format=os.path.splitext(args.out)[1][1:].lower(), dpi=120)

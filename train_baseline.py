@@ -31,13 +31,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import cli
 import data as D
 import files
-from models import ARCHS, PIXEL_MEAN, build_model
+from files import UserError
+from models import ARCHS, PIXEL_MEAN, build_model, weights_problem
 
 # Flags that may differ between a run and its --resume (everything else must match).
 RESUME_MAY_CHANGE = {"resume", "stop_after_epoch", "device", "out_dir", "log_every", "data_dir", "download", "cache_dir"}
-CHECKPOINT_FORMAT = 3  # bumped when the fields of model.pt change (3: official parameter names)
+CHECKPOINT_FORMAT = 4  # bumped when the fields of model.pt change (3: official parameter names; 4: data_order_generator)
 
 
 def add_common_args(p):
@@ -47,70 +49,99 @@ def add_common_args(p):
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download a missing CIFAR-10/100, STL-10 or Fashion-MNIST, with progress (--no-download: "
                         "never, e.g. on an offline cluster: the error says what to fetch and where)")
-    p.add_argument("--arch", help=f"{', '.join(ARCHS)}; default: resnet18 (CIFAR, STL, folder), cnn (fashion-mnist), mlp (toy)")
-    p.add_argument("--epochs", type=D.positive_int, default=100, help="training epochs (the paper: 100)")
-    p.add_argument("--batch-size", type=D.positive_int, help="default: 64 (CIFAR, fashion-mnist, folder), 32 (STL), 128 (toy)")
+    p.add_argument("--arch", choices=ARCHS, help="default: resnet18 (CIFAR, STL, folder), cnn (fashion-mnist), mlp (toy)")
+    p.add_argument("--epochs", type=cli.positive_int, default=100, help="training epochs (the paper: 100)")
+    p.add_argument("--batch-size", type=cli.positive_int, help="default: 64 (CIFAR, fashion-mnist, folder), 32 (STL), 128 (toy)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd (paper), adam (fashion-mnist, toy)")
-    p.add_argument("--lr", type=D.learning_rate, help="default: 0.01 (paper, toy), 1e-3 (fashion-mnist)")
-    p.add_argument("--momentum", type=D.unit_interval, default=0.9, help="SGD only")
-    p.add_argument("--weight-decay", type=D.weight_decay, help="default: 1e-4 with SGD, 0 with Adam")
-    p.add_argument("--lr-drops", type=D.fractions, metavar="F1,F2",
+    p.add_argument("--lr", type=cli.learning_rate, help="default: 0.01 (paper, toy), 1e-3 (fashion-mnist)")
+    p.add_argument("--momentum", type=cli.unit_interval, default=0.9, help="SGD only")
+    p.add_argument("--weight-decay", type=cli.weight_decay, help="default: 1e-4 with SGD, 0 with Adam")
+    p.add_argument("--lr-drops", type=cli.fractions, metavar="F1,F2",
                    help="lr is divided by 10 from the first epoch e >= F*epochs (counting from 1) of each fraction F, "
                         "and once more in the last epoch, as the official schedule (never in the first epoch); "
                         "default: 0.5,0.75 (paper), none (fashion-mnist, toy); '--lr-drops=' for none")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop (padding 4) + flip per sample; default: on for CIFAR, STL and folder images "
                         "of 32 px or more, off for fashion-mnist")
-    p.add_argument("--seed", type=D.seed, default=3407, help="the official configs' seed")
-    p.add_argument("--data-seed", type=D.seed, help="toy only: which draw of the data (default 0)")
-    p.add_argument("--train-samples", type=D.positive_int, help="train on the first N training images (default: all)")
-    p.add_argument("--val-samples", type=D.positive_int,
+    p.add_argument("--seed", type=cli.seed, default=3407, help="the official configs' seed")
+    p.add_argument("--data-seed", type=cli.seed, help="toy only: which draw of the data (default 0)")
+    p.add_argument("--train-samples", type=cli.positive_int, help="train on the first N training images (default: all)")
+    p.add_argument("--val-samples", type=cli.positive_int,
                    help="hold out N training images (a fixed random subset) as a validation split, never trained on; "
                         "the per-epoch evaluation then uses it instead of the test images (default: none)")
-    p.add_argument("--eval-samples", type=D.positive_int, default=1000,
+    p.add_argument("--eval-samples", type=cli.positive_int, default=1000,
                    help="per-epoch evaluation on the first N test images (validation images with --val-samples)")
-    p.add_argument("--eval-eps", type=D.radius, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
-    p.add_argument("--eval-steps", type=D.positive_int, default=7, help="per-epoch PGD-L2 steps (step 1.5*eps/steps, as the official code)")
+    p.add_argument("--eval-eps", type=cli.radius, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
+    p.add_argument("--eval-steps", type=cli.positive_int, default=7, help="per-epoch PGD-L2 steps (step 1.5*eps/steps, as the official code)")
     p.add_argument("--adv", default="none", choices=("none", "pgd", "trades"), help="adversarial training: Madry PGD-AT or TRADES")
     p.add_argument("--adv-norm", default="linf", choices=("linf", "l2"), help="threat model of --adv")
-    p.add_argument("--adv-eps", type=D.radius, help="default: the dataset's eps (8/255 L-inf, 0.5 L2 for CIFAR; 0.1, 1.5 fashion-mnist)")
-    p.add_argument("--adv-steps", type=D.positive_int, default=10, help="PGD steps of --adv")
-    p.add_argument("--adv-step-size", type=D.step_size, help="default: 2.5*eps/steps (2/255 for 8/255 and 10 steps)")
-    p.add_argument("--trades-beta", type=D.loss_weight, default=6.0, help="weight of the TRADES KL term")
+    p.add_argument("--adv-eps", type=cli.radius, help="default: the dataset's eps (8/255 L-inf, 0.5 L2 for CIFAR; 0.1, 1.5 fashion-mnist)")
+    p.add_argument("--adv-steps", type=cli.positive_int, default=10, help="PGD steps of --adv")
+    p.add_argument("--adv-step-size", type=cli.step_size, help="default: 2.5*eps/steps (2/255 for 8/255 and 10 steps)")
+    p.add_argument("--trades-beta", type=cli.loss_weight, default=6.0, help="weight of the TRADES KL term")
     p.add_argument("--amp", default="fp32", choices=("fp32", "bf16"),
                    help="training precision: fp32 (on a GPU, matmuls and convolutions use TF32 where it has it), "
                         "or bf16 autocast (losses and cosines stay in fp32)")
-    p.add_argument("--image-size", type=D.image_side, help="resize folder images / size of synthetic images")
+    p.add_argument("--image-size", type=cli.image_side, help="resize folder images / size of synthetic images")
     p.add_argument("--standardize", action="store_true",
                    help="toy only: standardise the points inside the model (mean 0, std 1 per coordinate of the "
                         "training points; attacks and radii stay in raw coordinates)")
     p.add_argument("--out-dir", help="default: runs/<baseline|pag_SOURCE>[_pgdat|_trades]_<dataset>_<arch>")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/model.pt")
-    p.add_argument("--stop-after-epoch", type=D.positive_int, help="exit after this epoch (time-limited jobs; continue with --resume)")
+    p.add_argument("--stop-after-epoch", type=cli.positive_int, help="exit after this epoch (time-limited jobs; continue with --resume)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
-    p.add_argument("--log-every", type=D.positive_int, default=50, help="progress line every N batches (and at least every 10 s)")
+    p.add_argument("--log-every", type=cli.positive_int, default=50, help="progress line every N batches (and at least every 10 s)")
     p.add_argument("--cache-dir", default="cache", help="where nearest-neighbour tables are cached")
     return p
 
 
-def resolve_defaults(args, run_name):
-    """data.resolve_defaults (the one table), then the run's name and folder. run_name: a name, or a
-    function of the resolved args (train_pag.py's names its source)."""
-    D.resolve_defaults(args)
-    name = run_name(args) if callable(run_name) else run_name
-    if args.adv != "none":
-        name += f"_{args.adv}at" if args.adv == "pgd" else f"_{args.adv}"
-    args.run_name = name
-    args.out_dir = args.out_dir or os.path.join("runs", f"{name}_{args.dataset}_{args.arch}")
-    return args
+class Settings(argparse.Namespace):
+    """Every setting of a run, resolved once (resolve_settings) and read-only from then on: what the loop,
+    the loss and the checkpoint read, what --resume compares, and what every rank must agree on."""
+
+    def __init__(self, values):
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"settings are resolved once (resolve_settings); {key} cannot change")
 
 
-def resolve_augment(flag, data):
-    """--augment/--no-augment, else the table's: "folder" (None there) augments images of 32 px or more."""
-    if flag is not None:
-        return flag and data.is_image
-    default = D.DATASETS[data.name]["augment"]
-    return data.is_image and (default if default is not None else data.input_shape[-1] >= 32)
+def resolve_settings(args, data, run_name):
+    """The one place where a training run's defaults are decided: every flag left unset (None) from the
+    dataset's row of data.DATASETS, then the architecture's row of data.ARCH_DEFAULTS, then those that follow
+    from other flags and from the loaded data (augmentation, PAG's k and lambda: a folder dataset knows its
+    classes and image size only once loaded), then the run's name and folder. run_name: a name, or a
+    function of the resolved settings (train_pag.py's names its source). Returns Settings."""
+    s, row = dict(vars(args), dataset=data.name), D.DATASETS[data.name]
+
+    def fill(values):
+        for key, value in values.items():
+            if s.get(key, 0) is None:
+                s[key] = list(value) if isinstance(value, list) else value
+    pag = "pag_coeff" in s  # train_pag.py's flags
+    if pag and s["source"] is None and s["sbg_file"]:
+        s["source"] = "sbg"  # fields given: the paper's best source
+    fill(row)
+    fill({k: v for k, v in D.ARCH_DEFAULTS[s["arch"]].items() if k != "pag_coeff"})
+    fill({"weight_decay": 1e-4 if s["optimizer"] == "sgd" else 0.0, "eval_eps": row["eps_l2"],
+          "adv_eps": row[f"eps_{s['adv_norm']}"]})
+    # --augment/--no-augment, else the table's: "folder" (None there) augments images of 32 px or more.
+    augment = s["augment"] if s["augment"] is not None else row["augment"] if row["augment"] is not None \
+        else data.input_shape[-1] >= 32
+    s["augment"] = bool(augment and data.is_image)
+    if s["standardize"] and data.is_image:
+        raise UserError("--standardize is for the toy's points; image models normalise their pixels inside already")
+    if pag:
+        fill({"targets_per_image": min(data.num_classes, 10), "pag_coeff": D.pag_coeff_default(s["arch"], data.num_classes)})
+        if not 1 <= s["targets_per_image"] <= data.num_classes:
+            raise UserError(f"--targets-per-image must be in 1..{data.num_classes}, got {s['targets_per_image']}")
+    name = run_name(Settings(s)) if callable(run_name) else run_name
+    if s["adv"] != "none":
+        name += f"_{s['adv']}at" if s["adv"] == "pgd" else f"_{s['adv']}"
+    s["run_name"] = name
+    s["out_dir"] = s["out_dir"] or os.path.join("runs", f"{name}_{s['dataset']}_{s['arch']}")
+    return Settings(s)
 
 
 # ----------------------------------------------------------------------------- devices
@@ -118,7 +149,7 @@ def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise D.UserError("--device cuda asked for, but no CUDA device is available")
+        raise UserError("--device cuda asked for, but no CUDA device is available")
     return torch.device(name)
 
 
@@ -127,7 +158,7 @@ def check_amp(amp, device):
     autocast would emulate it slowly or fail deep inside a kernel."""
     if amp == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         major, minor = torch.cuda.get_device_capability(device)
-        raise D.UserError(f"--amp bf16 needs a GPU with bf16 arithmetic (compute capability >= 8.0, e.g. A100, H100); "
+        raise UserError(f"--amp bf16 needs a GPU with bf16 arithmetic (compute capability >= 8.0, e.g. A100, H100); "
                           f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use --amp fp32")
 
 
@@ -140,13 +171,12 @@ def setup_distributed(args):
     else:
         use_cuda = args.device != "cpu" and torch.cuda.is_available()
         if args.device == "cuda" and not use_cuda:
-            raise D.UserError("--device cuda asked for, but no CUDA device is available")
+            raise UserError("--device cuda asked for, but no CUDA device is available")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
-        check_same_settings(args, world)
     check_amp(getattr(args, "amp", "fp32"), device)
     if device.type == "cuda":  # fp32 on tensor cores (TF32) for matmuls too; PyTorch does it for convolutions already
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -166,9 +196,46 @@ def check_same_settings(args, world):
         if differ:
             k = differ[0]
             dist.destroy_process_group()
-            raise D.UserError(f"the processes were started with different settings: --{k.replace('_', '-')} is "
+            raise UserError(f"the processes were started with different settings: --{k.replace('_', '-')} is "
                               f"{everyone[0].get(k)} on rank 0 but {theirs.get(k)} on rank {rank}; start every "
                               "process with the same flags")
+
+
+def random_streams(seed, rank):
+    """(the data order: the same permutation on every rank, which takes its own shard; per-sample draws:
+    one stream per rank). Both trainers' two generators, saved in their checkpoints for --resume."""
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed * 1000 + 1 + rank)
+
+
+def wrap_for_ranks(model, world, device):
+    """What training forwards go through: the DDP wrapper under torchrun, else the model itself."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+
+
+def shard_batches(order_gen, n, rank, world, batch_size, drop_last):
+    """This rank's batches of an epoch: one permutation of n, cut into equal shards (every rank takes as many
+    steps), then into batches; drop_last drops a last partial batch."""
+    order = torch.randperm(n, generator=order_gen)
+    shard = order[: n - n % world][rank::world]
+    return [b for b in shard.split(batch_size) if len(b) == batch_size or not drop_last]
+
+
+def gather_states(generator, world):
+    """Every rank's generator state (for the checkpoint: --resume restores each rank's own stream)."""
+    states = [generator.get_state()]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, generator.get_state())
+    return states
+
+
+def leave_process_group(world):
+    """Under torchrun, once the DDP wrapper is dropped: free it, so that the group is really gone before the
+    interpreter shuts down (else gloo's threads can abort the process at exit), then leave the group."""
+    if world > 1:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- PGD, the project's one
@@ -246,7 +313,7 @@ def check_perturbation(x_adv, x, eps, norm, box, name):
     """Refuse to count adversarial examples outside their eps ball or the input box, or not finite
     (a point the model cannot classify would silently count as robust or not)."""
     if not bool(torch.isfinite(x_adv).all()):
-        raise D.UserError(f"{name}: the attack produced non-finite inputs at eps {eps:g}; a radius or step this "
+        raise UserError(f"{name}: the attack produced non-finite inputs at eps {eps:g}; a radius or step this "
                           "large overflows float32 here")
     dist_ = (x_adv - x).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
     if (dist_ > eps * (1 + 1e-4) + 1e-6).any():
@@ -378,19 +445,13 @@ def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args,
     files.atomic_write(path, {
         "format": CHECKPOINT_FORMAT, "kind": "classifier",
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "generator": order_gen.get_state(), "sample_generators": sample_gen_states,
+        "data_order_generator": order_gen.get_state(), "sample_generators": sample_gen_states,
         "torch_rng": torch.get_rng_state(), "epoch": epoch,
         "arch": args.arch, "dataset": args.dataset, "num_classes": data.num_classes,
         "input_shape": tuple(data.input_shape), "classes": list(data.classes) if data.classes else None,
         "args": vars(args),
         "pag_source": getattr(args, "source", None),  # None: no PAG term (baseline or adversarial training)
     })
-
-
-def finite_weights(state_dict):
-    """Whether every floating-point tensor of a state dict is finite (one wait for the GPU)."""
-    checks = [torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()]
-    return bool(torch.stack(checks).all()) if checks else True
 
 
 def _optional(check):
@@ -409,7 +470,7 @@ CLASSIFIER_FIELDS = {
     "classes": _optional(lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v)),
     "args": dict,
 }
-RESUME_FIELDS = {"optimizer": dict, "scheduler": dict, "generator": _rng_state, "torch_rng": _rng_state,
+RESUME_FIELDS = {"optimizer": dict, "scheduler": dict, "data_order_generator": _rng_state, "torch_rng": _rng_state,
                  "sample_generators": lambda v: isinstance(v, list) and len(v) >= 1 and all(map(_rng_state, v))}
 DATA_ARGS = {"data_dir": str, "download": bool, "epochs": _count, "seed": int, "train_samples": _optional(_count),
              "val_samples": _optional(_count), "image_size": _optional(_count), "data_seed": _optional(lambda v: isinstance(v, int))}
@@ -420,9 +481,11 @@ def read_checkpoint(path, kind, what, fields=None, loaded=None):
     format and for `fields` (files.require: each key's presence and type or value)."""
     ckpt = files.load_file(path, what) if loaded is None else loaded
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        raise D.UserError(f"{path} is not a {what}")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise D.UserError(f"{path} has checkpoint format {ckpt.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")
+        raise UserError(f"{path} is not a {what}")
+    if ckpt.get("format") not in (3, CHECKPOINT_FORMAT):
+        raise UserError(f"{path} has checkpoint format {ckpt.get('format')!r}, this code reads 3 and {CHECKPOINT_FORMAT}")
+    if ckpt["format"] == 3 and "generator" in ckpt:  # format 3 called the data-order generator "generator"
+        ckpt["data_order_generator"] = ckpt.pop("generator")
     return files.require(ckpt, fields or {}, path, what)
 
 
@@ -435,7 +498,7 @@ def read_classifier(path, resume=False, loaded=None):
     ckpt = read_checkpoint(path, "classifier", CLASSIFIER, {**CLASSIFIER_FIELDS, **(RESUME_FIELDS if resume else {})}, loaded)
     files.require(ckpt["args"], DATA_ARGS, path, "checkpoint's training flags")
     if ckpt["epoch"] > ckpt["args"]["epochs"]:
-        raise D.UserError(f"{path}: epoch {ckpt['epoch']} of a {ckpt['args']['epochs']}-epoch run is not valid")
+        raise UserError(f"{path}: epoch {ckpt['epoch']} of a {ckpt['args']['epochs']}-epoch run is not valid")
     return ckpt
 
 
@@ -465,7 +528,7 @@ def build_for(ckpt, path):
         model = build_model(ckpt["arch"], ckpt["num_classes"], shape[0], shape[-1] if len(shape) == 3 else None,
                             ckpt["args"].get("standardize", False))
     except ValueError as e:
-        raise D.UserError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
     return model.to(dataset_dtype(ckpt["dataset"]))
 
 
@@ -482,23 +545,24 @@ def load_checkpoint(path, device="cpu", loaded=None):
     return model.to(device).eval(), ckpt
 
 
-def check_data_fits(ckpt, data, path):
-    """Refuse data that is not what the checkpoint's model was trained on: its classes (names and
-    count) and its input shape. A class folder added since, or another dataset, would be scored
-    or trained with labels that mean something else."""
-    names = list(data.classes) if data.classes else None
-    if data.num_classes != ckpt["num_classes"] or (ckpt["classes"] is not None and names != list(ckpt["classes"])):
-        raise D.UserError(f"{path} was trained on {ckpt['num_classes']} classes" + (f" {ckpt['classes']}" if ckpt["classes"] else "")
-                          + f", but the data has {data.num_classes}" + (f" {names}" if names else ""))
-    if tuple(data.input_shape) != tuple(ckpt["input_shape"]):
-        raise D.UserError(f"{path} was trained on inputs of shape {tuple(ckpt['input_shape'])}, the data's are "
-                          f"{tuple(data.input_shape)} (--image-size?)")
+def check_data_fits(ckpt, data, path, what="model"):
+    """Refuse data that is not what a checkpoint's network (a classifier, or sbg.py's denoiser) was trained
+    on: its dataset, its classes (count, and names where both know them) and its input shape. A class folder
+    added since, another dataset, or a forgotten --dataset / --image-size would be scored, trained or turned
+    into fields with labels or pixels that mean something else."""
+    names, known = (list(data.classes) if data.classes else None), ckpt.get("classes")
+    if data.name != ckpt["dataset"] or data.num_classes != ckpt["num_classes"] or \
+            (known is not None and names != list(known)) or tuple(data.input_shape) != tuple(ckpt["input_shape"]):
+        raise UserError(f"{path}: this {what} was trained on {ckpt['dataset']} {tuple(ckpt['input_shape'])} with "
+                        f"{ckpt['num_classes']} classes{f' {list(known)}' if known else ''}, not {data.name} "
+                        f"{tuple(data.input_shape)} with {data.num_classes}{f' {names}' if names else ''}: pass its "
+                        "--dataset (and --image-size)")
 
 
 def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE, fields=None):
     """For --resume: the checkpoint at path, refusing one made with other settings (both trainers)."""
     if not os.path.isfile(path):
-        raise D.UserError(f"--resume: no checkpoint at {path}")
+        raise UserError(f"--resume: no checkpoint at {path}")
     ckpt = read_classifier(path, resume=True) if kind == "classifier" else read_checkpoint(path, kind, what, fields)
     old, new = ckpt.get("args", {}), vars(args)
     if kind == "classifier" and not old.get("lr_drops") and old.get("pag_first_half_scale", 1.0) in (1.0, None) \
@@ -508,10 +572,10 @@ def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE, fiel
     if changed:
         k = changed[0]
         hint = "; the lr schedule (or lambda's) depends on them: start a new run to train longer" if k == "epochs" else ""
-        raise D.UserError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {path}, now {new.get(k)!r}{hint}")
+        raise UserError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {path}, now {new.get(k)!r}{hint}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(ckpt["sample_generators"]) != world:
-        raise D.UserError(f"--resume: {path} was written by {len(ckpt['sample_generators'])} process(es), this run has {world}")
+        raise UserError(f"--resume: {path} was written by {len(ckpt['sample_generators'])} process(es), this run has {world}")
     return ckpt
 
 
@@ -532,7 +596,7 @@ def read_metrics(path, last_epoch):
         numbers_ok = isinstance(row, dict) and all(math.isfinite(v) for v in row.values()
                                                    if isinstance(v, float))
         if not numbers_ok or not isinstance(row.get("epoch"), int) or row["epoch"] != n:
-            raise D.UserError(f"{path} line {n} is not a valid metrics line (epoch {n}, finite numbers); "
+            raise UserError(f"{path} line {n} is not a valid metrics line (epoch {n}, finite numbers); "
                               "repair or delete the file")
         rows.append(row)
     return [r for r in rows if r["epoch"] <= last_epoch]
@@ -619,7 +683,7 @@ def check_finite(loss, logs, epoch, batch):
     """Stop a diverged run before anything non-finite is stepped into the weights or saved."""
     if not math.isfinite(loss):
         bad = [LOSS_TERMS.get(k, k) for k, v in logs.items() if k in LOSS_TERMS and not math.isfinite(v)]
-        raise D.UserError(f"training diverged at epoch {epoch + 1}, batch {batch + 1}: the {' and '.join(bad) or 'total'} "
+        raise UserError(f"training diverged at epoch {epoch + 1}, batch {batch + 1}: the {' and '.join(bad) or 'total'} "
                           f"loss is {loss}; nothing of this epoch was saved (lower --lr or the loss weights)")
 
 
@@ -673,7 +737,7 @@ class Run:
 def evaluate_command(ckpt_path, device):
     """The attack.py command a finished run suggests, shell-quoted, with what it costs where there is no GPU."""
     script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "attack.py"))  # from where we run
-    cmd = shlex.join(["python", script, f"--checkpoint={ckpt_path}", "--attacks", "clean", "aa-l2", "aa-linf", "align"])
+    cmd = shlex.join(["python", script, f"--checkpoint={ckpt_path}", "--measures", "clean", "aa-l2", "aa-linf", "align"])
     if device.type == "cuda":
         return cmd
     return (f"{cmd}   (standard AutoAttack on 1,000 test images: slow on a CPU, about 3-8 min per norm for the small cnn "
@@ -693,14 +757,18 @@ def train(args, make_loss=make_classification_loss, run_name="baseline"):
     (the DDP wrapper under torchrun). run_name: a name, or a function of the resolved args.
     Ctrl-C or SIGTERM (what clusters send before a kill) ends it with one line naming the last
     saved epoch and the command that continues it, exit status 130."""
-    args = resolve_defaults(args, run_name)
     rank, world, device = setup_distributed(args)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, D.raise_keyboard_interrupt)
+        signal.signal(signal.SIGTERM, cli.raise_keyboard_interrupt)
+    data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
+                      args.image_size, args.data_seed, args.val_samples).to(device)
+    args = resolve_settings(args, data, run_name)  # from here on, read-only
+    if world > 1:
+        check_same_settings(args, world)
     run = None
     try:
         with files.RunLock(args.out_dir) if rank == 0 else nullcontext():
-            run = setup(args, make_loss, rank, world, device)
+            run = setup(args, data, make_loss, rank, world, device)
             for epoch in range(run.start_epoch, args.epochs):
                 sums, seen, lr, seconds = train_epoch(run, epoch)
                 end_epoch(run, epoch, sums, seen, lr, seconds)
@@ -713,51 +781,40 @@ def train(args, make_loss=make_classification_loss, run_name="baseline"):
         saved = run.saved_epoch if run is not None else 0
         where = f"{run.ckpt_path} holds epoch {saved} of {args.epochs}" if saved else "no epoch was saved"
         raise files.Interrupted(f"{where}; continue with: {resume_command()}" if saved else where) from None
-    if world > 1:
-        # The DDP wrapper holds the process group (and gloo's finished work): free it first, so the group is
-        # really gone before the interpreter shuts down (else gloo's threads can abort the process at exit).
-        run.train_model = None
-        gc.collect()
-        dist.destroy_process_group()
+    run.train_model = None  # the DDP wrapper holds the process group (and gloo's finished work)
+    leave_process_group(world)
     run.log(f"done: {run.ckpt_path} holds epoch {run.saved_epoch} of {args.epochs}; evaluate it with: "
             f"{evaluate_command(run.ckpt_path, next(run.model.parameters()).device)}")
     return run.model, run.data
 
 
-def setup(args, make_loss, rank, world, device):
-    """Data, model, optimiser, random streams and loss, restored from OUT_DIR/model.pt under --resume."""
-    data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
-                      args.image_size, args.data_seed, args.val_samples).to(device)
+def setup(args, data, make_loss, rank, world, device):
+    """Model, optimiser, random streams and loss, restored from OUT_DIR/model.pt under --resume."""
     if len(data.train_y) // world < max(2, args.batch_size):
-        raise D.UserError(f"{len(data.train_y)} training image(s) for {world} process(es) of batch {args.batch_size}: "
+        raise UserError(f"{len(data.train_y)} training image(s) for {world} process(es) of batch {args.batch_size}: "
                           "each process needs one full batch (the last partial batch is dropped, as the official "
                           "loader does) of at least 2; lower --batch-size")
-    args.augment = resolve_augment(args.augment, data)
-    if args.standardize and data.is_image:
-        raise D.UserError("--standardize is for the toy's points; image models normalise their pixels inside already")
     use_dataset_precision(data.name)
     torch.manual_seed(args.seed)
     try:
         model = build_model(args.arch, data.num_classes, data.input_shape[0], data.input_shape[-1], args.standardize)
     except ValueError as e:  # e.g. vit on 28 px images
-        raise D.UserError(f"--arch {args.arch} on {data.name} images of {data.input_shape[-1]} px: {e} (--image-size)") from None
+        raise UserError(f"--arch {args.arch} on {data.name} images of {data.input_shape[-1]} px: {e} (--image-size)") from None
     if args.standardize:  # from the training points, fixed from now on (saved with the weights)
         model[0].mean.copy_(data.train_x.mean(0))
         model[0].std.copy_(data.train_x.std(0))
     model = model.to(device, dataset_dtype(data.name))
     opt, sched = make_optimizer(model, args)
-    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    run = Run(args, data, model, train_model, opt, sched, torch.Generator().manual_seed(args.seed),
-              torch.Generator().manual_seed(args.seed * 1000 + 1 + rank), make_loss(args, data), rank, world)
+    run = Run(args, data, model, wrap_for_ranks(model, world, device), opt, sched, *random_streams(args.seed, rank),
+              make_loss(args, data), rank, world)
     if rank == 0:
         files.remove_stale_temporaries(args.out_dir, ("model.pt", "metrics.jsonl"))
     if args.resume:
         resume(run)
     elif os.path.exists(run.ckpt_path):
-        raise D.UserError(f"{run.ckpt_path} exists; pass --resume to continue it or choose another --out-dir")
+        raise UserError(f"{run.ckpt_path} exists; pass --resume to continue it or choose another --out-dir")
     adv = "" if args.adv == "none" else f", {args.adv} adversarial training ({args.adv_norm} eps {args.adv_eps:g})"
-    if getattr(args, "source", None):  # train_pag.py's: resolved by make_loss
+    if getattr(args, "source", None):  # train_pag.py's
         adv = (f", PAG source {args.source} lambda {args.pag_coeff:g} (x C = {args.pag_coeff * data.num_classes:g}), "
                f"{args.targets_per_image} targets per image") + adv
     procs = "" if world == 1 else f" x {world} processes (global batch {args.batch_size * world})"
@@ -774,17 +831,17 @@ def resume(run):
     """--resume: every state of the run as OUT_DIR/model.pt left it, and the metrics lines up to it."""
     path = run.ckpt_path
     ckpt = resume_checkpoint(path, run.args, "classifier", CLASSIFIER)
-    check_data_fits(ckpt, run.data, path)
+    check_data_fits(ckpt, run.data, path, "run")
     files.check_state_dict(run.model, ckpt["model"], path, CLASSIFIER)
     run.model.load_state_dict(ckpt["model"])
     try:  # the training state, already checked for its types: what is left is whether it fits this run
         run.opt.load_state_dict(ckpt["optimizer"])
         run.sched.load_state_dict(ckpt["scheduler"])
-        run.order_gen.set_state(ckpt["generator"])
+        run.order_gen.set_state(ckpt["data_order_generator"])
         run.sample_gen.set_state(ckpt["sample_generators"][run.rank])
         torch.set_rng_state(ckpt["torch_rng"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise D.UserError(f"{path}: its optimiser or random state does not fit this run ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{path}: its optimiser or random state does not fit this run ({str(e).splitlines()[0][:120]})") from None
     run.start_epoch = run.saved_epoch = ckpt["epoch"]
     run.metrics = read_metrics(run.metrics_path, run.start_epoch) if run.rank == 0 else []
     run.log(f"resuming {run.ckpt_path} after epoch {run.start_epoch}")
@@ -795,12 +852,9 @@ def train_epoch(run, epoch):
     args, n = run.args, len(run.data.train_y)
     run.model.train()
     start, lr = time.time(), run.opt.param_groups[0]["lr"]
-    order = torch.randperm(n, generator=run.order_gen)
-    shard = order[: n - n % run.world][run.rank::run.world]  # equal shards: every rank takes as many steps
     # The last partial batch is dropped, as the official loader does (drop_last=True); the toy keeps it, as its
     # public re-run does (data.DATASETS "drop_last").
-    drop_last = D.DATASETS[run.data.name]["drop_last"]
-    batches = [b for b in shard.split(args.batch_size) if len(b) == args.batch_size or not drop_last]
+    batches = shard_batches(run.order_gen, n, run.rank, run.world, args.batch_size, D.DATASETS[run.data.name]["drop_last"])
     progress = Progress(f"epoch {epoch + 1}/{args.epochs}:", sum(map(len, batches)) * run.world, "img", args.log_every,
                         print_fn=run.log)
     sums, seen = {}, 0
@@ -819,16 +873,14 @@ def train_epoch(run, epoch):
 def end_epoch(run, epoch, sums, seen, lr, train_seconds):
     """Epoch means over all ranks; on rank 0: the finiteness check, evaluation, metrics, then the checkpoint."""
     args, start = run.args, time.time() - train_seconds
-    sample_states = [run.sample_gen.get_state()]
-    if run.world > 1:  # epoch means over all ranks' samples, and every rank's random state for --resume
+    sample_states = gather_states(run.sample_gen, run.world)  # every rank's random state, for --resume
+    if run.world > 1:  # epoch means over all ranks' samples
         totals = torch.tensor([seen, *sums.values()], dtype=torch.float64)
         dist.all_reduce(totals)
         seen, sums = totals[0].item(), dict(zip(sums, totals[1:].tolist()))
-        sample_states = [None] * run.world
-        dist.all_gather_object(sample_states, run.sample_gen.get_state())
     if run.rank == 0:  # the others wait below
-        if not finite_weights(run.model.state_dict()):
-            raise D.UserError(f"training diverged in epoch {epoch + 1}: weights are not finite; "
+        if weights_problem(run.model, run.model.state_dict()):
+            raise UserError(f"training diverged in epoch {epoch + 1}: weights are not finite; "
                               f"{run.ckpt_path} keeps the last good epoch ({epoch})")
         clean, robust = evaluate(run.model, run.data, args, epoch)
         split = eval_split(run.data)
@@ -860,9 +912,9 @@ def make_batch(data, idx, augment, epoch, step, generator):
 
 
 def main(argv=None):
-    p = add_common_args(D.Parser(description=__doc__))
+    p = add_common_args(cli.Parser(description=__doc__))
     train(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

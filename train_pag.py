@@ -24,6 +24,7 @@ vit 1.8x), and the replicated forward everywhere else.
 import torch
 import torch.nn.functional as F
 
+import cli
 import data as D
 from train_baseline import add_common_args, classification_loss, train
 
@@ -41,7 +42,7 @@ def couples_samples(model):
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
-def _fp32(t):
+def at_least_fp32(t):
     """Losses and cosines in (at least) float32, also under bf16 autocast."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
@@ -66,14 +67,14 @@ def input_gradients(model, x, target_classes, create_graph=True, formulation="au
     if formulation == "replicated":
         replicas = x.detach().repeat_interleave(k, 0).requires_grad_(True)
         logits = model(replicas)
-        log_probs = F.log_softmax(_fp32(logits), dim=1).gather(1, target_classes.reshape(-1, 1))
+        log_probs = F.log_softmax(at_least_fp32(logits), dim=1).gather(1, target_classes.reshape(-1, 1))
         (grads,) = torch.autograd.grad(log_probs.sum(), replicas, create_graph=create_graph)
         return grads.view(b, k, *x.shape[1:]), logits.view(b, k, -1)[:, 0]
     if formulation != "per-column":
         raise ValueError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATIONS)}")
     x = x.detach().requires_grad_(True)
     logits = model(x)
-    log_probs = F.log_softmax(_fp32(logits), dim=1)
+    log_probs = F.log_softmax(at_least_fp32(logits), dim=1)
     grads = [torch.autograd.grad(log_probs.gather(1, target_classes[:, j: j + 1]).sum(), x,
                                  create_graph=create_graph, retain_graph=True)[0] for j in range(k)]
     return torch.stack(grads, dim=1), logits
@@ -87,13 +88,13 @@ def pag_loss(model, x, gt_grad, target_classes, create_graph=True, formulation="
     Depends only on torch.
     """
     grads, logits = input_gradients(model, x, target_classes, create_graph, formulation)
-    cos = F.cosine_similarity(_fp32(grads).flatten(2), gt_grad.flatten(2).to(_fp32(grads).dtype), dim=2, eps=1e-12)
+    cos = F.cosine_similarity(at_least_fp32(grads).flatten(2), gt_grad.flatten(2).to(at_least_fp32(grads).dtype), dim=2, eps=1e-12)
     loss = (1 - cos).mean()
     return (loss, logits) if return_logits else loss
 
 
-class local_pass:
-    """`with local_pass(model, no_sync):` a forward/backward pass whose effects stay local: batch-norm
+class isolated_pass:
+    """`with isolated_pass(model, no_sync):` a forward/backward pass whose effects stay local: batch-norm
     keeps its running statistics (and counters), and `no_sync()` (DDP's, if given) keeps the
     gradients from being synchronised. A class, so that it pastes with torch alone."""
 
@@ -134,7 +135,7 @@ def chunked_pag_loss(model, x, gt_grad, target_classes, weight, chunk, formulati
     starts = list(range(0, k, chunk))
     done = 0.0  # the earlier passes' share of the mean, detached (no wait for the GPU here)
     for s in starts[:-1]:
-        with local_pass(model, no_sync):
+        with isolated_pass(model, no_sync):
             part = pag_loss(model, x, gt_grad[:, s: s + chunk], target_classes[:, s: s + chunk],
                             formulation=formulation) * (min(chunk, k - s) / k)
             (weight * part).backward()
@@ -149,24 +150,16 @@ def chunked_pag_loss(model, x, gt_grad, target_classes, weight, chunk, formulati
 # ----------------------------------------------------------------------------- the script
 def make_pag_loss(args, data):
     """train_pag.py's loss: the classification loss (CE, or --adv's) + lambda * C * pag_loss."""
-    source = D.make_source(args.source, data, args.cache_dir, args.seed, args.sbg_file)
-    num_classes = data.num_classes
-    if args.targets_per_image is None:  # resolved here: a folder dataset knows its classes only now
-        args.targets_per_image = min(num_classes, 10)
-    if args.pag_coeff is None:
-        args.pag_coeff = D.pag_coeff_default(args.arch, num_classes)
-    k = args.targets_per_image
-    if not 1 <= k <= num_classes:
-        raise D.UserError(f"--targets-per-image must be in 1..{num_classes}, got {k}")
+    gt_grad_fn = D.make_source(args.source, data, args.cache_dir, args.seed, args.sbg_file)
+    num_classes, k = data.num_classes, args.targets_per_image
     chunk = min(args.pag_chunk or k, k)
 
     def loss_fn(model, train_model, batch):
         target_classes = sample_targets(len(batch.idx), num_classes, k, batch.generator).to(batch.x.device)
         # Targets are made for the clean image, then get the image's own crop/flip.
-        gt_grad = batch.augment(source(batch.x_clean, target_classes, batch.idx))
-        scale = args.pag_first_half_scale if batch.epoch < args.epochs / 2 else 1.0
+        gt_grad = batch.augment(gt_grad_fn(batch.x_clean, target_classes, batch.idx))
         term, logits, pag = chunked_pag_loss(train_model, batch.x, gt_grad, target_classes,
-                                             args.pag_coeff * scale * num_classes, chunk, args.pag_formulation,
+                                             D.pag_weight(args, num_classes, batch.epoch), chunk, args.pag_formulation,
                                              getattr(train_model, "no_sync", None))
         class_loss, logs = classification_loss(model, train_model, batch, logits, args, data.box)
         return class_loss + term, {**logs, "pag": pag}
@@ -177,14 +170,14 @@ def add_pag_args(p):
     p.add_argument("--source", choices=D.SOURCES,
                    help="ground-truth PAG: oi, cm, nn, sbg (default: sbg with --sbg-file, nn for the toy, else cm)")
     p.add_argument("--sbg-file", help="precomputed score-based fields (sbg.py export, or the official release)")
-    p.add_argument("--pag-coeff", type=D.loss_weight,
+    p.add_argument("--pag-coeff", type=cli.loss_weight,
                    help="lambda (default: 1.5 resnet18, 3.0 vit, 0.25 cnn, 5 toy mlp; times 10/C beyond 10 classes, "
                         "e.g. 0.15 for CIFAR-100 resnet18: the official code's weight)")
-    p.add_argument("--pag-first-half-scale", type=D.loss_weight,
+    p.add_argument("--pag-first-half-scale", type=cli.loss_weight,
                    help="lambda is multiplied by this in the first half of training (default: 2/3 for vit, else 1)")
-    p.add_argument("--targets-per-image", type=D.positive_int,
+    p.add_argument("--targets-per-image", type=cli.positive_int,
                    help="k target classes per image (default: all classes, at most 10)")
-    p.add_argument("--pag-chunk", type=D.positive_int,
+    p.add_argument("--pag-chunk", type=cli.positive_int,
                    help="targets per forward pass, to bound memory (default: all k at once; 4 for STL: data.DATASETS). Under "
                         "batch-norm a pass's B*chunk replicas share batch statistics only among themselves, so "
                         "the chunk is part of the result; bench/README.md: memory per paper setting)")
@@ -196,9 +189,9 @@ def add_pag_args(p):
 
 
 def main(argv=None):
-    p = add_pag_args(add_common_args(D.Parser(description=__doc__)))
+    p = add_pag_args(add_common_args(cli.Parser(description=__doc__)))
     train(p.parse_args(argv), make_pag_loss, run_name=lambda args: f"pag_{args.source}")
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

@@ -35,17 +35,18 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import threading
-import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import data as D  # noqa: E402 - the project's parser
+# This file says what to run and what to conclude; the pieces it runs on are bench/runner.py (the jobs, the
+# result files), bench/stats.py (the intervals, the verdict rule) and bench/reports.py (the .md and figures).
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [BENCH, os.path.dirname(BENCH)]  # the bench's pieces, and the project's modules
+import cli  # noqa: E402 - the project's parser
 import files  # noqa: E402 - the one atomic writer
-RESULTS = os.path.join(ROOT, "bench", "results")
+from reports import claims_figures, claims_markdown  # noqa: E402
+from runner import RESULT_FIELDS, RESULT_OPTIONAL, Bench, run_jobs  # noqa: E402
+from stats import combine, correlation_over_seeds, mean_interval, paired, verdict  # noqa: E402
+RESULTS = os.path.join(BENCH, "results")
 
 # Every setting of the bench, in one place (written into the results' config).
 CONFIG = dict(
@@ -82,92 +83,7 @@ COST = {"vanilla": 1, "pag-cm": 10, "pag-nn": 11, "pag-oi": 10, "pag-sbg": 10, "
 METRICS = ("clean", "aa_l2", "aa_linf", "align_nn", "align_sbg")
 
 
-# ----------------------------------------------------------------------------- statistics (pure Python)
-def t_quantile_975(df):
-    """The 0.975 quantile of Student's t with df degrees of freedom (table to 30, then Cornish-Fisher)."""
-    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-             2.045, 2.042]
-    if df <= 30:
-        return table[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
-def mean_interval(values):
-    """{"per_seed", "mean", "ci95"}: the mean and its 95% Student-t interval (None with one value)."""
-    n, m = len(values), statistics.fmean(values)
-    if n < 2:
-        return {"per_seed": values, "mean": m, "ci95": None}
-    half = t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return {"per_seed": values, "mean": m, "ci95": [m - half, m + half]}
-
-
-def wilson_interval(k, n, z=1.959964):
-    """The 95% Wilson score interval of a proportion k/n (an accuracy over n test images)."""
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def verdict(ci95):
-    """CLAIM_RULE for one comparison: the interval above 0, below 0, or around it."""
-    if ci95 is None:
-        return "not shown"
-    return "holds" if ci95[0] > 0 else "contradicted" if ci95[1] < 0 else "not shown"
-
-
-def seeds_to_decide(values, most=1000):
-    """What would change a verdict: the fewest seeds at which these values' mean and standard deviation would
-    give a 95% t interval that excludes 0 (a projection: more seeds move both). None: the mean is 0, there
-    are fewer than two values, or it takes more than `most` seeds."""
-    if len(values) < 2 or statistics.fmean(values) == 0:
-        return None
-    m, sd = abs(statistics.fmean(values)), statistics.stdev(values)
-    return next((n for n in range(2, most + 1) if t_quantile_975(n - 1) * sd / math.sqrt(n) < m), None)
-
-
-def paired(a, b, what):
-    """a - b paired by seed: mean difference, its 95% t interval, verdict, and the seeds that would decide it."""
-    st = mean_interval([x - y for x, y in zip(a, b)])
-    return {"comparison": what, "difference": st["mean"], "ci95": st["ci95"], "per_seed": st["per_seed"],
-            "verdict": verdict(st["ci95"]), "seeds_to_decide": seeds_to_decide(st["per_seed"])}
-
-
-def combine(comparisons):
-    """A claim made of several comparisons: holds if all hold, contradicted if any is; the headline
-    difference is the least favourable comparison's (a contradicted one, else the smallest lower bound)."""
-    verdicts = [c["verdict"] for c in comparisons]
-    overall = "holds" if all(v == "holds" for v in verdicts) else "contradicted" if "contradicted" in verdicts \
-        else "not shown"
-    worst = min(comparisons, key=lambda c: (c["verdict"] != "contradicted", c["ci95"][0] if c["ci95"] else -math.inf))
-    return {"verdict": overall, "difference": worst["difference"], "ci95": worst["ci95"],
-            "headline": worst["comparison"], "comparisons": comparisons}
-
-
-def pearson(xs, ys):
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
-
-
-def correlation_over_seeds(points, seeds):
-    """points: [(seed, x, y)]. Pearson r within each seed (over its models), averaged on Fisher's z scale, with
-    the 95% Student-t interval over seeds that every other number here gets, back to r. (A bootstrap over 3 seeds
-    cannot give a 95% interval: a resample of one seed three times has probability 1/27, so its percentile
-    limits are the extreme seeds' r.) r is None where a seed has fewer than 3 points or no spread."""
-    per_seed = []
-    for s in seeds:
-        xy = [(x, y) for t, x, y in points if t == s]
-        per_seed.append(pearson(*zip(*xy)) if len(xy) >= 3 else None)
-    if any(r is None for r in per_seed):
-        return {"r": None, "ci95": None, "per_seed": per_seed}
-    z = mean_interval([math.atanh(max(-0.999999, min(0.999999, r))) for r in per_seed])
-    return {"r": math.tanh(z["mean"]), "ci95": [math.tanh(v) for v in z["ci95"]] if z["ci95"] else None,
-            "per_seed": per_seed}
-
-
+# ----------------------------------------------------------------------------- what to conclude
 def select_lambda(val_clean, lambdas, max_drop):
     """SELECTION_RULE: val_clean[name][seed] = validation clean accuracy; names "vanilla" and lambda floats."""
     base = statistics.fmean(val_clean["vanilla"])
@@ -219,122 +135,19 @@ def claim_3(points, seeds, over="the PAG rows and the lambda sweep"):
     return {**combine(comparisons), "claim": text, "with_own_rows": with_own}
 
 
-# ----------------------------------------------------------------------------- result files
-_acc = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1  # noqa: E731
-_cos = lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and -1 <= v <= 1  # noqa: E731
-_seconds = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0  # noqa: E731
-RESULT_FIELDS = {"key": str, "model": str, "settings": dict, "clean": _acc, "aa_l2": _acc, "aa_linf": _acc}
-RESULT_OPTIONAL = {"seed": lambda v: isinstance(v, int), "lambda": lambda v: v is None or isinstance(v, (int, float)),
-                   "align_nn": _cos, "align_sbg": _cos, "val_acc": _acc, "val_pgd_l2_acc": _acc, "test_acc": _acc,
-                   "test_pgd_l2_acc": _acc, "train_seconds": _seconds, "seconds": _seconds}
+# ----------------------------------------------------------------------------- what to run
 CLAIMS_RESULT_FIELDS = {**RESULT_FIELDS, **{k: RESULT_OPTIONAL[k] for k in (
     "seed", "lambda", "align_nn", "align_sbg", "val_acc", "val_pgd_l2_acc", "train_seconds", "seconds")}}
 
 
-def check_result(obj, path, required=RESULT_FIELDS):
-    """One result file as the runner writes it: the `required` keys with their types, every other known
-    key's type, accuracies in [0, 1], cosines in [-1, 1], and robust accuracy never above clean (a point
-    is robust only if classified right clean, on the same images); else one UserError naming the file
-    and the key. Returns obj."""
-    files.require(obj, required, path, "bench result file")
-    files.require(obj, {k: check for k, check in RESULT_OPTIONAL.items() if k in obj}, path, "bench result file")
-    if not isinstance(obj["settings"].get("attack"), dict):
-        raise D.UserError(f"{path}: its settings name no attack; it is not a bench result file")
-    for m in ("aa_l2", "aa_linf"):
-        if obj[m] > obj["clean"]:
-            raise D.UserError(f"{path}: {m} {obj[m]} is above its clean accuracy {obj['clean']}, which no attack can "
-                              "give; repair or delete the file")
-    return obj
-
-
-def fields_provenance(path, sha256=None):
-    """What an SBG fields file is (recorded per SBG row): an `sbg.py export` (its denoiser's hash, timestep
-    and noise draws) or the official release's tensor, and the file's own content hash (given, if known)."""
-    obj = files.load_file(path, "sbg fields file", mmap=True)  # a glance: the tensors stay on disk
-    if isinstance(obj, dict) and obj.get("kind") == "sbg-fields":
-        out = {"made_by": "sbg.py export", "denoiser_sha256": obj.get("denoiser_sha256"),
-               "timestep": obj.get("timestep"), "noise_draws": obj.get("noise_draws")}
-    else:
-        out = {"made_by": "the official release"}
-    return {**out, "sha256": sha256 or files.file_sha256(path)}
-
-
-# ----------------------------------------------------------------------------- running jobs
-def sh(log, *cmd):
-    """Run one of our scripts as a one-thread process, its output appended to `log`; fail loudly."""
-    cmd = [sys.executable, *map(str, cmd)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd[1:]) + "\n")
-        f.flush()
-        if subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode:
-            raise D.UserError(f"failed: {' '.join(cmd[1:])} (log: {log})")
-
-
-def run_jobs(jobs, needs, workers, cost=None):
-    """Run the callables in `jobs` (name -> fn) on `workers` threads, each once every job it needs is
-    done, the costliest ready job first."""
-    cost = cost or {}
-    pending, running, done, start = list(jobs), {}, set(), time.time()
-    stamp = lambda: f"[{(time.time() - start) / 60:5.1f} min]"  # noqa: E731
-    with ThreadPoolExecutor(workers) as pool:
-        while pending or running:
-            ready = sorted((n for n in pending if needs.get(n, set()) <= done), key=lambda n: -cost.get(n, 0))
-            for name in ready[: workers - len(running)]:
-                pending.remove(name)
-                print(f"{stamp()} start {name}", flush=True)
-                running[pool.submit(jobs[name])] = name
-            if not running:
-                raise D.UserError(f"jobs wait on each other: {sorted(pending)}")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                name = running.pop(future)
-                future.result()  # a failed job stops the benchmark (running jobs finish first)
-                done.add(name)
-                print(f"{stamp()} done  {name} ({len(done)}/{len(jobs)} jobs)", flush=True)
-    return time.time() - start
-
-
-def recorded_settings(path):
-    """What a settings file beside a run folder, the denoiser or the fields records (None: no file)."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
-
-
-class Bench:
-    """One bench run: its settings, folders, and the jobs that fill RESULTS/<name>_runs/: train every
-    (row, lambda, seed) with the ordinary scripts, attack it with attack.py, keep one result file each.
-    The scale lives in cfg and in the few members a thin entry may override (bench/paper_table.py):
-    models, name, align (held-out alignment in every job), common_flags, attack_command, measures."""
+class ClaimsBench(Bench):
+    """The claims bench on the runner: every row with held-out alignment, the lambda sweep, the selection on
+    the validation split, and the tables, claims and figures from the result files."""
     models = MODELS
     name = "fashion_mnist"
     align = True
     result_fields = CLAIMS_RESULT_FIELDS  # what a result file must hold for assemble()
-
-    def __init__(self, cfg, out_dir, results_dir, workers, rows=None):
-        self.cfg, self.out_dir, self.results_dir, self.workers = cfg, out_dir, results_dir, workers
-        self.rows = [m for m in self.models if rows is None or m in rows]
-        self.runs_dir = os.path.join(results_dir, f"{self.name}_runs")
-        # The denoiser is a fixed source of ground truth like the data: it lives beside the result files
-        # (committed, 3.5 MB), so a bench continued on a fresh machine exports the same fields from it.
-        self.denoiser_dir = os.path.join(results_dir, f"{self.name}_sbg")
-        self.sbg_dir = os.path.join(out_dir, "sbg")  # the fields (hundreds of MB), remade from the denoiser
-        self.fields = {s: os.path.join(self.sbg_dir, f"fields_{s}.pt") for s in ("train", "test")}
-        self.lam = None  # the selected lambda, once the sweep is in
-        self.sbg_done = threading.Event()  # set when the "sbg" job has ended (made the fields, or failed)
-        self.sbg_made = False
-        self.sha256_of_fields = {}  # split -> content hash, read once (fields_sha256)
-        self.data_flags, self.common = self.common_flags(cfg)
+    lam = None  # the selected lambda, once the sweep is in (select)
 
     def common_flags(self, cfg):
         """(the data flags sbg.py shares, every training command's flags)."""
@@ -345,153 +158,13 @@ class Bench:
 
     def attack_command(self, ckpt, seed, out):
         """The final evaluation on the test images: clean, AutoAttack L2 and L-inf, NN alignment."""
-        return ["attack.py", "--checkpoint", ckpt, "--attacks", "clean", "aa-l2", "aa-linf", "align", "--aa-version",
+        return ["attack.py", "--checkpoint", ckpt, "--measures", "clean", "aa-l2", "aa-linf", "align", "--aa-version",
                 self.cfg["aa_version"], "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"],
                 "--n-samples", self.cfg["test_samples"], "--align-source", "nn", "--seed", seed, "--out", out]
 
     def measures(self, res):
-        """The numbers a result file keeps from attack.py's results."""
-        eps_l2, eps_linf = f"{self.cfg['eps_l2']:g}", f"{self.cfg['eps_linf']:g}"
-        out = {"clean": res["clean"]["acc"], "aa_l2": res["aa_l2"][eps_l2]["acc"], "aa_linf": res["aa_linf"][eps_linf]["acc"]}
-        if self.align:
-            out.update(align_nn=res["align"]["nn test"]["cos"], align_sbg=None)
-        return out
-
-    # -- one result file per (model, lambda, seed)
-    def key(self, model, seed, lam=None):
-        return f"{model}_seed{seed}" if lam is None else f"{model}_lambda{lam:g}_seed{seed}"
-
-    def result_path(self, key):
-        return os.path.join(self.runs_dir, key + ".json")
-
-    def read_result(self, key):
-        """A result file, checked (check_result), or None where there is none yet."""
-        path = self.result_path(key)
-        if not os.path.lexists(path):
-            return None
-        return check_result(files.read_json_object(path, "result file"), path, self.result_fields)
-
-    def result_extras(self, model):
-        """What a result file records besides its numbers (a thin entry adds its own): which SBG fields, by
-        content, the model was trained on (SBG rows) and aligned with (every model: the test fields)."""
-        splits = (["train"] if "sbg" in self.models[model][1] else []) + (["test"] if self.align else [])
-        fields = {s: fields_provenance(self.fields[s], self.fields_sha256(s)) for s in splits}
-        return {"sbg_fields": fields} if fields else {}
-
-    def fields_sha256(self, split):
-        """The content hash of the SBG fields of a split, read once per bench (fields files are gigabytes at
-        CIFAR scale; they do not change while it runs)."""
-        if split not in self.sha256_of_fields:
-            self.sha256_of_fields[split] = files.file_sha256(self.fields[split])
-        return self.sha256_of_fields[split]
-
-    def command(self, model, seed, lam):
-        script, extra = self.models[model]
-        if "sbg" in extra:  # --source sbg
-            extra = [*extra, "--sbg-file", self.fields["train"]]
-        pag = ["--pag-coeff", lam] if lam is not None else []
-        return [script, *self.common, *extra, *pag, "--seed", seed]
-
-    def settings(self, model, seed, lam):
-        """What a result file must have been made with to be reused (paths are not settings)."""
-        cmd = " ".join(map(str, self.command(model, seed, lam))).replace(self.fields["train"], "SBG_TRAIN_FIELDS")
-        return {"train": cmd, "attack": {k: self.cfg[k] for k in ("test_samples", "aa_version", "eps_l2", "eps_linf")},
-                "sbg": self.cfg["sbg"]}
-
-    def run_dir(self, key):
-        return os.path.join(self.out_dir, key)
-
-    def train_and_attack(self, model, seed, lam=None):
-        """Train (or resume), attack, align, and write the result file with every number of the model;
-        skipped if the file is there, refused if it (or the run folder) was made with other settings."""
-        key, want = self.key(model, seed, lam), self.settings(model, seed, lam)
-        old = self.read_result(key)
-        if old is not None:
-            if old.get("settings") != want:
-                raise D.UserError(f"{self.result_path(key)} was made with other settings; delete it (and "
-                                  f"{self.run_dir(key)}) or pass another --results-dir and --out-dir")
-            if not self.align or old.get("align_sbg") is not None:
-                return
-            # else: an earlier bench's file without its SBG alignment: made again (resumed where it can be)
-        run_dir = self.run_dir(key)
-        ckpt, log = os.path.join(run_dir, "model.pt"), os.path.join(run_dir, "run.log")
-        metrics_path, run_settings = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "bench_settings.json")
-        # The run folder is named without its settings: it says what it was made with, or it is not reused.
-        made_with = recorded_settings(run_settings)
-        if made_with != json.loads(json.dumps(want)) and (made_with is not None or os.path.exists(ckpt)):
-            raise D.UserError(f"{run_dir} was made with other settings{'' if made_with else ' (or by an older bench)'}; "
-                              "delete it or pass another --out-dir")
-        if made_with is None:
-            files.write_json(want, run_settings)
-        epoch = lambda: files.load_file(ckpt, "checkpoint")["epoch"] if os.path.exists(ckpt) else 0  # noqa: E731
-        if epoch() < self.cfg.get("epochs", math.inf):  # the checkpoint's epoch, not metrics.jsonl's lines
-            sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
-        done = epoch()
-        by_epoch = {m["epoch"]: m for m in map(json.loads, open(metrics_path).read().splitlines()) if m["epoch"] <= done}
-        last = by_epoch[done]
-        train_seconds = sum(m["seconds"] for m in by_epoch.values())  # the run's own epochs, over every resume
-        start = time.time()
-        res_path = os.path.join(run_dir, "attack_test.json")
-        sh(log, *self.attack_command(ckpt, seed, res_path))
-        measured = self.measures(json.load(open(res_path)))
-        if self.align:  # the held-out SBG alignment, so that a result file is complete when it lands
-            self.sbg_done.wait()
-            if not self.sbg_made:
-                raise D.UserError(f"the SBG fields were not made ({self.fields['test']}): the sbg job failed (its error "
-                                  "is printed above this one)")
-            align_path = os.path.join(run_dir, "align_sbg_test.json")
-            sh(log, "attack.py", "--checkpoint", ckpt, "--attacks", "align", "--align-source", "sbg", "--sbg-file",
-               self.fields["test"], "--align-split", "test", "--n-samples", self.cfg["test_samples"], "--seed", seed,
-               "--out", align_path)
-            measured["align_sbg"] = json.load(open(align_path))["align"]["sbg test"]["cos"]
-        split = last["eval_split"]  # the per-epoch check's images: "val" (choices look there) or "test"
-        pgd = next(k for k in last if k.startswith(f"{split}_pgd_l2_"))
-        result = {"key": key, "model": model, "seed": seed, "lambda": lam, **self.result_extras(model), "settings": want,
-                  f"{split}_acc": last[f"{split}_acc"], f"{split}_pgd_l2_acc": last[pgd], **measured,
-                  "train_seconds": round(train_seconds, 1), "seconds": round(train_seconds + time.time() - start, 1),
-                  "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}
-        files.write_json(result, self.result_path(key))
-        print(f"  {key}: clean {result['clean']:.1%}, AA L2 {result['aa_l2']:.1%}, L-inf {result['aa_linf']:.1%}"
-              + (f", align NN {result['align_nn']:.3f} SBG {result['align_sbg']:.3f}" if self.align else "")
-              + f" -> {os.path.relpath(self.result_path(key))}", flush=True)
-
-    def make_sbg(self):
-        """The denoiser (trained once, seed 0, kept in RESULTS/<name>_sbg/) and its fields for the training
-        images and the test images (in --out-dir, refused once the denoiser file changes)."""
-        s = self.cfg["sbg"]
-        want = json.loads(json.dumps({**s, "data": self.data_flags}))  # as it reads back
-        ckpt, log = os.path.join(self.denoiser_dir, "denoiser.pt"), os.path.join(self.sbg_dir, "sbg.log")
-        denoiser_settings = os.path.join(self.denoiser_dir, "settings.json")
-        if os.path.exists(ckpt):
-            made_with = recorded_settings(denoiser_settings)
-            if made_with != want:
-                raise D.UserError(f"{ckpt} was made with other settings ({made_with}); delete {self.denoiser_dir} "
-                                  "or pass another --results-dir")
-        else:
-            files.write_json(want, denoiser_settings)
-        if not os.path.exists(ckpt) or files.load_file(ckpt, "denoiser checkpoint")["epoch"] < s["epochs"]:
-            sh(log, "sbg.py", "train", *self.data_flags, "--epochs", s["epochs"], "--seed", s["seed"],
-               "--out-dir", self.denoiser_dir, *(["--resume"] if os.path.exists(ckpt) else []))
-        want_fields = {**want, "test_samples": self.cfg["test_samples"], "denoiser_sha256": files.file_sha256(ckpt)}
-        settings_file = os.path.join(self.sbg_dir, "settings.json")
-        if all(os.path.exists(p) for p in self.fields.values()):
-            made_with = recorded_settings(settings_file)
-            if made_with != want_fields:
-                raise D.UserError(f"{self.sbg_dir} holds fields made with other settings or another denoiser "
-                                  f"({made_with}); delete it or pass another --out-dir")
-            return
-        for split in ("test", "train"):
-            sh(log, "sbg.py", "export", *self.data_flags, "--checkpoint", ckpt, "--timestep", s["timestep"],
-               "--noise-draws", s["noise_draws"], "--split", split, "--eval-samples", self.cfg["test_samples"],
-               "--seed", s["seed"], "--out", self.fields[split])
-        files.write_json(want_fields, settings_file)
-
-    def sbg_job(self):
-        try:
-            self.make_sbg()
-            self.sbg_made = True
-        finally:  # jobs waiting for the fields go on (and fail in one line if they are missing)
-            self.sbg_done.set()
+        """The runner's numbers, and the NN alignment that attack_command asks for."""
+        return {**super().measures(res), "align_nn": res["align"]["nn test"]["cos"]}
 
     def select(self):
         """SELECTION_RULE on the validation accuracies of vanilla and the sweep (every sweep seed)."""
@@ -505,8 +178,10 @@ class Bench:
         return val
 
     def run(self):
-        """Every job, the SBG fields first where a row or the alignment needs them; returns the wall seconds."""
-        seeds, lambdas = self.cfg["seeds"], self.cfg.get("lambdas")
+        """The plan: the rows that need no lambda, the sweep at the sweep seeds, the selection once the sweep is in,
+        then every PAG row at the selected lambda; the SBG fields first, as every model's alignment needs them.
+        Returns the wall seconds."""
+        seeds, lambdas = self.cfg["seeds"], self.cfg["lambdas"]
         # "sbg" starts first: with alignment on, every model waits for its fields after its attack.
         jobs, needs, cost = {"sbg": self.sbg_job}, {}, {"sbg": math.inf}
 
@@ -516,13 +191,8 @@ class Bench:
             if name in jobs:  # vanilla at a sweep seed is a row too
                 return name
             value = lambda: self.lam if lam == "selected" else lam  # noqa: E731 - known once "select" ran
-            jobs[name], needs[name], cost[name] = (lambda: self.train_and_attack(model, seed, value())), after, COST.get(model, 10)
+            jobs[name], needs[name], cost[name] = (lambda: self.train_and_attack(model, seed, value())), after, COST[model]
             return name
-        if not lambdas:  # no sweep: every row at its scripts' defaults (lambda included)
-            for s in seeds:
-                for model in self.rows:
-                    add(model, s, None, {"sbg"} if "sbg" in self.models[model][1] else set())
-            return run_jobs(jobs, needs, self.workers, cost)
         sweep, pag, sweep_seeds = set(), any(m in PAG_ROWS for m in self.rows), self.cfg["sweep_seeds"]
         for s in seeds:
             for model in [m for m in self.rows if m not in PAG_ROWS]:
@@ -570,10 +240,10 @@ class Bench:
         files.write_json(seeds_out, os.path.join(self.results_dir, "fashion_mnist_seeds.json"))
         files.write_json({"config": config, "seeds": seeds, "rows": lambda_rows},
                      os.path.join(self.results_dir, "fashion_mnist_lambda.json"))
-        md = markdown(rows, lambda_rows, found, config)
+        md = claims_markdown(rows, lambda_rows, found, config)
         files.atomic_write(os.path.join(self.results_dir, "fashion_mnist_seeds.md"), text=md)
         others = [r for m in self.rows if m not in PAG_ROWS or m == "pag-cm+pgd-at" for r in results[m]]
-        figures(rows, lambda_rows, points, others, found["3"], config, self.results_dir)
+        claims_figures(rows, lambda_rows, points, others, found["3"], config, self.results_dir, list(MODELS), PAG_ROWS)
         print(md)
         for f in ("fashion_mnist_seeds.json", "fashion_mnist_seeds.md", "fashion_mnist_lambda.json",
                   "fashion_mnist_tradeoff.png", "fashion_mnist_alignment.png"):
@@ -581,143 +251,24 @@ class Bench:
         return seeds_out
 
 
-# ----------------------------------------------------------------------------- reports
-def fmt(st, pct=True):
-    """mean [lo, hi] of a metric entry."""
-    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
-    return f"{f(st['mean'])} [{f(st['ci95'][0])}, {f(st['ci95'][1])}]" if st["ci95"] else f(st["mean"])
-
-
-def markdown(rows, lambda_rows, found, config):
-    n = len(config["seeds"])
-    sweep_seeds = ", ".join(map(str, config["sweep_seeds"]))
-    lines = [f"Fashion-MNIST, cnn, {config['train_samples']} training images, {config['epochs']} epochs, {n} seeds "
-             f"({', '.join(map(str, config['seeds']))}); "
-             + ("no PAG row" if config["selected_lambda"] is None else f"lambda {config['selected_lambda']:g} chosen on the "
-                                                                       f"validation split of seeds {sweep_seeds}")
-             + f"; {config['test_samples']} test images. Mean [95% t interval over seeds], accuracies in %.", "",
-             f"| model | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:g} | "
-             "align NN (test) | align SBG (test) |", "|---|---|---|---|---|---|"]
-    for m, r in rows.items():
-        lines.append(f"| {m} | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
-                     f"{fmt(r['align_nn'], False)} | {fmt(r['align_sbg'], False)} |")
-    lines += ["", f"λ sweep (PAG-CM, seeds {sweep_seeds}):", "", "| λ | validation clean | clean | AA L2 | AA L∞ | align SBG (test) |",
-              "|---|---|---|---|---|---|"]
-    for lam, r in lambda_rows.items():
-        lines.append(f"| {lam} | {fmt(r['val_acc'])} | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
-                     f"{fmt(r['align_sbg'], False)} |")
-    lines += ["", f"Claims ({config['claim_rule']}):", "", "| claim | verdict | headline | difference [95% interval] |",
-              "|---|---|---|---|"]
-    for k in ("1", "2", "3", "4"):
-        c = found[k]
-        ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else "n/a"
-        value = f"{c['difference']:+.3f} {ci}" if c["difference"] is not None else "n/a"
-        lines.append(f"| {k}: {c['claim']} | **{c['verdict']}** | {c.get('headline', 'Pearson r' if k == '3' else '')} | {value} |")
-    lines += ["", "Every comparison (claims 1, 2, 4: a − b in points, paired by seed; claim 3: within-seed Pearson r, "
-              "its interval on Fisher's z scale; *seeds to decide*: the fewest seeds at which this mean difference and "
-              "spread would give an interval that excludes 0, a projection, not a promise):", "",
-              "| claim | comparison | per seed | difference [95% interval] | verdict | seeds to decide |",
-              "|---|---|---|---|---|---|"]
-
-    def row(k, c, scale, f, n):
-        num = lambda v: "n/a" if v is None else f"{scale * v:+.{f}f}"  # noqa: E731
-        ci = f"[{num(c['ci95'][0])}, {num(c['ci95'][1])}]" if c["ci95"] else "n/a"
-        return (f"| {k} | {c['comparison']} | {', '.join(num(v) for v in c['per_seed'])} | {num(c['difference'])} {ci} | "
-                f"{c['verdict']} | {n} |")
-    for k in ("1", "2", "3", "4"):
-        for c in found[k].get("comparisons", []):
-            if k == "3":
-                lines.append(row(k, c, 1, 2, "—"))
-                continue
-            n = c["seeds_to_decide"]
-            lines.append(row(k, c, 100, 1, n if n is not None else "> 1000" if c["difference"] else "never"))
-    for c in found["3"].get("with_own_rows", {}).values():
-        lines.append(row("3 (not in the verdict)", c, 1, 2, "—"))
-    fuller = found["3"].get("with_lambda_sweep")  # the sweep seeds only, their sweep's models in
-    for c in [*fuller.get("comparisons", []), *fuller.get("with_own_rows", {}).values()] if fuller else []:
-        lines.append(row(f"3 (seeds {sweep_seeds} with the λ sweep, not in the verdict)", c, 1, 2, "—"))
-    return "\n".join(lines) + "\n"
-
-
-def figures(rows, lambda_rows, points, others, claim3, config, out_dir):
-    """The trade-off (every row, mean and interval; the sweep as a line) and alignment vs robustness (claim 3's
-    points, and the models outside it drawn hollow for comparison). One colour per model in both."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colour = {m: palette[i % len(palette)] for i, m in enumerate(MODELS)}
-    attack = f"{config['attack'].split(' (')[0]} L2 ε={config['eps_l2']:g}"
-    lam_sel = config["selected_lambda"]
-
-    def err(st):
-        m = st["mean"] * 100
-        return m, ([[m - st["ci95"][0] * 100], [st["ci95"][1] * 100 - m]] if st["ci95"] else None)
-    fig, ax = plt.subplots(figsize=(8, 5.8))
-    for m, r in rows.items():
-        (x, xe), (y, ye) = err(r["clean"]), err(r["aa_l2"])
-        label = f"{m} (λ={lam_sel:g}, from the PAG-CM sweep)" if m in PAG_ROWS else m
-        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color=colour[m], label=label)
-    sweep = [(float(lam), err(r["clean"])[0], err(r["aa_l2"])[0]) for lam, r in lambda_rows.items()]
-    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k--", lw=1,
-            label=f"PAG-CM λ sweep (means only, seeds {', '.join(map(str, config['sweep_seeds']))})")
-    for lam, x, y in sweep:
-        if lam != lam_sel:  # the selected point is the pag-cm row's marker
-            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
-    ax.set(xlabel=f"clean accuracy (%), {config['test_samples']} test images",
-           ylabel=f"robust accuracy (%), {attack}",
-           title=f"Fashion-MNIST cnn: clean vs robust, mean and 95% interval over {len(config['seeds'])} seeds\n"
-                 "(unpaired bars: paired differences are in fashion_mnist_seeds.md)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    files.save_figure(fig, os.path.join(out_dir, "fashion_mnist_tradeoff.png"), dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    lam_markers = iter("v^sPX")
-    marker = {lam: "o" if lam == lam_sel else next(lam_markers) for lam in sorted({p["lambda"] for p in points})}
-    for m, lam in sorted({(p["model"], p["lambda"]) for p in points}, key=str):
-        pts = [p for p in points if p["model"] == m and p["lambda"] == lam]
-        ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], color=colour[m], marker=marker[lam],
-                   label=f"{m} λ={lam:g}" + (" (trained on these fields' denoiser)" if m == "pag-sbg" else ""))
-    for j, m in enumerate(sorted({p["model"] for p in others})):  # outside the correlation
-        pts = [p for p in others if p["model"] == m]
-        ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], marker="os^Dv"[j % 5],
-                   facecolors="none", edgecolors=colour[m], label=f"{m} (not in r)")
-    without = next((c for c in claim3.get("comparisons", []) if c["measure"] == "align_sbg"), None)
-    show = lambda c: "n/a" if c is None or c["difference"] is None else (  # noqa: E731
-        f"{c['difference']:.2f}" + (f" [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c["ci95"] else ""))
-    ax.set(xlabel="held-out alignment: mean cos to SBG fields of the test images",
-           ylabel=f"robust accuracy (%), {attack}",
-           title="alignment vs robustness, one point per model and seed; within-seed r, mean [95% interval]:\n"
-                 f"PAG models {show(claim3.get('with_own_rows', {}).get('align_sbg'))}, without pag-sbg {show(without)}")
-    ax.title.set_fontsize(10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    files.save_figure(fig, os.path.join(out_dir, "fashion_mnist_alignment.png"), dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None):
-    p = D.Parser(description=__doc__)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()
                                                                                   if k != "sbg") + ", 1 denoiser epoch")
-    p.add_argument("--seeds", type=D.seed, nargs="+", help=f"default: {CONFIG['seeds']} ({QUICK['seeds']} with --quick)")
-    p.add_argument("--lambdas", type=D.loss_weight, nargs="+", help=f"the sweep (default: {CONFIG['lambdas']})")
-    p.add_argument("--sweep-seeds", type=D.seed, nargs="+",
+    p.add_argument("--seeds", type=cli.seed, nargs="+", help=f"default: {CONFIG['seeds']} ({QUICK['seeds']} with --quick)")
+    p.add_argument("--lambdas", type=cli.loss_weight, nargs="+", help=f"the sweep (default: {CONFIG['lambdas']})")
+    p.add_argument("--sweep-seeds", type=cli.seed, nargs="+",
                    help=f"the seeds the sweep runs at and lambda is chosen on (default: {CONFIG['sweep_seeds']}; "
                         f"{QUICK['sweep_seeds']} with --quick; every seed of --seeds when --seeds is given alone): the other "
                         "seeds add models at the lambda chosen there, no re-selection")
-    p.add_argument("--epochs", type=D.positive_int, help=f"default: {CONFIG['epochs']}")
-    p.add_argument("--train-samples", type=D.positive_int, help=f"default: {CONFIG['train_samples']}")
-    p.add_argument("--val-samples", type=D.positive_int, help=f"default: {CONFIG['val_samples']}")
-    p.add_argument("--eval-samples", "--n-samples", dest="test_samples", type=D.positive_int,
+    p.add_argument("--epochs", type=cli.positive_int, help=f"default: {CONFIG['epochs']}")
+    p.add_argument("--train-samples", type=cli.positive_int, help=f"default: {CONFIG['train_samples']}")
+    p.add_argument("--val-samples", type=cli.positive_int, help=f"default: {CONFIG['val_samples']}")
+    p.add_argument("--eval-samples", "--n-samples", dest="test_samples", type=cli.positive_int,
                    help=f"test images of the final evaluation (default: {CONFIG['test_samples']})")
     p.add_argument("--rows", nargs="+", choices=list(MODELS), default=list(MODELS),
                    help="models to run (PAG rows bring vanilla and the lambda sweep: the selection needs them)")
-    p.add_argument("--jobs", type=D.positive_int, default=2, help="processes at a time, one thread each")
+    p.add_argument("--jobs", type=cli.positive_int, default=2, help="processes at a time, one thread each")
     p.add_argument("--out-dir", help="checkpoints and logs (default: runs/fashion_mnist_bench[_quick])")
     p.add_argument("--results-dir", help="result files, tables and figures (default: bench/results; with --quick: "
                                          "the --out-dir)")
@@ -727,22 +278,22 @@ def main(argv=None):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if len(set(cfg["seeds"])) != len(cfg["seeds"]) or len(cfg["seeds"]) < 2:
-        raise D.UserError(f"--seeds needs at least two distinct seeds (intervals are over seeds), got {cfg['seeds']}")
+        raise files.UserError(f"--seeds needs at least two distinct seeds (intervals are over seeds), got {cfg['seeds']}")
     if args.seeds is not None and args.sweep_seeds is None:  # seeds of one's own: the sweep runs at each
         cfg["sweep_seeds"] = cfg["seeds"]
     if len(set(cfg["sweep_seeds"])) != len(cfg["sweep_seeds"]) or len(cfg["sweep_seeds"]) < 2 \
             or not set(cfg["sweep_seeds"]) <= set(cfg["seeds"]):
-        raise D.UserError(f"--sweep-seeds needs at least two distinct seeds among --seeds {cfg['seeds']}, got "
+        raise files.UserError(f"--sweep-seeds needs at least two distinct seeds among --seeds {cfg['seeds']}, got "
                           f"{cfg['sweep_seeds']}")
     if len(set(cfg["lambdas"])) != len(cfg["lambdas"]):
-        raise D.UserError(f"--lambdas has a value twice: {cfg['lambdas']}")
+        raise files.UserError(f"--lambdas has a value twice: {cfg['lambdas']}")
     cfg["lambdas"] = sorted(cfg["lambdas"])
     out_dir = os.path.abspath(args.out_dir or os.path.join("runs", "fashion_mnist_bench" + ("_quick" if args.quick else "")))
     results_dir = os.path.abspath(args.results_dir or (out_dir if args.quick else RESULTS))
     rows = set(args.rows) | ({"vanilla", "pag-cm"} if set(args.rows) & set(PAG_ROWS) else set())
-    bench = Bench(cfg, out_dir, results_dir, args.jobs, rows)
+    bench = ClaimsBench(cfg, out_dir, results_dir, args.jobs, rows)
     return bench.assemble(bench.run())
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

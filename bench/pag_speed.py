@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 import data as D  # noqa: E402
 import files  # noqa: E402
 import train_baseline as T  # noqa: E402
@@ -125,9 +126,10 @@ def make_steps(setting, device, cache_dir, formulation="auto"):
     argv = [*dataset, "--arch", arch, "--batch-size", batch_size, "--targets-per-image", k, "--amp", amp,
             "--source", "nn" if arch == "mlp" else "cm", "--cache-dir", cache_dir,
             "--pag-formulation", formulation, *(["--pag-chunk", chunk] if chunk else [])]
-    args = T.resolve_defaults(P.add_pag_args(T.add_common_args(D.Parser())).parse_args(list(map(str, argv))), "bench")
-    data = D.get_data(args.dataset, train_samples=None if arch == "mlp" else max(256, batch_size),  # toy: sorted by class
-                      image_size=args.image_size).to(device)
+    raw = P.add_pag_args(T.add_common_args(cli.Parser())).parse_args(list(map(str, argv)))
+    data = D.get_data(raw.dataset, train_samples=None if arch == "mlp" else max(256, batch_size),  # toy: sorted by class
+                      image_size=raw.image_size).to(device)
+    args = T.resolve_settings(raw, data, "bench")
     torch.manual_seed(0)
     model = build_model(arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -169,18 +171,18 @@ def memory_row(setting, cache_dir):
 
 
 def main(argv=None):
-    p = D.Parser(description=__doc__)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: the paper's settings on the GPU")
     p.add_argument("--memory", action="store_true", help="the paper's settings on the CPU, peak memory of train_pag.py's step only")
-    p.add_argument("--repeats", type=D.positive_int, help="timed steps (default: 10 on a GPU, 3 on a CPU)")
-    p.add_argument("--warmup", type=D.positive_int, help="untimed steps first (default: 3 on a GPU, 1 on a CPU)")
+    p.add_argument("--repeats", type=cli.positive_int, help="timed steps (default: 10 on a GPU, 3 on a CPU)")
+    p.add_argument("--warmup", type=cli.positive_int, help="untimed steps first (default: 3 on a GPU, 1 on a CPU)")
     p.add_argument("--only", nargs="+", help="settings whose arch is one of these")
     p.add_argument("--out", help="default: bench/results/speed_gpu.json (cuda), memory_cpu.json (--memory) or speed.json")
     args = p.parse_args(argv)
     device = T.pick_device(args.device)
     gpu = device.type == "cuda"
     if args.memory and gpu:
-        raise D.UserError("--memory measures on the CPU; on a GPU every row has its peak memory already")
+        raise files.UserError("--memory measures on the CPU; on a GPU every row has its peak memory already")
     repeats, warmup = args.repeats or (10 if gpu else 3), args.warmup or (3 if gpu else 1)
     settings = MEMORY_SETTINGS if args.memory else GPU_SETTINGS if gpu else CPU_SETTINGS
     settings = [s for s in settings if not args.only or s[0] in args.only]
@@ -212,4 +214,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

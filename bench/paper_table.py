@@ -18,7 +18,7 @@ README, "Preparing Perceptually Aligned Gradients Data") or `sbg.py export`'s; e
 paper's two-decimal numbers fit k/n only for n >= 6,550) with standard AutoAttack, L2 eps 0.5 and L-inf
 eps 8/255; every accuracy gets a 95% Wilson interval, and the .md says whether the paper's number lies in it.
 
-It runs on the claims runner (bench/fashion_mnist.py's Bench): one result file per row in
+It runs on the bench runner (bench/runner.py's Bench): one result file per row in
 OUT_DIR/paper_table_<dataset>_runs/, so a killed run, or rows run as separate jobs, continue from what
 has finished, and a later call assembles whatever is there into OUT_DIR/paper_table_<dataset>.json
 and .md. Released files are results of their content (sha256), not of their path.
@@ -30,16 +30,21 @@ import shlex
 import sys
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, BENCH)
-import fashion_mnist as claims  # noqa: E402 - the claims runner: one runner that knows scales
-from fashion_mnist import D, ROOT, fields_provenance, files, run_jobs, sh, wilson_interval  # noqa: E402
+ROOT = os.path.dirname(BENCH)
+sys.path[:0] = [BENCH, ROOT]  # the bench's pieces, and the project's modules
+import cli  # noqa: E402 - the project's parser
+import data as D  # noqa: E402
+import files  # noqa: E402 - the one atomic writer
 from models import from_official  # noqa: E402
+from reports import paper_table_markdown  # noqa: E402
+from runner import Bench, fields_provenance, run_jobs, sh  # noqa: E402
+from stats import wilson_interval  # noqa: E402
 
-# The paper's Table 1 (CIFAR-10, ResNet-18; AutoAttack robust accuracy in %, L2 eps 0.5 / L-inf eps 8/255), as
-# ../shared/PAPER.md section 4 recovers it from the paper's figures, each with the lambda it was made at: the
-# SBG numbers (55.39 / 23.97) are exactly the lambda = 2.0 point of the paper's SBG lambda sweep; for OI, CM
-# and NN the paper states no lambda, so the official config's 1.5 is assumed. Clean accuracies and the ViT
-# row were not recovered (None).
+# The paper's Table 1 (Ganz, Kawar & Elad, ICML 2023; CIFAR-10, ResNet-18; AutoAttack robust accuracy in %,
+# L2 eps 0.5 / L-inf eps 8/255), each with the lambda it was made at: the SBG numbers (55.39 / 23.97) are
+# exactly the lambda = 2.0 point of the paper's figure of its SBG lambda sweep; for OI, CM and NN the paper
+# states no lambda, so the official config's 1.5 is assumed. Clean accuracies and the ViT row were not
+# recovered (None).
 PAPER_TABLE_1 = {
     "source": "Ganz, Kawar & Elad, ICML 2023, Table 1 and the lambda sweep (CIFAR-10, ResNet-18)",
     "cifar10": {
@@ -83,10 +88,9 @@ def row_flags(row, quick):
     return [*flags, *(["--pag-coeff", lam] if lam is not None else []), *(["--arch", QUICK_ARCH] if quick and arch != "vit" else [])]
 
 
-class PaperTable(claims.Bench):
-    """The claims runner at the paper's scale: no sweep, no validation split, no alignment; each row at its lambda."""
-    align = False
-    result_fields = claims.RESULT_FIELDS
+class PaperTable(Bench):
+    """The runner at the paper's scale: no sweep, no validation split, no alignment; each row at its lambda."""
+    cost = {"vanilla": 1, "pag-nn": 11}  # relative training time, as the claims bench's COST has it (others: 10)
 
     def __init__(self, cfg, out_dir, workers, rows, official):
         """Results (tables, one file per row) in out_dir; checkpoints and logs in out_dir/paper_table_<dataset>/."""
@@ -98,7 +102,7 @@ class PaperTable(claims.Bench):
             self.fields["train"] = os.path.abspath(cfg["sbg_file"])
 
     def settings(self, model, seed, lam):
-        """As the claims runner's, and for the SBG rows the given fields' content (its path is not a setting:
+        """As the runner's, and for the SBG rows the given fields' content (its path is not a setting:
         other fields under the same name are other settings)."""
         out = super().settings(model, seed, lam)
         if self.cfg["sbg_file"] and "sbg" in self.models[model][1]:
@@ -118,7 +122,7 @@ class PaperTable(claims.Bench):
         return data, [*data, *cfg["train_flags"], "--eval-samples", min(cfg["test_samples"], 1000), "--log-every", 100]
 
     def attack_command(self, ckpt, seed, out, dataset=None):
-        cmd = ["attack.py", "--checkpoint", ckpt, "--attacks", "clean", "aa-l2", "aa-linf", "--aa-version",
+        cmd = ["attack.py", "--checkpoint", ckpt, "--measures", "clean", "aa-l2", "aa-linf", "--aa-version",
                self.cfg["aa_version"], "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"],
                "--eval-samples", self.cfg["test_samples"], "--seed", seed, "--out", out]
         if self.cfg["aa_iterations"]:
@@ -229,41 +233,11 @@ class PaperTable(claims.Bench):
                                 if self.cfg["aa_iterations"] else ")"))
         path = os.path.join(self.results_dir, self.name)
         files.write_json({"config": config, "rows": rows}, path + ".json")
-        files.atomic_write(path + ".md", text=markdown(self.cfg, config, rows, [r for r in self.rows if r not in rows]))
+        missing = [r for r in self.rows if r not in rows]
+        files.atomic_write(path + ".md", text=paper_table_markdown(self.cfg, config, rows, missing, paper))
         print(open(path + ".md").read(), end="")
         print(f"wrote {os.path.relpath(path)}.json and {os.path.relpath(path)}.md")
         return {"config": config, "rows": rows}
-
-
-def markdown(cfg, config, rows, missing):
-    """The table: each measured accuracy with its 95% interval beside the paper's number, the lambda of both,
-    whether the paper's number lies in the interval, and which SBG fields a row was trained on."""
-    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    ci = lambda r, m: f"{pct(r[m])} [{pct(r['ci95'][m][0])}, {pct(r['ci95'][m][1])}]"  # noqa: E731
-    inside = lambda r, m: {None: "–", True: "yes", False: "**no**"}[r[f"paper_{m}_in_ci95"]]  # noqa: E731
-    lam = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
-    counts = sorted({r["eval_samples"] for r in rows.values()})
-    lines = [f"{cfg['dataset']}, {' / '.join(map(str, counts)) or cfg['test_samples']} test images (the first N), "
-             f"{config['attack']}; L2 ε = {cfg['eps_l2']:g}, L∞ ε = {cfg['eps_linf']:.4g}. Each accuracy in % with its "
-             f"{config['interval']}; *in?*: whether the paper's number lies in that interval. Paper: {PAPER_TABLE_1['source']}.",
-             "", "| row | weights | λ | paper λ | clean | AA L2 | paper | in? | AA L∞ | paper | in? |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row, r in rows.items():
-        lines.append(f"| {row} | {r['weights']} | {lam(r['lambda'])} | {lam(r['paper_lambda'])} | {ci(r, 'clean')} | "
-                     f"{ci(r, 'aa_l2')} | {pct(r['paper_aa_l2'])} | {inside(r, 'aa_l2')} | {ci(r, 'aa_linf')} | "
-                     f"{pct(r['paper_aa_linf'])} | {inside(r, 'aa_linf')} |")
-    notes = [f"- paper λ of {row}: {PAPER_TABLE_1.get(cfg['dataset'], {}).get(row, {}).get('basis')}" for row in rows
-             if PAPER_TABLE_1.get(cfg["dataset"], {}).get(row)]
-    for row, r in rows.items():
-        f = r.get("sbg_fields")
-        if f:
-            made = (f"sbg.py export (denoiser sha256 {str(f['denoiser_sha256'])[:12]}…, timestep {f['timestep']}, "
-                    f"{f['noise_draws']} noise draws)" if f["made_by"] == "sbg.py export" else f["made_by"])
-            notes.append(f"- SBG fields of {row}: {made}; file sha256 {f['sha256'][:12]}…")
-    lines += ["", *notes] if notes else []
-    if missing:
-        lines += ["", f"Not finished yet: {', '.join(missing)}."]
-    return "\n".join(lines) + "\n"
 
 
 def official_files(args, num_classes):
@@ -272,44 +246,44 @@ def official_files(args, num_classes):
     found = {}
     if args.official_checkpoints:
         if not os.path.isdir(args.official_checkpoints):
-            raise D.UserError(f"--official-checkpoints {args.official_checkpoints} is not a folder")
+            raise files.UserError(f"--official-checkpoints {args.official_checkpoints} is not a folder")
         for row, name in OFFICIAL_FILES.items():
             hits = [p for p in glob.glob(os.path.join(args.official_checkpoints, "*")) if os.path.basename(p).lower() == name.lower()]
             if hits:
                 found[row] = hits[0]
         if not found:
-            raise D.UserError(f"no file of the release ({', '.join(OFFICIAL_FILES.values())}) in {args.official_checkpoints}; "
+            raise files.UserError(f"no file of the release ({', '.join(OFFICIAL_FILES.values())}) in {args.official_checkpoints}; "
                               "name them with --official ROW=PATH")
     for item in args.official or []:
         row, _, path = item.partition("=")
         if row not in ROWS or not path:
-            raise D.UserError(f"--official {item!r}: expected ROW=PATH with ROW one of {', '.join(ROWS)}")
+            raise files.UserError(f"--official {item!r}: expected ROW=PATH with ROW one of {', '.join(ROWS)}")
         found[row] = path
     for row, path in found.items():  # each file is the architecture and class count its row is about
         try:
             model = from_official(files.load_file(path, f"official checkpoint of {row}"))
         except ValueError as e:
-            raise D.UserError(f"{path} (for {row}) is not an official PAG-ROB checkpoint: {e}") from None
+            raise files.UserError(f"{path} (for {row}) is not an official PAG-ROB checkpoint: {e}") from None
         arch = "vit" if hasattr(model, "patch") else "resnet18"
         classes = (model.fc[1] if arch == "vit" else model.linear).out_features
         if arch != ROWS[row][3] or classes != num_classes:
-            raise D.UserError(f"{path} holds a {arch} with {classes} classes, but row {row} is a {ROWS[row][3]} with "
+            raise files.UserError(f"{path} holds a {arch} with {classes} classes, but row {row} is a {ROWS[row][3]} with "
                               f"{num_classes} classes; give each row its own file")
     return found
 
 
 def main(argv=None):
-    p = D.Parser(description=__doc__)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--dataset", default="cifar10", help="cifar10 (the paper's numbers), cifar100 or stl10")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to train (or evaluate)")
     p.add_argument("--sbg-file", help="score-based fields for the SBG rows (the official release's or sbg.py export's)")
-    p.add_argument("--seed", type=D.seed, default=CONFIG["seeds"][0], help="the official configs' seed")
-    p.add_argument("--eval-samples", "--n-samples", dest="test_samples", type=D.positive_int,
+    p.add_argument("--seed", type=cli.seed, default=CONFIG["seeds"][0], help="the official configs' seed")
+    p.add_argument("--eval-samples", "--n-samples", dest="test_samples", type=cli.positive_int,
                    help=f"the first N test images (default: {CONFIG['test_samples']}; 10000 for the full set)")
     p.add_argument("--official-checkpoints", help="a folder with the released files (names: "
                                                   f"{', '.join(OFFICIAL_FILES.values())}): evaluate them, train nothing")
     p.add_argument("--official", nargs="+", metavar="ROW=PATH", help="released files by row, e.g. pag-sbg=rn18_sbg.pt")
-    p.add_argument("--jobs", type=D.positive_int, default=1, help="rows at a time (one GPU: 1)")
+    p.add_argument("--jobs", type=cli.positive_int, default=1, help="rows at a time (one GPU: 1)")
     p.add_argument("--out-dir", help="results (default: bench/results; with --quick: runs/paper_table_quick); "
                                      "checkpoints go to OUT_DIR/paper_table_<dataset>/")
     p.add_argument("--dry-run", action="store_true", help="print each row's exact training and evaluation commands, "
@@ -321,14 +295,14 @@ def main(argv=None):
     cfg.update(quick=args.quick, seeds=[args.seed], sbg_file=args.sbg_file,
                dataset=cfg.get("dataset") if args.quick else D.canonical_dataset(args.dataset))
     if cfg["dataset"] not in NUM_CLASSES:
-        raise D.UserError(f"--dataset {args.dataset}: Table 1's rows are for {', '.join(d for d in NUM_CLASSES if d != 'synthetic')}")
+        raise files.UserError(f"--dataset {args.dataset}: Table 1's rows are for {', '.join(d for d in NUM_CLASSES if d != 'synthetic')}")
     if args.test_samples:
         cfg["test_samples"] = args.test_samples
     official = official_files(args, NUM_CLASSES[cfg["dataset"]])
     rows = list(official) if official else args.rows
     if not official and not args.quick and not args.sbg_file and any("sbg" in ROWS[r][1] for r in rows):
         if not args.dry_run:
-            raise D.UserError("the SBG rows need --sbg-file (the official release's fields or sbg.py export's); "
+            raise files.UserError("the SBG rows need --sbg-file (the official release's fields or sbg.py export's); "
                               "or leave them out with --rows")
         cfg["sbg_file"] = "FIELDS.pt"  # a dry run shows where the file goes
     out_dir = os.path.abspath(args.out_dir or (os.path.join(ROOT, "runs", "paper_table_quick") if args.quick
@@ -340,4 +314,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

@@ -9,7 +9,7 @@ It only orchestrates the ordinary scripts (their main(), in this process), so th
 exercises the same code as the image experiments:
     python train_baseline.py --dataset toy --out-dir DIR/vanilla --seed S --data-seed S
     python train_pag.py      --dataset toy --out-dir DIR/pag     --seed S --data-seed S
-    python attack.py --checkpoint DIR/<model>/model.pt --attacks clean pgd-l2 exact-l2 visualize
+    python attack.py --checkpoint DIR/<model>/model.pt --measures clean pgd-l2 exact-l2 visualize
         --eps-l2 1 2 5 10 15 20 30 --target runner-up --steps 100   (one command)
 Both models see the same data and the same initialisation: the seed fixes the draw of the
 data and the initialisation. The outcome depends on both (bench/README.md: PAG keeps 16.7-90.3% of
@@ -33,10 +33,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data as D  # noqa: E402 - ours, found through ROOT
+import cli  # noqa: E402 - ours, found through ROOT
+import data as D  # noqa: E402
 import files  # noqa: E402
 from train_baseline import load_checkpoint  # noqa: E402
-from toy_data import CENTRES, SLOPE  # noqa: E402
+from data import TOY_CENTRES, TOY_SLOPE, make_toy  # noqa: E402
 
 EPS = (1, 2, 5, 10, 15, 20, 30)
 STEPS = 100
@@ -60,8 +61,8 @@ def figure(out_dir, seed, models, results, exact):
     import matplotlib.pyplot as plt
     import toy_data
 
-    train_x, train_y, test_x, test_y = toy_data.make_toy(seed)
-    arrows = toy_data.ground_truth_arrows(train_x, train_y)
+    train_x, train_y, test_x, test_y = make_toy(seed)
+    arrows = toy_data.gt_grad_arrows(train_x, train_y)
     fig, axes = plt.subplots(1, 3, figsize=(14, 7.5), gridspec_kw={"width_ratios": [1, 1, 1.6]})
     for ax, name, title in ((axes[0], "vanilla", "vanilla"), (axes[1], "pag", "PAG (NN targets)")):
         toy_data.plot_toy(ax, test_x, test_y, predict=lambda p, m=models[name]: m(p.double()).argmax(1),
@@ -111,15 +112,15 @@ def boundary_report(model, distances):
     boundary (any direction; `distances` from attack.py's exact-l2, None = beyond the largest eps),
     and the x1 where the prediction changes along the data line x2 = 2*x1 (midpoints between
     modes: -40, -20, 0, 20, 40)."""
-    # make_toy's test set: 100 points per mode, in CENTRES order
+    # make_toy's test set: 100 points per mode, in TOY_CENTRES order
     dist = torch.tensor([float("inf") if d is None else d for d in distances]).view(-1, 100)
-    modes = [{"class": label, "x1": c} for label, centres in enumerate(CENTRES) for c in centres]
+    modes = [{"class": label, "x1": c} for label, centres in enumerate(TOY_CENTRES) for c in centres]
     for m, d in zip(modes, dist):
         # null in JSON: farther than the largest eps searched
         m["min_dist"], m["median_dist"] = (None if v == float("inf") else round(v, 4) for v in (d.min().item(), d.median().item()))
     x1 = torch.arange(-70, 70, 0.01, dtype=torch.float64)
     with torch.no_grad():
-        pred = model(torch.stack([x1, SLOPE * x1], 1)).argmax(1)
+        pred = model(torch.stack([x1, TOY_SLOPE * x1], 1)).argmax(1)
     crossings = x1[1:][pred[1:] != pred[:-1]]
     return {"modes": modes, "line_crossings_x1": [round(v, 2) for v in crossings.tolist()]}
 
@@ -166,7 +167,7 @@ def run_seed(seed, out_dir, epochs, device, standardize=False, nudge=None):
             run_script(script, log, "--dataset", "toy", "--seed", seed, "--data-seed", seed, "--epochs", epochs, "--out-dir",
                        run_dir, "--device", device, "--log-every", 1000, "--cache-dir", os.path.join(ROOT, "cache"),
                        *(["--standardize"] if standardize else []))
-        run_script("attack.py", log, "--checkpoint", os.path.join(run_dir, "model.pt"), "--attacks", "clean", "pgd-l2", "exact-l2", "visualize",
+        run_script("attack.py", log, "--checkpoint", os.path.join(run_dir, "model.pt"), "--measures", "clean", "pgd-l2", "exact-l2", "visualize",
                    "--eps-l2", *EPS, "--target", "runner-up", "--steps", STEPS, "--n-samples", 600, "--device", device)
         with open(os.path.join(run_dir, "attack.json")) as f:
             res = json.load(f)
@@ -217,12 +218,12 @@ def summarise(per_seed):
 
 
 def main(argv=None):
-    p = D.Parser(description=__doc__)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--out-dir", default=os.path.join("results", "toy"), help="where results go")
-    p.add_argument("--seed", type=D.seed, nargs="+", default=[2],
+    p.add_argument("--seed", type=cli.seed, nargs="+", default=[2],
                    help="seed of the data draw and of both models' initialisation (2: an arbitrary draw); several: "
                         "DIR/seed<S>/ each, and DIR/seeds.json and seeds.png with median, min and max over them")
-    p.add_argument("--epochs", type=D.positive_int, default=100, help="training epochs of both models")
+    p.add_argument("--epochs", type=cli.positive_int, default=100, help="training epochs of both models")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train and attack")
     p.add_argument("--standardize", action="store_true",
                    help="both models on standardised points (mean 0, std 1 inside the model; radii stay raw): "
@@ -256,4 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    D.run_cli(main)  # a bad input in any script: one `error:` line, exit status 1
+    cli.run_cli(main)  # a bad input in any script: one `error:` line, exit status 1

@@ -1,0 +1,160 @@
+"""The benches' reports, from their numbers alone: the claims bench's tables (.md) and figures, and the
+paper table's table beside the paper's numbers. Nothing here computes a number; it writes them down."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import files  # noqa: E402 - the one atomic writer
+
+
+# ----------------------------------------------------------------------------- the claims bench (fashion_mnist.py)
+def fmt(st, pct=True):
+    """mean [lo, hi] of a metric entry."""
+    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
+    return f"{f(st['mean'])} [{f(st['ci95'][0])}, {f(st['ci95'][1])}]" if st["ci95"] else f(st["mean"])
+
+
+def claims_markdown(rows, lambda_rows, found, config):
+    """fashion_mnist_seeds.md: the rows, the λ sweep, the claims, and every comparison with the seeds that would decide it."""
+    n = len(config["seeds"])
+    sweep_seeds = ", ".join(map(str, config["sweep_seeds"]))
+    lines = [f"Fashion-MNIST, cnn, {config['train_samples']} training images, {config['epochs']} epochs, {n} seeds "
+             f"({', '.join(map(str, config['seeds']))}); "
+             + ("no PAG row" if config["selected_lambda"] is None else f"lambda {config['selected_lambda']:g} chosen on the "
+                                                                       f"validation split of seeds {sweep_seeds}")
+             + f"; {config['test_samples']} test images. Mean [95% t interval over seeds], accuracies in %.", "",
+             f"| model | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:g} | "
+             "align NN (test) | align SBG (test) |", "|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        lines.append(f"| {m} | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
+                     f"{fmt(r['align_nn'], False)} | {fmt(r['align_sbg'], False)} |")
+    lines += ["", f"λ sweep (PAG-CM, seeds {sweep_seeds}):", "", "| λ | validation clean | clean | AA L2 | AA L∞ | align SBG (test) |",
+              "|---|---|---|---|---|---|"]
+    for lam, r in lambda_rows.items():
+        lines.append(f"| {lam} | {fmt(r['val_acc'])} | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
+                     f"{fmt(r['align_sbg'], False)} |")
+    lines += ["", f"Claims ({config['claim_rule']}):", "", "| claim | verdict | headline | difference [95% interval] |",
+              "|---|---|---|---|"]
+    for k in ("1", "2", "3", "4"):
+        c = found[k]
+        ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else "n/a"
+        value = f"{c['difference']:+.3f} {ci}" if c["difference"] is not None else "n/a"
+        lines.append(f"| {k}: {c['claim']} | **{c['verdict']}** | {c.get('headline', 'Pearson r' if k == '3' else '')} | {value} |")
+    lines += ["", "Every comparison (claims 1, 2, 4: a − b in points, paired by seed; claim 3: within-seed Pearson r, "
+              "its interval on Fisher's z scale; *seeds to decide*: the fewest seeds at which this mean difference and "
+              "spread would give an interval that excludes 0, a projection, not a promise):", "",
+              "| claim | comparison | per seed | difference [95% interval] | verdict | seeds to decide |",
+              "|---|---|---|---|---|---|"]
+
+    def row(k, c, scale, f, n):
+        num = lambda v: "n/a" if v is None else f"{scale * v:+.{f}f}"  # noqa: E731
+        ci = f"[{num(c['ci95'][0])}, {num(c['ci95'][1])}]" if c["ci95"] else "n/a"
+        return (f"| {k} | {c['comparison']} | {', '.join(num(v) for v in c['per_seed'])} | {num(c['difference'])} {ci} | "
+                f"{c['verdict']} | {n} |")
+    for k in ("1", "2", "3", "4"):
+        for c in found[k].get("comparisons", []):
+            if k == "3":
+                lines.append(row(k, c, 1, 2, "—"))
+                continue
+            n = c["seeds_to_decide"]
+            lines.append(row(k, c, 100, 1, n if n is not None else "> 1000" if c["difference"] else "never"))
+    for c in found["3"].get("with_own_rows", {}).values():
+        lines.append(row("3 (not in the verdict)", c, 1, 2, "—"))
+    fuller = found["3"].get("with_lambda_sweep")  # the sweep seeds only, their sweep's models in
+    for c in [*fuller.get("comparisons", []), *fuller.get("with_own_rows", {}).values()] if fuller else []:
+        lines.append(row(f"3 (seeds {sweep_seeds} with the λ sweep, not in the verdict)", c, 1, 2, "—"))
+    return "\n".join(lines) + "\n"
+
+
+def claims_figures(rows, lambda_rows, points, others, claim3, config, out_dir, models, pag_rows):
+    """The trade-off (every row, mean and interval; the sweep as a line) and alignment vs robustness (claim 3's
+    points, and the models outside it drawn hollow for comparison). One colour per model of `models` in both."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(models)}
+    attack = f"{config['attack'].split(' (')[0]} L2 ε={config['eps_l2']:g}"
+    lam_sel = config["selected_lambda"]
+
+    def err(st):
+        m = st["mean"] * 100
+        return m, ([[m - st["ci95"][0] * 100], [st["ci95"][1] * 100 - m]] if st["ci95"] else None)
+    fig, ax = plt.subplots(figsize=(8, 5.8))
+    for m, r in rows.items():
+        (x, xe), (y, ye) = err(r["clean"]), err(r["aa_l2"])
+        label = f"{m} (λ={lam_sel:g}, from the PAG-CM sweep)" if m in pag_rows else m
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color=colour[m], label=label)
+    sweep = [(float(lam), err(r["clean"])[0], err(r["aa_l2"])[0]) for lam, r in lambda_rows.items()]
+    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k--", lw=1,
+            label=f"PAG-CM λ sweep (means only, seeds {', '.join(map(str, config['sweep_seeds']))})")
+    for lam, x, y in sweep:
+        if lam != lam_sel:  # the selected point is the pag-cm row's marker
+            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    ax.set(xlabel=f"clean accuracy (%), {config['test_samples']} test images",
+           ylabel=f"robust accuracy (%), {attack}",
+           title=f"Fashion-MNIST cnn: clean vs robust, mean and 95% interval over {len(config['seeds'])} seeds\n"
+                 "(unpaired bars: paired differences are in fashion_mnist_seeds.md)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    files.save_figure(fig, os.path.join(out_dir, "fashion_mnist_tradeoff.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    lam_markers = iter("v^sPX")
+    marker = {lam: "o" if lam == lam_sel else next(lam_markers) for lam in sorted({p["lambda"] for p in points})}
+    for m, lam in sorted({(p["model"], p["lambda"]) for p in points}, key=str):
+        pts = [p for p in points if p["model"] == m and p["lambda"] == lam]
+        ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], color=colour[m], marker=marker[lam],
+                   label=f"{m} λ={lam:g}" + (" (trained on these fields' denoiser)" if m == "pag-sbg" else ""))
+    for j, m in enumerate(sorted({p["model"] for p in others})):  # outside the correlation
+        pts = [p for p in others if p["model"] == m]
+        ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], marker="os^Dv"[j % 5],
+                   facecolors="none", edgecolors=colour[m], label=f"{m} (not in r)")
+    without = next((c for c in claim3.get("comparisons", []) if c["measure"] == "align_sbg"), None)
+    show = lambda c: "n/a" if c is None or c["difference"] is None else (  # noqa: E731
+        f"{c['difference']:.2f}" + (f" [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c["ci95"] else ""))
+    ax.set(xlabel="held-out alignment: mean cos to SBG fields of the test images",
+           ylabel=f"robust accuracy (%), {attack}",
+           title="alignment vs robustness, one point per model and seed; within-seed r, mean [95% interval]:\n"
+                 f"PAG models {show(claim3.get('with_own_rows', {}).get('align_sbg'))}, without pag-sbg {show(without)}")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    files.save_figure(fig, os.path.join(out_dir, "fashion_mnist_alignment.png"), dpi=110)
+    plt.close(fig)
+
+
+
+# ----------------------------------------------------------------------------- the paper's Table 1 (paper_table.py)
+def paper_table_markdown(cfg, config, rows, missing, paper):
+    """The table: each measured accuracy with its 95% interval beside the paper's number, the lambda of both,
+    whether the paper's number lies in the interval, and which SBG fields a row was trained on. paper: the
+    paper's numbers for this dataset (row -> its entry of PAPER_TABLE_1)."""
+    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    ci = lambda r, m: f"{pct(r[m])} [{pct(r['ci95'][m][0])}, {pct(r['ci95'][m][1])}]"  # noqa: E731
+    inside = lambda r, m: {None: "–", True: "yes", False: "**no**"}[r[f"paper_{m}_in_ci95"]]  # noqa: E731
+    lam = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
+    counts = sorted({r["eval_samples"] for r in rows.values()})
+    lines = [f"{cfg['dataset']}, {' / '.join(map(str, counts)) or cfg['test_samples']} test images (the first N), "
+             f"{config['attack']}; L2 ε = {cfg['eps_l2']:g}, L∞ ε = {cfg['eps_linf']:.4g}. Each accuracy in % with its "
+             f"{config['interval']}; *in?*: whether the paper's number lies in that interval. Paper: {config['paper_source']}.",
+             "", "| row | weights | λ | paper λ | clean | AA L2 | paper | in? | AA L∞ | paper | in? |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, r in rows.items():
+        lines.append(f"| {row} | {r['weights']} | {lam(r['lambda'])} | {lam(r['paper_lambda'])} | {ci(r, 'clean')} | "
+                     f"{ci(r, 'aa_l2')} | {pct(r['paper_aa_l2'])} | {inside(r, 'aa_l2')} | {ci(r, 'aa_linf')} | "
+                     f"{pct(r['paper_aa_linf'])} | {inside(r, 'aa_linf')} |")
+    notes = [f"- paper λ of {row}: {paper[row].get('basis')}" for row in rows if paper.get(row)]
+    for row, r in rows.items():
+        f = r.get("sbg_fields")
+        if f:
+            made = (f"sbg.py export (denoiser sha256 {str(f['denoiser_sha256'])[:12]}…, timestep {f['timestep']}, "
+                    f"{f['noise_draws']} noise draws)" if f["made_by"] == "sbg.py export" else f["made_by"])
+            notes.append(f"- SBG fields of {row}: {made}; file sha256 {f['sha256'][:12]}…")
+    lines += ["", *notes] if notes else []
+    if missing:
+        lines += ["", f"Not finished yet: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
