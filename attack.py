@@ -322,7 +322,7 @@ def check_results(obj, path):
             clean = obj.get("clean")
             if clean and clean["eval_samples"] == entry["eval_samples"] and entry["acc"] > clean["acc"] + 1e-9:
                 raise UserError(f"{path}: {key} at {radius} ({entry['acc']:.4f}) is above the clean accuracy of "
-                                  f"the same images ({clean['acc']:.4f}), which no attack can give")
+                                f"the same images ({clean['acc']:.4f}), which no attack can give")
     if "align" in obj:
         files.require(obj, {"align": dict}, path, what)
         for key, entry in obj["align"].items():
@@ -339,11 +339,11 @@ def merge_results(old, new, checkpoint, sha256):
         if "checkpoint_sha256" in old:
             if old["checkpoint_sha256"] != sha256:
                 raise UserError(f"the results file holds results of another model (checkpoint {old['checkpoint']!r} with "
-                                  f"other content: another model, or the same run trained further since), not of "
-                                  f"{checkpoint}; pass another --out")
+                                f"other content: another model, or the same run trained further since), not of "
+                                f"{checkpoint}; pass another --out")
         elif not files.same_file(old.get("checkpoint", ""), checkpoint):  # written before content hashes
             raise UserError(f"the results file holds results of {old.get('checkpoint')!r}, not of {checkpoint}; "
-                              "pass another --out")
+                            "pass another --out")
     merged = {**old, **{k: v for k, v in new.items() if not isinstance(v, dict) or k in ("clean", "visualize")}}
     for key, value in new.items():
         if isinstance(value, dict) and key not in ("clean", "visualize"):
@@ -427,7 +427,7 @@ def main(argv=None):
         files.check_output(vis_path, "--vis-out", [*inputs, out], files.FIGURE_SUFFIXES)
     if args.vis_compare and ("visualize" not in args.measures or not is_image):
         raise UserError("--vis-compare draws a second image model beside this one in `--measures visualize`"
-                          + ("" if is_image else " (for the 2-D toy: python bench/toy.py draws both models)"))
+                        + ("" if is_image else " (for the 2-D toy: python bench/toy.py draws both models)"))
     sha256 = files.file_sha256(path)  # the model is the file's content (the path is only where it was)
     if os.path.lexists(out):  # a broken file, or another model's: refused now, before any attack, and left as it is
         merge_results(check_results(files.read_json_object(out, "results file"), out), {}, path, sha256)
@@ -521,7 +521,7 @@ def main(argv=None):
         except UserError as e:
             measured = ", ".join(f"{k} {v}" for k, v in entries.items() if isinstance(v, dict))
             raise UserError(f"{e}; with this call's results merged in, so {out} is left as it was (this call "
-                              f"measured: {measured[:300]}); pass another --out") from None
+                            f"measured: {measured[:300]}); pass another --out") from None
 
     def write(entries):
         return files.update_json(out, lambda old: merge(old, entries), "results file")

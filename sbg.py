@@ -197,7 +197,7 @@ def _train(args, rank, world, device):
             print(f"epoch {epoch + 1}: loss {total / batches:.4f} (rank 0) [{time.time() - t0:.0f}s]", flush=True)
             if not math.isfinite(total):
                 raise UserError(f"denoiser training diverged in epoch {epoch + 1} (loss {total}); "
-                                  f"{path} keeps the last good epoch")
+                                f"{path} keeps the last good epoch")
             files.atomic_write(path, {"format": CHECKPOINT_FORMAT, "kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
                            "data_order_generator": order_gen.get_state(), "sample_generators": states, "epoch": epoch + 1,
                            "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
@@ -357,7 +357,7 @@ def main(argv=None):
                 old = None
             if not (isinstance(old, dict) and old.get("kind") == "sbg-fields"):
                 raise UserError(f"--out {args.out} exists and is not a fields file of sbg.py export; it is not "
-                                  "replaced: choose another path (or move it)")
+                                "replaced: choose another path (or move it)")
         export(args)
     else:
         sweep(args)

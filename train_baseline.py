@@ -159,7 +159,7 @@ def check_amp(amp, device):
     if amp == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         major, minor = torch.cuda.get_device_capability(device)
         raise UserError(f"--amp bf16 needs a GPU with bf16 arithmetic (compute capability >= 8.0, e.g. A100, H100); "
-                          f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use --amp fp32")
+                        f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use --amp fp32")
 
 
 def setup_distributed(args):
@@ -197,8 +197,8 @@ def check_same_settings(args, world):
             k = differ[0]
             dist.destroy_process_group()
             raise UserError(f"the processes were started with different settings: --{k.replace('_', '-')} is "
-                              f"{everyone[0].get(k)} on rank 0 but {theirs.get(k)} on rank {rank}; start every "
-                              "process with the same flags")
+                            f"{everyone[0].get(k)} on rank 0 but {theirs.get(k)} on rank {rank}; start every "
+                            "process with the same flags")
 
 
 def random_streams(seed, rank):
@@ -314,7 +314,7 @@ def check_perturbation(x_adv, x, eps, norm, box, name):
     (a point the model cannot classify would silently count as robust or not)."""
     if not bool(torch.isfinite(x_adv).all()):
         raise UserError(f"{name}: the attack produced non-finite inputs at eps {eps:g}; a radius or step this "
-                          "large overflows float32 here")
+                        "large overflows float32 here")
     dist_ = (x_adv - x).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
     if (dist_ > eps * (1 + 1e-4) + 1e-6).any():
         raise RuntimeError(f"{name}: perturbation of {dist_.max().item():.6g} exceeds eps {eps:g} ({norm})")
@@ -597,7 +597,7 @@ def read_metrics(path, last_epoch):
                                                    if isinstance(v, float))
         if not numbers_ok or not isinstance(row.get("epoch"), int) or row["epoch"] != n:
             raise UserError(f"{path} line {n} is not a valid metrics line (epoch {n}, finite numbers); "
-                              "repair or delete the file")
+                            "repair or delete the file")
         rows.append(row)
     return [r for r in rows if r["epoch"] <= last_epoch]
 
@@ -684,7 +684,7 @@ def check_finite(loss, logs, epoch, batch):
     if not math.isfinite(loss):
         bad = [LOSS_TERMS.get(k, k) for k, v in logs.items() if k in LOSS_TERMS and not math.isfinite(v)]
         raise UserError(f"training diverged at epoch {epoch + 1}, batch {batch + 1}: the {' and '.join(bad) or 'total'} "
-                          f"loss is {loss}; nothing of this epoch was saved (lower --lr or the loss weights)")
+                        f"loss is {loss}; nothing of this epoch was saved (lower --lr or the loss weights)")
 
 
 def train_step(model, train_model, opt, loss_fn, batch, amp):
@@ -792,8 +792,8 @@ def setup(args, data, make_loss, rank, world, device):
     """Model, optimiser, random streams and loss, restored from OUT_DIR/model.pt under --resume."""
     if len(data.train_y) // world < max(2, args.batch_size):
         raise UserError(f"{len(data.train_y)} training image(s) for {world} process(es) of batch {args.batch_size}: "
-                          "each process needs one full batch (the last partial batch is dropped, as the official "
-                          "loader does) of at least 2; lower --batch-size")
+                        "each process needs one full batch (the last partial batch is dropped, as the official "
+                        "loader does) of at least 2; lower --batch-size")
     use_dataset_precision(data.name)
     torch.manual_seed(args.seed)
     try:
@@ -881,7 +881,7 @@ def end_epoch(run, epoch, sums, seen, lr, train_seconds):
     if run.rank == 0:  # the others wait below
         if weights_problem(run.model, run.model.state_dict()):
             raise UserError(f"training diverged in epoch {epoch + 1}: weights are not finite; "
-                              f"{run.ckpt_path} keeps the last good epoch ({epoch})")
+                            f"{run.ckpt_path} keeps the last good epoch ({epoch})")
         clean, robust = evaluate(run.model, run.data, args, epoch)
         split = eval_split(run.data)
         run.metrics.append({"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()}, "eval_split": split,
