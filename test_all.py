@@ -219,6 +219,16 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def toy_bench_two_seeds(tmp_path_factory):
+    """bench/toy.py run once for seeds 3 and 1 (1 epoch each): the folder that the toy bench tests read."""
+    out = tmp_path_factory.mktemp("toy_bench")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--out-dir", str(out), "--epochs", "1",
+                           "--seed", "3", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 def copy_run(tiny_run, dest):
     shutil.copytree(tiny_run, dest)
     return dest
@@ -1581,10 +1591,8 @@ class TestToy:
             assert torch.equal(b[:1], expected) and b[0] > a[0]
         assert T.build_model.__module__ == "models"  # the real builder is back
 
-    def test_toy_bench_runs_through_the_scripts(self, tmp_path):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--out-dir", str(tmp_path), "--epochs", "3"],
-                              capture_output=True, text=True, cwd=ROOT, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    def test_toy_bench_runs_through_the_scripts(self, toy_bench_two_seeds):
+        tmp_path = toy_bench_two_seeds / "seed3"  # one seed's folder: what a one-seed call writes
         m = json.loads((tmp_path / "metrics.json").read_text())
         assert set(m) == {"vanilla", "pag", "attack"} and set(m["pag"]) == {"clean_acc", "robust_acc"}  # the issue's shape
         exact = json.loads((tmp_path / "exact.json").read_text())["exact_robust_acc"]
@@ -1605,21 +1613,18 @@ class TestToy:
                 assert abs(exact[name][e] - far) < 1e-6
         assert os.path.getsize(tmp_path / "toy.png") > 1000
 
-    def test_toy_bench_summarises_several_seeds(self, tmp_path):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--out-dir", str(tmp_path), "--epochs", "1",
-                               "--seed", "3", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        summary = json.loads((tmp_path / "seeds.json").read_text())
+    def test_toy_bench_summarises_several_seeds(self, toy_bench_two_seeds, tmp_path):
+        summary = json.loads((toy_bench_two_seeds / "seeds.json").read_text())
         assert summary["seeds"] == [3, 1]
         for name in ("vanilla", "pag"):
-            per_seed = [json.loads((tmp_path / f"seed{s}" / "exact.json").read_text()) for s in (3, 1)]
+            per_seed = [json.loads((toy_bench_two_seeds / f"seed{s}" / "exact.json").read_text()) for s in (3, 1)]
             assert [p["config"]["data_seed"] for p in per_seed] == [3, 1]
             for e in EPS_TOY:
                 values = [p["exact_robust_acc"][name][e] for p in per_seed]
                 st = summary[name]["exact_robust_acc"][e]
                 assert st["per_seed"] == values and st["min"] == min(values) and st["max"] == max(values)
                 assert st["median"] == pytest.approx(sum(values) / 2)  # two seeds: the median is their mean
-            clean = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text())[name]["clean_acc"] for s in (3, 1)]
+            clean = [json.loads((toy_bench_two_seeds / f"seed{s}" / "metrics.json").read_text())[name]["clean_acc"] for s in (3, 1)]
             assert summary[name]["clean_acc"]["per_seed"] == clean
         dup = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--out-dir", str(tmp_path / "dup"),
                               "--seed", "1", "1"], capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -1640,26 +1645,26 @@ class TestFiles:
         (tmp_path / "sbg").mkdir()
         torch.save({**evil, "kind": "sbg-denoiser"}, tmp_path / "sbg" / "denoiser.pt")
         sbg_data = ["--dataset", "synthetic", "--image-size", "16", "--train-samples", "32"]
-        cases = [("attack.py", "--checkpoint", tmp_path / "evil.pt"),
-                 ("train_baseline.py", *TINY, "--out-dir", tmp_path / "run", "--resume"),
-                 ("sbg.py", "export", *sbg_data, "--checkpoint", tmp_path / "sbg" / "denoiser.pt", "--out", tmp_path / "f.pt"),
-                 ("sbg.py", "train", *sbg_data, "--out-dir", tmp_path / "sbg", "--resume"),
-                 ("train_pag.py", *TINY, "--sbg-file", tmp_path / "evil.pt", "--out-dir", tmp_path / "p")]
-        for script, *args in cases:
-            assert_one_line_error(run(script, *args, check=False), "not a readable")
-            assert not marker.exists(), script
+        assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "evil.pt", check=False), "not a readable")
+        assert not marker.exists()  # a real process first; the others in this process, where code would run too
+        cases = [(T.main, [*TINY, "--out-dir", tmp_path / "run", "--resume"]),
+                 (sbg.main, ["export", *sbg_data, "--checkpoint", tmp_path / "sbg" / "denoiser.pt", "--out", tmp_path / "f.pt"]),
+                 (sbg.main, ["train", *sbg_data, "--out-dir", tmp_path / "sbg", "--resume"]),
+                 (train_pag.main, [*TINY, "--sbg-file", tmp_path / "evil.pt", "--out-dir", tmp_path / "p"])]
+        for main, argv in cases:
+            assert_cli_error(main, argv, "not a readable")
+            assert not marker.exists(), argv
         # the nearest-neighbour cache: made by a first run, then replaced
-        run("train_pag.py", *TINY, "--epochs", "1", "--source", "nn", "--cache-dir", tmp_path / "cache", "--out-dir", tmp_path / "n1")
+        train_pag.main(list(map(str, [*TINY, "--epochs", "1", "--source", "nn", "--cache-dir", tmp_path / "cache",
+                                      "--out-dir", tmp_path / "n1"])))
         (cache,) = (tmp_path / "cache").iterdir()
         torch.save(CodeInPickle(marker), cache)
-        proc = run("train_pag.py", *TINY, "--epochs", "1", "--source", "nn", "--cache-dir", tmp_path / "cache",
-                   "--out-dir", tmp_path / "n2", check=False)
-        assert_one_line_error(proc, "not a readable nearest-neighbour cache")
+        assert_cli_error(train_pag.main, [*TINY, "--epochs", "1", "--source", "nn", "--cache-dir", tmp_path / "cache",
+                                          "--out-dir", tmp_path / "n2"], "not a readable nearest-neighbour cache")
         assert not marker.exists()
         torch.save(torch.zeros(3, dtype=torch.long), cache)  # loads, but is no table for these images
-        proc = run("train_pag.py", *TINY, "--epochs", "1", "--source", "nn", "--cache-dir", tmp_path / "cache",
-                   "--out-dir", tmp_path / "n3", check=False)
-        assert_one_line_error(proc, "not a valid nearest-neighbour table", "delete it")
+        assert_cli_error(train_pag.main, [*TINY, "--epochs", "1", "--source", "nn", "--cache-dir", tmp_path / "cache",
+                                          "--out-dir", tmp_path / "n3"], "not a valid nearest-neighbour table", "delete it")
 
     def test_unreadable_files_and_datasets_are_refused_in_one_line(self, tmp_path):
         T.main(list(map(str, [*TINY, "--epochs", "1", "--out-dir", tmp_path / "r"])))
@@ -1936,25 +1941,25 @@ class TestCommandLines:
     """Every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals."""
 
     def test_bad_inputs_give_one_line_errors(self, tmp_path):
+        # One through a real process (as a user runs it); the rest in this process, through the same run_cli.
         assert_one_line_error(run("train_baseline.py", "--dataset", "imagenet", check=False), "unknown dataset")
-        assert_one_line_error(run("train_baseline.py", *TINY, "--arch", "vgg", check=False), "invalid choice: 'vgg'")
-        assert_one_line_error(run("train_pag.py", "--dataset", "cifar10", "--data-dir", tmp_path / "none", "--no-download",
-                                  check=False), "not found", "--no-download")
-        assert_one_line_error(run("train_pag.py", *TINY, "--source", "sbg", check=False), "--sbg-file")
-        run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", tmp_path / "r")
-        assert_one_line_error(run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", tmp_path / "r", check=False), "--resume")
-        proc = run("train_baseline.py", *TINY[:2], "--arch", "resnet18", *TINY[4:], "--epochs", "1", "--out-dir", tmp_path / "r",
-                   "--resume", check=False)
-        assert_one_line_error(proc, "--arch", "cnn", "resnet18")
-        assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "missing.pt", check=False), "does not exist")
+        assert_cli_error(T.main, [*TINY, "--arch", "vgg"], "invalid choice: 'vgg'")
+        assert_cli_error(train_pag.main, ["--dataset", "cifar10", "--data-dir", tmp_path / "none", "--no-download"],
+                         "not found", "--no-download")
+        assert_cli_error(train_pag.main, [*TINY, "--source", "sbg"], "--sbg-file")
+        T.main(list(map(str, [*TINY, "--epochs", "1", "--out-dir", tmp_path / "r"])))
+        assert_cli_error(T.main, [*TINY, "--epochs", "1", "--out-dir", tmp_path / "r"], "--resume")
+        assert_cli_error(T.main, [*TINY[:2], "--arch", "resnet18", *TINY[4:], "--epochs", "1", "--out-dir", tmp_path / "r",
+                                  "--resume"], "--arch", "cnn", "resnet18")
+        assert_cli_error(attack.main, ["--checkpoint", tmp_path / "missing.pt"], "does not exist")
         (tmp_path / "junk.pt").write_text("neither a checkpoint")
-        assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "junk.pt", check=False), "not a readable checkpoint")
+        assert_cli_error(attack.main, ["--checkpoint", tmp_path / "junk.pt"], "not a readable checkpoint")
         torch.save({"hello": 1}, tmp_path / "dict.pt")
-        assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "dict.pt", check=False), "neither a checkpoint")
+        assert_cli_error(attack.main, ["--checkpoint", tmp_path / "dict.pt"], "neither a checkpoint")
         ckpt = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
         ckpt["arch"] = "resnet18"  # weights of a cnn labelled as another arch
         torch.save(ckpt, tmp_path / "wrong.pt")
-        assert_one_line_error(run("attack.py", "--checkpoint", tmp_path / "wrong.pt", check=False), "do not fit")
+        assert_cli_error(attack.main, ["--checkpoint", tmp_path / "wrong.pt"], "do not fit")
 
     def test_numbers_are_validated_where_they_are_parsed(self, tmp_path):
         base = [*TINY, "--out-dir", tmp_path / "r"]
