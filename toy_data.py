@@ -13,6 +13,7 @@ import os
 
 import torch
 
+import files
 from data import TOY_SLOPE, make_toy, nearest_of_class
 
 def toy_gt_grad(points, target_classes, train_x, train_y, exclude_self=False):
@@ -94,9 +95,7 @@ def main(argv=None):
     # Arrows toward the *other* class from a random subset: the field PAG learns.
     fig = toy_figure(train_x, train_y, arrows=gt_grad_arrows(train_x, train_y, args.arrows, args.seed),
                      title="toy data and g(x, other class)")
-    tmp = f"{args.out}.tmp{os.getpid()}"  # atomically, as files.atomic_write does (this file imports nothing of ours)
-    fig.savefig(tmp, format=os.path.splitext(args.out)[1][1:].lower(), dpi=120)
-    os.replace(tmp, args.out)
+    files.save_figure(fig, args.out, dpi=120)  # the project's one figure writer: atomically
     print(f"wrote {args.out}")
 
 

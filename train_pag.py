@@ -88,7 +88,8 @@ def pag_loss(model, x, gt_grad, target_classes, create_graph=True, formulation="
     Depends only on torch.
     """
     grads, logits = input_gradients(model, x, target_classes, create_graph, formulation)
-    cos = F.cosine_similarity(at_least_fp32(grads).flatten(2), gt_grad.flatten(2).to(at_least_fp32(grads).dtype), dim=2, eps=1e-12)
+    grads = at_least_fp32(grads)
+    cos = F.cosine_similarity(grads.flatten(2), gt_grad.flatten(2).to(grads.dtype), dim=2, eps=1e-12)
     loss = (1 - cos).mean()
     return (loss, logits) if return_logits else loss
 
