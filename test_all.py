@@ -2325,6 +2325,66 @@ class TestBench:
         md = (tmp_path / "fashion_mnist_seeds.md").read_text()
         assert "3 seeds (0, 1, 2)" in md and "validation split of seeds 0, 1" in md and "3 (seeds 0, 1 with the λ sweep" in md
 
+    def test_lambda_per_source_gives_each_source_its_own_lambda_and_claim_2_at_both(self, tmp_path, monkeypatch):
+        """bench/lambda_per_source.py on hand-made files: every source swept at the sweep seeds, each chosen by the
+        claims bench's rule on its own validation accuracies, the other seeds at the own and the common lambda (one
+        model where they are one), claim 2 paired by seed at both."""
+        ps = load_bench("lambda_per_source")
+        assert_cli_error(ps.main, ["--seeds", "0", "1", "--sweep-seeds", "1", "2"], "among --seeds")
+        cfg = json.loads(json.dumps({**ps.fm.CONFIG, **ps.fm.QUICK, "seeds": [0, 1, 2], "sweep_seeds": [0, 1]}))
+        assert cfg["lambdas"] == [0.1, 1.0]
+        bench = ps.PerSourceBench(cfg, str(tmp_path), str(tmp_path), 1)
+        planned = {}
+        monkeypatch.setattr(ps, "run_jobs", lambda jobs, needs, workers, cost: planned.update(jobs=jobs, needs=needs))
+        bench.run()
+        assert set(planned["jobs"]) == {"sbg", "select", "vanilla seed 0", "vanilla seed 1",
+                                        *(f"{m} lambda {lam:g} seed {s}" for m in ps.SOURCES for lam in (0.1, 1.0) for s in (0, 1)),
+                                        *(f"{m} {how} seed 2" for m in ps.SOURCES for how in ("own", "common"))}
+        needs = planned["needs"]
+        assert needs["pag-sbg lambda 1 seed 0"] == {"sbg"} and needs["pag-nn lambda 1 seed 0"] == set()
+        assert needs["pag-sbg own seed 2"] == {"select", "sbg"} and needs["pag-nn common seed 2"] == {"select", "pag-nn own seed 2"}
+        assert len(needs["select"]) == 2 + 4 * 2 * 2
+        # Vanilla validates at 90%; within 10 points at lambda 1: pag-nn (85%) and pag-sbg (82%), not pag-cm or pag-oi.
+        val_at_1 = {"pag-cm": 0.70, "pag-nn": 0.85, "pag-oi": 0.75, "pag-sbg": 0.82}
+        base = {"pag-cm": 0.30, "pag-nn": 0.32, "pag-oi": 0.31, "pag-sbg": 0.35}
+
+        def l2(m, lam, seed):
+            return base[m] + lam / 10 + seed * (0.01 if m == "pag-nn" else 0.0)
+
+        def write(m, seed, lam):
+            key = bench.key(m, seed, lam)
+            val = 0.9 if lam is None else val_at_1[m] if lam == 1.0 else 0.88
+            a = 0.1 if lam is None else l2(m, lam, seed)
+            files.write_json({**bench_result(m, 0.8, a, a / 2, n=32, align_nn=0.3, align_sbg=0.4, val_acc=val,
+                                             val_pgd_l2_acc=0.1, train_seconds=1.0, seconds=2.0, **{"lambda": lam}),
+                              "key": key, "seed": seed}, bench.result_path(key))
+        for seed in (0, 1):
+            write("vanilla", seed, None)
+            for m in ps.SOURCES:
+                for lam in (0.1, 1.0):
+                    write(m, seed, lam)
+        own = {"pag-cm": 0.1, "pag-nn": 1.0, "pag-oi": 0.1, "pag-sbg": 1.0}
+        for m in ps.SOURCES:
+            write(m, 2, own[m])
+            write(m, 2, 0.1)  # the common lambda: the same file where it is the own one
+        out = bench.assemble(0.0)
+        assert bench.lam_of == own and out["config"]["common_lambda"] == 0.1
+        assert out["rows"]["own"]["pag-nn"]["aa_l2"]["per_seed"] == pytest.approx([l2("pag-nn", 1.0, s) for s in (0, 1, 2)])
+        assert out["rows"]["common"]["pag-nn"]["aa_l2"]["per_seed"] == pytest.approx([l2("pag-nn", 0.1, s) for s in (0, 1, 2)])
+        for how, lam_of in (("own", own), ("common", dict.fromkeys(ps.SOURCES, 0.1))):
+            comps = {c["comparison"]: c for c in out["claim_2"][how]["comparisons"]}
+            assert len(comps) == 6
+            for other in ("pag-cm", "pag-nn", "pag-oi"):
+                c = comps[f"pag-sbg (λ {lam_of['pag-sbg']:g}) - {other} (λ {lam_of[other]:g}), aa_l2"]
+                assert c["per_seed"] == pytest.approx([l2("pag-sbg", lam_of["pag-sbg"], s) - l2(other, lam_of[other], s)
+                                                       for s in (0, 1, 2)])
+        # pag-sbg - pag-nn: 0.03, 0.02, 0.01 at both lambdas: the t interval over three seeds reaches below 0.
+        assert out["claim_2"]["own"]["verdict"] == out["claim_2"]["common"]["verdict"] == "not shown"
+        assert json.loads((tmp_path / "fashion_mnist_per_source.json").read_text())["claim_2"] == out["claim_2"]
+        md = (tmp_path / "fashion_mnist_per_source.md").read_text()
+        assert "| pag-nn | 88.0 | **85.0** | 1 |" in md and "| pag-cm | **88.0** | 70.0 | 0.1 |" in md
+        assert "| common, 0.1 (PAG-CM's) | **not shown** |" in md and "vanilla 90.0" in md
+
     def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(self, tmp_path):
         fm = load_bench("fashion_mnist")
         argv = ["--quick", "--rows", "pag-sbg", "--train-samples", "128", "--val-samples", "32", "--eval-samples", "16",

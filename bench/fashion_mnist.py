@@ -91,6 +91,11 @@ def select_lambda(val_clean, lambdas, max_drop):
     return max(ok) if ok else min(lambdas)
 
 
+def row_stats(results):
+    """A row of the tables: every metric's mean and interval over the result files of its seeds."""
+    return {k: mean_interval([r[k] for r in results]) for k in (*METRICS, "val_acc", "val_pgd_l2_acc")}
+
+
 CLAIMS = {  # claim -> (what it says, [(model, compared with)]), each pair on AutoAttack L2 and L-inf
     "1": ("every PAG source is more robust than vanilla (AutoAttack L2 and L-inf)",
           [(m, "vanilla") for m in ("pag-cm", "pag-nn", "pag-oi", "pag-sbg")]),
@@ -216,9 +221,8 @@ class ClaimsBench(Bench):
         val = self.select() if pag else {}
         results = {m: [self.read_result(self.key(m, s, self.lam if m in PAG_ROWS else None)) for s in seeds] for m in self.rows}
         sweep = {lam: [self.read_result(self.key("pag-cm", s, lam)) for s in sweep_seeds] for lam in (lambdas if pag else [])}
-        stat = lambda rs: {k: mean_interval([r[k] for r in rs]) for k in (*METRICS, "val_acc", "val_pgd_l2_acc")}  # noqa: E731
-        rows = {m: stat(rs) for m, rs in results.items()}
-        lambda_rows = {f"{lam:g}": stat(rs) for lam, rs in sweep.items()}
+        rows = {m: row_stats(rs) for m, rs in results.items()}
+        lambda_rows = {f"{lam:g}": row_stats(rs) for lam, rs in sweep.items()}
         found = claims(rows)
         points = [r for m in self.rows if m in PAG_ROWS and m != "pag-cm+pgd-at" for r in results[m]]
         swept = [r for lam, rs in sweep.items() if lam != self.lam for r in rs]
@@ -251,8 +255,9 @@ class ClaimsBench(Bench):
         return seeds_out
 
 
-def main(argv=None):
-    p = cli.Parser(description=__doc__)
+def parse(argv, description, rows=True):
+    """The bench's flags (shared with lambda_per_source.py, which has no --rows) -> (cfg, out_dir, results_dir, args)."""
+    p = cli.Parser(description=description)
     p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()
                                                                                   if k != "sbg") + ", 1 denoiser epoch")
     p.add_argument("--seeds", type=cli.seed, nargs="+", help=f"default: {CONFIG['seeds']} ({QUICK['seeds']} with --quick)")
@@ -266,8 +271,9 @@ def main(argv=None):
     p.add_argument("--val-samples", type=cli.positive_int, help=f"default: {CONFIG['val_samples']}")
     p.add_argument("--eval-samples", "--n-samples", dest="test_samples", type=cli.positive_int,
                    help=f"test images of the final evaluation (default: {CONFIG['test_samples']})")
-    p.add_argument("--rows", nargs="+", choices=list(MODELS), default=list(MODELS),
-                   help="models to run (PAG rows bring vanilla and the lambda sweep: the selection needs them)")
+    if rows:
+        p.add_argument("--rows", nargs="+", choices=list(MODELS), default=list(MODELS),
+                       help="models to run (PAG rows bring vanilla and the lambda sweep: the selection needs them)")
     p.add_argument("--jobs", type=cli.positive_int, default=2, help="processes at a time, one thread each")
     p.add_argument("--out-dir", help="checkpoints and logs (default: runs/fashion_mnist_bench[_quick])")
     p.add_argument("--results-dir", help="result files, tables and figures (default: bench/results; with --quick: "
@@ -290,6 +296,11 @@ def main(argv=None):
     cfg["lambdas"] = sorted(cfg["lambdas"])
     out_dir = os.path.abspath(args.out_dir or os.path.join("runs", "fashion_mnist_bench" + ("_quick" if args.quick else "")))
     results_dir = os.path.abspath(args.results_dir or (out_dir if args.quick else RESULTS))
+    return cfg, out_dir, results_dir, args
+
+
+def main(argv=None):
+    cfg, out_dir, results_dir, args = parse(argv, __doc__)
     rows = set(args.rows) | ({"vanilla", "pag-cm"} if set(args.rows) & set(PAG_ROWS) else set())
     bench = ClaimsBench(cfg, out_dir, results_dir, args.jobs, rows)
     return bench.assemble(bench.run())

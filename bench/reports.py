@@ -14,6 +14,20 @@ def fmt(st, pct=True):
     return f"{f(st['mean'])} [{f(st['ci95'][0])}, {f(st['ci95'][1])}]" if st["ci95"] else f(st["mean"])
 
 
+def comparison_row(k, c, scale, f, n):
+    """One comparison as a table row: claim, what, per seed, difference [interval], verdict, seeds to decide."""
+    num = lambda v: "n/a" if v is None else f"{scale * v:+.{f}f}"  # noqa: E731
+    ci = f"[{num(c['ci95'][0])}, {num(c['ci95'][1])}]" if c["ci95"] else "n/a"
+    return (f"| {k} | {c['comparison']} | {', '.join(num(v) for v in c['per_seed'])} | {num(c['difference'])} {ci} | "
+            f"{c['verdict']} | {n} |")
+
+
+def seeds_to_decide_cell(c):
+    """The *seeds to decide* cell of a paired comparison."""
+    n = c["seeds_to_decide"]
+    return n if n is not None else "> 1000" if c["difference"] else "never"
+
+
 def claims_markdown(rows, lambda_rows, found, config):
     """fashion_mnist_seeds.md: the rows, the λ sweep, the claims, and every comparison with the seeds that would decide it."""
     n = len(config["seeds"])
@@ -46,23 +60,55 @@ def claims_markdown(rows, lambda_rows, found, config):
               "| claim | comparison | per seed | difference [95% interval] | verdict | seeds to decide |",
               "|---|---|---|---|---|---|"]
 
-    def row(k, c, scale, f, n):
-        num = lambda v: "n/a" if v is None else f"{scale * v:+.{f}f}"  # noqa: E731
-        ci = f"[{num(c['ci95'][0])}, {num(c['ci95'][1])}]" if c["ci95"] else "n/a"
-        return (f"| {k} | {c['comparison']} | {', '.join(num(v) for v in c['per_seed'])} | {num(c['difference'])} {ci} | "
-                f"{c['verdict']} | {n} |")
+    row = comparison_row
     for k in ("1", "2", "3", "4"):
         for c in found[k].get("comparisons", []):
             if k == "3":
                 lines.append(row(k, c, 1, 2, "—"))
                 continue
-            n = c["seeds_to_decide"]
-            lines.append(row(k, c, 100, 1, n if n is not None else "> 1000" if c["difference"] else "never"))
+            lines.append(row(k, c, 100, 1, seeds_to_decide_cell(c)))
     for c in found["3"].get("with_own_rows", {}).values():
         lines.append(row("3 (not in the verdict)", c, 1, 2, "—"))
     fuller = found["3"].get("with_lambda_sweep")  # the sweep seeds only, their sweep's models in
     for c in [*fuller.get("comparisons", []), *fuller.get("with_own_rows", {}).values()] if fuller else []:
         lines.append(row(f"3 (seeds {sweep_seeds} with the λ sweep, not in the verdict)", c, 1, 2, "—"))
+    return "\n".join(lines) + "\n"
+
+
+def per_source_markdown(rows, claim, config, lambdas):
+    """fashion_mnist_per_source.md (lambda_per_source.py): each source's sweep and choice, its rows at its own λ and
+    at the common one, and claim 2 at both with every comparison."""
+    val, own = config["validation_clean_acc"], config["selected_lambda"]
+    mean = lambda v: f"{100 * sum(v) / len(v):.1f}"  # noqa: E731
+    lines = [f"Claim 2 with each PAG source at its own λ. Fashion-MNIST, cnn, {config['train_samples']} training images, "
+             f"{config['epochs']} epochs, {len(config['seeds'])} seeds ({', '.join(map(str, config['seeds']))}); each λ "
+             f"chosen on the validation split of seeds {', '.join(map(str, config['sweep_seeds']))} by the claims bench's "
+             f"rule ({config['selection_rule']}); {config['test_samples']} test images. Mean [95% t interval over seeds], "
+             "accuracies in %.", "",
+             f"Validation clean accuracy of each source's sweep (mean over the sweep seeds; vanilla "
+             f"{mean(next(iter(val.values()))['vanilla'])}); the selected λ in bold:", "",
+             "| source | " + " | ".join(f"λ {lam:g}" for lam in lambdas) + " | selected λ |",
+             "|---|" + "---|" * (len(lambdas) + 1)]
+    for src, v in val.items():
+        cells = [f"**{mean(v[str(lam)])}**" if lam == own[src] else mean(v[str(lam)]) for lam in lambdas]
+        lines.append(f"| {src} | " + " | ".join(cells) + f" | {own[src]:g} |")
+    lines += ["", f"| source | λ | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:g} | "
+                  "align NN (test) | align SBG (test) |", "|---|---|---|---|---|---|---|"]
+    for how in ("own", "common"):
+        for src, r in rows[how].items():
+            lam = own[src] if how == "own" else config["common_lambda"]
+            lines.append(f"| {src} | {lam:g} ({how}) | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
+                         f"{fmt(r['align_nn'], False)} | {fmt(r['align_sbg'], False)} |")
+    lines += ["", f"Claim 2, {claim['own']['claim']} ({config['claim_rule']}):", "",
+              "| λ | verdict | headline | difference [95% interval] |", "|---|---|---|---|"]
+    label = {"own": "each source its own", "common": f"common, {config['common_lambda']:g} (PAG-CM's)"}
+    for how, c in claim.items():
+        lines.append(f"| {label[how]} | **{c['verdict']}** | {c['headline']} | {100 * c['difference']:+.1f} "
+                     f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] |")
+    lines += ["", "Every comparison (a − b in points, paired by seed):", "",
+              "| λ | comparison | per seed | difference [95% interval] | verdict | seeds to decide |", "|---|---|---|---|---|---|"]
+    for how, c in claim.items():
+        lines += [comparison_row(how, x, 100, 1, seeds_to_decide_cell(x)) for x in c["comparisons"]]
     return "\n".join(lines) + "\n"
 
 
