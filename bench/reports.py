@@ -150,10 +150,15 @@ def claims_figures(rows, lambda_rows, points, others, claim3, config, out_dir, m
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     lam_markers = iter("v^sPX")
     marker = {lam: "o" if lam == lam_sel else next(lam_markers) for lam in sorted({p["lambda"] for p in points})}
+    # Seeds outside the sweep: the verdict's r is over the rows at the selected λ; the sweep's other λs (its seeds
+    # only) are drawn, and said to be outside it.
+    sweep_apart = "with_lambda_sweep" in claim3
     for m, lam in sorted({(p["model"], p["lambda"]) for p in points}, key=str):
         pts = [p for p in points if p["model"] == m and p["lambda"] == lam]
+        apart = sweep_apart and lam != lam_sel
         ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], color=colour[m], marker=marker[lam],
-                   label=f"{m} λ={lam:g}" + (" (trained on these fields' denoiser)" if m == "pag-sbg" else ""))
+                   label=f"{m} λ={lam:g}" + (" (trained on these fields' denoiser)" if m == "pag-sbg" else "")
+                   + (f" (seeds {', '.join(map(str, config['sweep_seeds']))}; not in r)" if apart else ""))
     for j, m in enumerate(sorted({p["model"] for p in others})):  # outside the correlation
         pts = [p for p in others if p["model"] == m]
         ax.scatter([p["align_sbg"] for p in pts], [100 * p["aa_l2"] for p in pts], marker="os^Dv"[j % 5],
@@ -164,7 +169,8 @@ def claims_figures(rows, lambda_rows, points, others, claim3, config, out_dir, m
     ax.set(xlabel="held-out alignment: mean cos to SBG fields of the test images",
            ylabel=f"robust accuracy (%), {attack}",
            title="alignment vs robustness, one point per model and seed; within-seed r, mean [95% interval]:\n"
-                 f"PAG models {show(claim3.get('with_own_rows', {}).get('align_sbg'))}, without pag-sbg {show(without)}")
+                 + (f"PAG rows at λ={lam_sel:g} " if sweep_apart else "PAG models ")
+                 + f"{show(claim3.get('with_own_rows', {}).get('align_sbg'))}, without pag-sbg {show(without)}")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
