@@ -171,15 +171,21 @@ class ClaimsBench(Bench):
         """The runner's numbers, and the NN alignment that attack_command asks for."""
         return {**super().measures(res), "align_nn": res["align"]["nn test"]["cos"]}
 
-    def select(self):
-        """SELECTION_RULE on the validation accuracies of vanilla and the sweep (every sweep seed)."""
+    def choose_lambda(self, source):
+        """SELECTION_RULE on the validation accuracies of vanilla and `source`'s sweep (every sweep seed):
+        (those accuracies, the chosen lambda)."""
         seeds, lambdas = self.cfg["sweep_seeds"], self.cfg["lambdas"]
         val = {"vanilla": [self.read_result(self.key("vanilla", s))["val_acc"] for s in seeds]}
         for lam in lambdas:
-            val[lam] = [self.read_result(self.key("pag-cm", s, lam))["val_acc"] for s in seeds]
-        self.lam = select_lambda(val, lambdas, self.cfg["selection_max_drop"])
-        print(f"selected lambda {self.lam:g} (validation clean: vanilla {statistics.fmean(val['vanilla']):.1%}, "
-              + ", ".join(f"{lam:g}: {statistics.fmean(val[lam]):.1%}" for lam in lambdas) + ")", flush=True)
+            val[lam] = [self.read_result(self.key(source, s, lam))["val_acc"] for s in seeds]
+        lam = select_lambda(val, lambdas, self.cfg["selection_max_drop"])
+        print(f"{source}: selected lambda {lam:g} (validation clean: vanilla {statistics.fmean(val['vanilla']):.1%}, "
+              + ", ".join(f"{x:g}: {statistics.fmean(val[x]):.1%}" for x in lambdas) + ")", flush=True)
+        return val, lam
+
+    def select(self):
+        """lambda for every PAG row: chosen on PAG-CM's sweep."""
+        val, self.lam = self.choose_lambda("pag-cm")
         return val
 
     def run(self):

@@ -15,7 +15,6 @@ denoiser. Writes RESULTS/fashion_mnist_per_source.json (+ .md).
 """
 import math
 import os
-import statistics
 import sys
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -40,15 +39,9 @@ class PerSourceBench(fm.ClaimsBench):
 
     def select(self):
         """SELECTION_RULE on each source's own sweep (every sweep seed), against the same vanilla."""
-        seeds, lambdas = self.cfg["sweep_seeds"], self.cfg["lambdas"]
-        vanilla = [self.read_result(self.key("vanilla", s))["val_acc"] for s in seeds]
         val, self.lam_of = {}, {}
         for src in SOURCES:
-            val[src] = {"vanilla": vanilla, **{lam: [self.read_result(self.key(src, s, lam))["val_acc"] for s in seeds]
-                                               for lam in lambdas}}
-            self.lam_of[src] = fm.select_lambda(val[src], lambdas, self.cfg["selection_max_drop"])
-            print(f"{src}: selected lambda {self.lam_of[src]:g} (validation clean: vanilla {statistics.fmean(vanilla):.1%}, "
-                  + ", ".join(f"{lam:g}: {statistics.fmean(val[src][lam]):.1%}" for lam in lambdas) + ")", flush=True)
+            val[src], self.lam_of[src] = self.choose_lambda(src)
         return val
 
     def run(self):
