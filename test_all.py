@@ -2316,8 +2316,10 @@ class TestBench:
         out = bench.assemble(0.0)
         assert bench.lam == 1.0 and out["config"]["sweep_seeds"] == [0, 1]
         assert all(len(r["aa_l2"]["per_seed"]) == 3 for r in out["rows"].values())
-        lambda_rows = json.loads((tmp_path / "fashion_mnist_lambda.json").read_text())["rows"]
+        sweep_file = json.loads((tmp_path / "fashion_mnist_lambda.json").read_text())
+        lambda_rows = sweep_file["rows"]
         assert lambda_rows["0.1"]["aa_l2"]["per_seed"] == [0.12, 0.13] and len(lambda_rows["1"]["clean"]["per_seed"]) == 2
+        assert sweep_file["seeds"] == [0, 1]  # the seeds its rows are over, not the bench's
         c3 = out["claims"]["3"]
         assert [c["points"] for c in c3["comparisons"]] == [9, 9] and "over the PAG rows," in c3["claim"]
         fuller = c3["with_lambda_sweep"]

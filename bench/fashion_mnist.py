@@ -248,7 +248,7 @@ class ClaimsBench(Bench):
                   "train_minutes_sum": round(train_minutes, 1), "job_minutes_sum": round(job_minutes, 1)}
         seeds_out = {"config": config, "seeds": seeds, "rows": rows, "claims": found}
         files.write_json(seeds_out, os.path.join(self.results_dir, "fashion_mnist_seeds.json"))
-        files.write_json({"config": config, "seeds": seeds, "rows": lambda_rows},
+        files.write_json({"config": config, "seeds": sweep_seeds if pag else [], "rows": lambda_rows},  # the sweep's seeds
                      os.path.join(self.results_dir, "fashion_mnist_lambda.json"))
         md = claims_markdown(rows, lambda_rows, found, config)
         files.atomic_write(os.path.join(self.results_dir, "fashion_mnist_seeds.md"), text=md)
