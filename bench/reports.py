@@ -165,12 +165,13 @@ def claims_figures(rows, lambda_rows, points, others, claim3, config, out_dir, m
                    facecolors="none", edgecolors=colour[m], label=f"{m} (not in r)")
     without = next((c for c in claim3.get("comparisons", []) if c["measure"] == "align_sbg"), None)
     show = lambda c: "n/a" if c is None or c["difference"] is None else (  # noqa: E731
-        f"{c['difference']:.2f}" + (f" [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c["ci95"] else ""))
+        f"{c['difference']:.2f}" + (f" [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c["ci95"] else "")
+        + f" ({c['points'] // len(c['per_seed'])} models/seed)")  # few models a seed: an r of 3 points is often near ±1
     ax.set(xlabel="held-out alignment: mean cos to SBG fields of the test images",
            ylabel=f"robust accuracy (%), {attack}",
            title="alignment vs robustness, one point per model and seed; within-seed r, mean [95% interval]:\n"
                  + (f"PAG rows at λ={lam_sel:g} " if sweep_apart else "PAG models ")
-                 + f"{show(claim3.get('with_own_rows', {}).get('align_sbg'))}, without pag-sbg {show(without)}")
+                 + f"{show(claim3.get('with_own_rows', {}).get('align_sbg'))};\nwithout pag-sbg {show(without)}")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
