@@ -15,7 +15,7 @@ Contents (run one part with `python -m pytest -q test_all.py::TestPagLoss`; test
   TestFiles         every file read or written: no code run, schemas, atomic writes, locks, faults (14)
   TestCommandLines  every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals (7)
   TestHouse         the code's shape: imports one way, copy-paste pieces that run alone (2)
-  TestBench         bench/: statistics, the runner, the claims bench, Table 1, the speed bench (13)
+  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), Table 1, the speed bench (14)
 
 Above the classes: the shared helpers and fixtures (tiny runs, one-line-error checks, reference
 computations such as the official forwards and the analytic PAG loss).
