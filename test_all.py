@@ -15,7 +15,7 @@ Contents (run one part with `python -m pytest -q test_all.py::TestPagLoss`; test
   TestFiles         every file read or written: no code run, schemas, atomic writes, locks, faults (14)
   TestCommandLines  every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals (7)
   TestHouse         the code's shape: imports one way, copy-paste pieces that run alone (2)
-  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), Table 1, the speed bench (14)
+  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), Table 1, the speed bench (15)
 
 Above the classes: the shared helpers and fixtures (tiny runs, one-line-error checks, reference
 computations such as the official forwards and the analytic PAG loss).
@@ -2386,6 +2386,27 @@ class TestBench:
         md = (tmp_path / "fashion_mnist_per_source.md").read_text()
         assert "| pag-nn | 88.0 | **85.0** | 1 |" in md and "| pag-cm | **88.0** | 70.0 | 0.1 |" in md
         assert "| common, 0.1 (PAG-CM's) | **not shown** |" in md and "vanilla 90.0" in md
+
+    def test_per_source_sweep_table_in_bench_readme_is_the_committed_files_and_the_rule(self):
+        """bench/README.md's per-source validation table: each cell is the mean over the sweep seeds of the committed
+        result files, and each chosen lambda is the claims bench's SELECTION_RULE on them (an edited file or a hand-typed
+        number fails here)."""
+        ps = load_bench("lambda_per_source")
+        cfg = ps.fm.CONFIG
+        runs = os.path.join(ROOT, "bench", "results", "fashion_mnist_runs")
+        val_acc = lambda name: json.load(open(os.path.join(runs, name + ".json")))["val_acc"]  # noqa: E731
+        table = {}
+        for line in open(os.path.join(ROOT, "bench", "README.md")):
+            cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            if len(cells) == len(cfg["lambdas"]) + 2 and cells[0].startswith("PAG-"):
+                table[cells[0].lower()] = [float(c) for c in cells[1:]]
+        assert set(table) == set(ps.SOURCES)
+        for src in ps.SOURCES:
+            val = {"vanilla": [val_acc(f"vanilla_seed{s}") for s in cfg["sweep_seeds"]]}
+            val.update({lam: [val_acc(f"{src}_lambda{lam:g}_seed{s}") for s in cfg["sweep_seeds"]] for lam in cfg["lambdas"]})
+            means = [round(100 * statistics.fmean(val[lam]), 1) for lam in cfg["lambdas"]]
+            assert table[src][:-1] == means, src
+            assert table[src][-1] == ps.fm.select_lambda(val, cfg["lambdas"], cfg["selection_max_drop"]), src
 
     def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(self, tmp_path):
         fm = load_bench("fashion_mnist")
