@@ -2387,14 +2387,13 @@ class TestBench:
         assert "| pag-nn | 88.0 | **85.0** | 1 |" in md and "| pag-cm | **88.0** | 70.0 | 0.1 |" in md
         assert "| common, 0.1 (PAG-CM's) | **not shown** |" in md and "vanilla 90.0" in md
 
-    def test_per_source_sweep_table_in_bench_readme_is_the_committed_files_and_the_rule(self):
+    def test_per_source_sweep_table_in_bench_readme_is_the_committed_files_and_the_rule(self, tmp_path):
         """bench/README.md's per-source validation table: each cell is the mean over the sweep seeds of the committed
         result files, and each chosen lambda is the claims bench's SELECTION_RULE on them (an edited file or a hand-typed
         number fails here)."""
         ps = load_bench("lambda_per_source")
-        cfg = ps.fm.CONFIG
-        runs = os.path.join(ROOT, "bench", "results", "fashion_mnist_runs")
-        val_acc = lambda name: json.load(open(os.path.join(runs, name + ".json")))["val_acc"]  # noqa: E731
+        cfg = json.loads(json.dumps(ps.fm.CONFIG))
+        bench = ps.PerSourceBench(cfg, str(tmp_path), os.path.join(ROOT, "bench", "results"), 1)
         table = {}
         for line in open(os.path.join(ROOT, "bench", "README.md")):
             cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
@@ -2402,11 +2401,8 @@ class TestBench:
                 table[cells[0].lower()] = [float(c) for c in cells[1:]]
         assert set(table) == set(ps.SOURCES)
         for src in ps.SOURCES:
-            val = {"vanilla": [val_acc(f"vanilla_seed{s}") for s in cfg["sweep_seeds"]]}
-            val.update({lam: [val_acc(f"{src}_lambda{lam:g}_seed{s}") for s in cfg["sweep_seeds"]] for lam in cfg["lambdas"]})
-            means = [round(100 * statistics.fmean(val[lam]), 1) for lam in cfg["lambdas"]]
-            assert table[src][:-1] == means, src
-            assert table[src][-1] == ps.fm.select_lambda(val, cfg["lambdas"], cfg["selection_max_drop"]), src
+            val, lam = bench.choose_lambda(src)  # the bench's own reading of the committed files and its rule
+            assert table[src] == [round(100 * statistics.fmean(val[x]), 1) for x in cfg["lambdas"]] + [lam], src
 
     def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(self, tmp_path):
         fm = load_bench("fashion_mnist")
