@@ -2380,12 +2380,21 @@ class TestBench:
                 c = comps[f"pag-sbg (λ {lam_of['pag-sbg']:g}) - {other} (λ {lam_of[other]:g}), aa_l2"]
                 assert c["per_seed"] == pytest.approx([l2("pag-sbg", lam_of["pag-sbg"], s) - l2(other, lam_of[other], s)
                                                        for s in (0, 1, 2)])
+        # Every source at one lambda, each lambda of the sweep: the sweep seeds alone (seed 2 has no pag-cm at 1).
+        at_each = out["claim_2_at_each_sweep_lambda"]
+        assert at_each["seeds"] == [0, 1] and set(at_each) == {"seeds", "0.1", "1"}
+        for lam in (0.1, 1.0):
+            comps = {c["comparison"]: c["per_seed"] for c in at_each[f"{lam:g}"]["comparisons"]}
+            assert comps == pytest.approx({f"pag-sbg (λ {lam:g}) - {o} (λ {lam:g}), {m}":
+                                           [(l2("pag-sbg", lam, s) - l2(o, lam, s)) / (1 if m == "aa_l2" else 2) for s in (0, 1)]
+                                           for o in ("pag-cm", "pag-nn", "pag-oi") for m in ("aa_l2", "aa_linf")})
         # pag-sbg - pag-nn: 0.03, 0.02, 0.01 at both lambdas: the t interval over three seeds reaches below 0.
         assert out["claim_2"]["own"]["verdict"] == out["claim_2"]["common"]["verdict"] == "not shown"
         assert json.loads((tmp_path / "fashion_mnist_per_source.json").read_text())["claim_2"] == out["claim_2"]
         md = (tmp_path / "fashion_mnist_per_source.md").read_text()
         assert "| pag-nn | 88.0 | **85.0** | 1 |" in md and "| pag-cm | **88.0** | 70.0 | 0.1 |" in md
         assert "| common, 0.1 (PAG-CM's) | **not shown** |" in md and "vanilla 90.0" in md
+        assert "| 1 (claim: not shown) | pag-sbg (λ 1) - pag-nn (λ 1), aa_l2 | +3.0, +2.0 |" in md
 
     def test_per_source_sweep_table_in_bench_readme_is_the_committed_files_and_the_rule(self, tmp_path):
         """bench/README.md's per-source validation table: each cell is the mean over the sweep seeds of the committed

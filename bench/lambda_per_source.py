@@ -9,7 +9,9 @@ there. Here PAG-NN, PAG-OI and PAG-SBG are swept too, at the same lambdas and sw
 lambda is chosen by the same SELECTION_RULE on its own validation accuracies; the seeds outside the sweep then
 train each source at its own lambda (and at the common one, the claims bench's rows, if they are not there).
 Claim 2's comparisons (pag-sbg minus each other source, AutoAttack L2 and L-inf, paired by seed, CLAIM_RULE) are
-computed at the sources' own lambdas and, beside them, at the common lambda. Everything else is the claims
+computed at the sources' own lambdas and, beside them, at the common lambda; and, to tell a change that comes
+from a source from one that comes from its lambda, at each lambda of the sweep with every source at it (the
+sweep seeds only: the others have each source at its own and the common lambda alone). Everything else is the claims
 bench's: its settings, scripts, result files (a model both benches need is trained once), test images and
 denoiser. Writes RESULTS/fashion_mnist_per_source.json (+ .md).
 """
@@ -79,25 +81,34 @@ class PerSourceBench(fm.ClaimsBench):
         results = {how: {src: [self.read_result(self.key(src, s, lam_of[src])) for s in seeds] for src in SOURCES}
                    for how, lam_of in at.items()}
         rows = {how: {src: fm.row_stats(rs) for src, rs in res.items()} for how, res in results.items()}
-        claim = {}
-        for how, res in results.items():
-            per_seed = {src: {m: [r[m] for r in rs] for m in ("aa_l2", "aa_linf")} for src, rs in res.items()}
-            claim[how] = {**combine([paired(per_seed[a][m], per_seed[b][m],
-                                            f"{a} (λ {at[how][a]:g}) - {b} (λ {at[how][b]:g}), {m}")
-                                     for a, b in CLAIM_2[1] for m in ("aa_l2", "aa_linf")]), "claim": CLAIM_2[0]}
+        claim = {how: claim_2(res, at[how]) for how, res in results.items()}
+        # Is a change the source's or its lambda's? Claim 2 with every source at one lambda, each lambda of the
+        # sweep in turn: only the sweep seeds have every source at every lambda.
+        sweep_seeds = self.cfg["sweep_seeds"]
+        at_each = {f"{lam:g}": claim_2({src: [self.read_result(self.key(src, s, lam)) for s in sweep_seeds]
+                                        for src in SOURCES}, dict.fromkeys(SOURCES, lam)) for lam in lambdas}
         config = {**self.cfg, "sources": list(SOURCES), "selected_lambda": dict(self.lam_of), "common_lambda": common,
                   "validation_clean_acc": {src: {str(k): v for k, v in v_src.items()} for src, v_src in val.items()},
                   "wall_minutes_this_call": round(wall / 60, 1)}
-        out = {"config": config, "seeds": seeds, "rows": rows, "claim_2": claim}
+        out = {"config": config, "seeds": seeds, "rows": rows, "claim_2": claim,
+               "claim_2_at_each_sweep_lambda": {"seeds": sweep_seeds, **at_each}}
         path = os.path.join(self.results_dir, "fashion_mnist_per_source.json")
         files.write_json(out, path)
-        md = per_source_markdown(rows, claim, config, lambdas)
+        md = per_source_markdown(rows, claim, config, lambdas, out["claim_2_at_each_sweep_lambda"])
         md_path = os.path.join(self.results_dir, "fashion_mnist_per_source.md")
         files.atomic_write(md_path, text=md)
         print(md)
         for f in (path, md_path):
             print(f"wrote {os.path.relpath(f)}")
         return out
+
+
+def claim_2(results, lam_of):
+    """Claim 2 (pag-sbg minus each other source, AutoAttack L2 and L-inf, paired by seed) on results
+    {source: [result of each seed]}, each source's at the lambda lam_of[source]."""
+    per_seed = {src: {m: [r[m] for r in rs] for m in ("aa_l2", "aa_linf")} for src, rs in results.items()}
+    return {**combine([paired(per_seed[a][m], per_seed[b][m], f"{a} (λ {lam_of[a]:g}) - {b} (λ {lam_of[b]:g}), {m}")
+                       for a, b in CLAIM_2[1] for m in ("aa_l2", "aa_linf")]), "claim": CLAIM_2[0]}
 
 
 def main(argv=None):

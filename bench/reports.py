@@ -75,7 +75,7 @@ def claims_markdown(rows, lambda_rows, found, config):
     return "\n".join(lines) + "\n"
 
 
-def per_source_markdown(rows, claim, config, lambdas):
+def per_source_markdown(rows, claim, config, lambdas, at_each):
     """fashion_mnist_per_source.md (lambda_per_source.py): each source's sweep and choice, its rows at its own λ and
     at the common one, and claim 2 at both with every comparison."""
     val, own = config["validation_clean_acc"], config["selected_lambda"]
@@ -109,6 +109,13 @@ def per_source_markdown(rows, claim, config, lambdas):
               "| λ | comparison | per seed | difference [95% interval] | verdict | seeds to decide |", "|---|---|---|---|---|---|"]
     for how, c in claim.items():
         lines += [comparison_row(how, x, 100, 1, seeds_to_decide_cell(x)) for x in c["comparisons"]]
+    seeds = ", ".join(map(str, at_each["seeds"]))
+    lines += ["", f"Claim 2 with every source at the same λ, each λ of the sweep (seeds {seeds} only, the sweep seeds: "
+                  "whether a change comes from the sources or from their λs):", "",
+              "| λ | comparison | per seed | difference [95% interval] | verdict | seeds to decide |", "|---|---|---|---|---|---|"]
+    for lam in (f"{x:g}" for x in lambdas):
+        lines += [comparison_row(f"{lam} (claim: {at_each[lam]['verdict']})", x, 100, 1, seeds_to_decide_cell(x))
+                  for x in at_each[lam]["comparisons"]]
     return "\n".join(lines) + "\n"
 
 
