@@ -15,7 +15,7 @@ Contents (run one part with `python -m pytest -q test_all.py::TestPagLoss`; test
   TestFiles         every file read or written: no code run, schemas, atomic writes, locks, faults (14)
   TestCommandLines  every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals (7)
   TestHouse         the code's shape: imports one way, copy-paste pieces that run alone (2)
-  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), Table 1, the speed bench (15)
+  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), Table 1, the speed bench (16)
 
 Above the classes: the shared helpers and fixtures (tiny runs, one-line-error checks, reference
 computations such as the official forwards and the analytic PAG loss).
@@ -971,22 +971,31 @@ class TestTraining:
 
     @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
     def test_an_interrupted_run_says_what_is_saved_and_resumes(self, tmp_path, signal_name):
-        args = [*TINY, "--train-samples", "256", "--epochs", "4", "--lr-drops=", "--out-dir", tmp_path / "r"]
+        # Far more epochs than can pass before the signal (a fast machine once finished 4 epochs first): the
+        # resume below asks for two more than the interrupted run kept (no lr drops, so the schedule allows it).
+        args = [*TINY, "--train-samples", "256", "--epochs", "100000", "--lr-drops=", "--out-dir", tmp_path / "r"]
         proc = subprocess.Popen([sys.executable, "train_baseline.py", *map(str, args)], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not (tmp_path / "r" / "model.pt").exists() and time.time() < deadline:
             time.sleep(0.05)
-        proc.send_signal(getattr(signal, signal_name))
-        out, err = proc.communicate(timeout=120)
+        try:
+            proc.send_signal(getattr(signal, signal_name))
+            out, err = proc.communicate(timeout=120)
+        finally:  # a run that ignored the signal would otherwise go on training
+            proc.kill()
         assert proc.returncode == 130, err
         (line,) = err.strip().splitlines()
         assert line.startswith("interrupted: ") and "holds epoch" in line and line.endswith("--resume")
         command = line.split("continue with: ")[1].split()
         assert command[:2] == ["python", "train_baseline.py"]
+        kept = int(line.split("holds epoch ")[1].split()[0].strip(",;:"))
+        assert kept == torch.load(tmp_path / "r" / "model.pt", weights_only=True)["epoch"] >= 1
+        assert command[command.index("--epochs") + 1] == "100000"
+        command[command.index("--epochs") + 1] = str(kept + 2)
         run(*command[1:])
         rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
+        assert [json.loads(r)["epoch"] for r in rows] == list(range(1, kept + 3))
 
     def test_a_failed_start_leaves_no_folder_and_the_last_line_says_what_next(self, tmp_path):
         assert_cli_error(T.main, ["--dataset", "cifar10", "--data-dir", tmp_path / "none", "--no-download", "--out-dir",
@@ -2412,6 +2421,40 @@ class TestBench:
         for src in ps.SOURCES:
             val, lam = bench.choose_lambda(src)  # the bench's own reading of the committed files and its rule
             assert table[src] == [round(100 * statistics.fmean(val[x]), 1) for x in cfg["lambdas"]] + [lam], src
+
+    def test_per_source_claim_2_committed_is_the_benchs_and_the_readme_says_it(self, tmp_path):
+        """fashion_mnist_per_source.json/.md are what the bench computes from the committed result files (assembled
+        again here, into a copy); their common-lambda claim 2 is the claims bench's own claim 2 (same files, same
+        pairs); and bench/README.md's claim-2 table quotes every comparison at both lambdas as computed."""
+        ps = load_bench("lambda_per_source")
+        results = os.path.join(ROOT, "bench", "results")
+        shutil.copytree(os.path.join(results, "fashion_mnist_runs"), tmp_path / "fashion_mnist_runs")
+        bench = ps.PerSourceBench(json.loads(json.dumps(ps.fm.CONFIG)), str(tmp_path / "runs"), str(tmp_path), 1)
+        out = bench.assemble(0.0)
+        committed = json.loads(open(os.path.join(results, "fashion_mnist_per_source.json")).read())
+        for d in (out, committed):
+            d["config"].pop("wall_minutes_this_call")
+        assert committed == json.loads(json.dumps(out))
+        md = open(os.path.join(results, "fashion_mnist_per_source.md")).read()
+        assert md == (tmp_path / "fashion_mnist_per_source.md").read_text()
+        claims = json.loads(open(os.path.join(results, "fashion_mnist_seeds.json")).read())["claims"]["2"]
+        assert [(c["per_seed"], c["verdict"]) for c in committed["claim_2"]["common"]["comparisons"]] == \
+            [(c["per_seed"], c["verdict"]) for c in claims["comparisons"]]
+        cell = lambda c: f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] {c['verdict']}"  # noqa: E731
+        quoted = {}
+        for line in open(os.path.join(ROOT, "bench", "README.md")):
+            cells = [c.strip().replace("−", "-").replace("*", "") for c in line.strip().strip("|").split("|")]
+            if len(cells) == 3 and cells[0].startswith("PAG-SBG - "):
+                quoted[cells[0]] = cells[1:]
+        name = {"aa_l2": "L2", "aa_linf": "L∞"}
+        expected = {}
+        for own, common in zip(*(committed["claim_2"][how]["comparisons"] for how in ("own", "common"))):
+            a_b, metric = own["comparison"].rsplit(", ", 1)
+            other = a_b.split(" - ")[1].split(" (")[0]
+            expected[f"PAG-SBG - {other.upper()}, {name[metric]}"] = [cell(own), cell(common)]
+        assert quoted == expected and len(expected) == 6
+        verdicts = {how: committed["claim_2"][how]["verdict"] for how in ("own", "common")}
+        assert f"claim 2 at the sources' own λs: **{verdicts['own']}**" in open(os.path.join(ROOT, "bench", "README.md")).read()
 
     def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(self, tmp_path):
         fm = load_bench("fashion_mnist")
