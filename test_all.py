@@ -34,6 +34,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -971,11 +972,14 @@ class TestTraining:
 
     @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
     def test_an_interrupted_run_says_what_is_saved_and_resumes(self, tmp_path, signal_name):
-        # Far more epochs than can pass before the signal (a fast machine once finished 4 epochs first): the
-        # resume below asks for two more than the interrupted run kept (no lr drops, so the schedule allows it).
+        # Far more epochs than can pass before the signal, so the run cannot end first: the resume below asks
+        # for two more than the interrupted run kept (no lr drops, so the schedule allows it).
         args = [*TINY, "--train-samples", "256", "--epochs", "100000", "--lr-drops=", "--out-dir", tmp_path / "r"]
+        # SIGINT as at a terminal: a shell that starts the tests in the background (`pytest ... &`) hands its
+        # children SIGINT ignored, and Python then never raises KeyboardInterrupt.
         proc = subprocess.Popen([sys.executable, "train_baseline.py", *map(str, args)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while not (tmp_path / "r" / "model.pt").exists() and time.time() < deadline:
             time.sleep(0.05)
@@ -2391,12 +2395,17 @@ class TestBench:
                                                        for s in (0, 1, 2)])
         # Every source at one lambda, each lambda of the sweep: the sweep seeds alone (seed 2 has no pag-cm at 1).
         at_each = out["claim_2_at_each_sweep_lambda"]
-        assert at_each["seeds"] == [0, 1] and set(at_each) == {"seeds", "0.1", "1"}
+        assert at_each["seeds"] == [0, 1] and set(at_each["by_lambda"]) == {"0.1", "1.0"}  # keys as validation_clean_acc's
         for lam in (0.1, 1.0):
-            comps = {c["comparison"]: c["per_seed"] for c in at_each[f"{lam:g}"]["comparisons"]}
+            comps = {c["comparison"]: c["per_seed"] for c in at_each["by_lambda"][str(lam)]["comparisons"]}
             assert comps == pytest.approx({f"pag-sbg (λ {lam:g}) - {o} (λ {lam:g}), {m}":
                                            [(l2("pag-sbg", lam, s) - l2(o, lam, s)) / (1 if m == "aa_l2" else 2) for s in (0, 1)]
                                            for o in ("pag-cm", "pag-nn", "pag-oi") for m in ("aa_l2", "aa_linf")})
+        # The price beside the claim: clean accuracy differences of the same pairs (every model here: 80%).
+        assert [(c["comparison"], c["per_seed"]) for c in out["claim_2"]["own"]["clean"]] == \
+            [(f"pag-sbg (λ 1) - {o} (λ {own[o]:g}), clean", [0.0] * 3) for o in ("pag-cm", "pag-nn", "pag-oi")]
+        assert {c["verdict"] for c in out["claim_2"]["own"]["clean"]} == {"not separated from 0"}  # no claim's words
+        assert "own_unswept_seeds" not in out["claim_2"]  # one seed outside the sweep: no interval
         # pag-sbg - pag-nn: 0.03, 0.02, 0.01 at both lambdas: the t interval over three seeds reaches below 0.
         assert out["claim_2"]["own"]["verdict"] == out["claim_2"]["common"]["verdict"] == "not shown"
         assert json.loads((tmp_path / "fashion_mnist_per_source.json").read_text())["claim_2"] == out["claim_2"]
@@ -2434,9 +2443,13 @@ class TestBench:
         committed = json.loads(open(os.path.join(results, "fashion_mnist_per_source.json")).read())
         for d in (out, committed):
             d["config"].pop("wall_minutes_this_call")
+            assert len(d["config"].pop("assembled_at_commit")) == 40
         assert committed == json.loads(json.dumps(out))
         md = open(os.path.join(results, "fashion_mnist_per_source.md")).read()
         assert md == (tmp_path / "fashion_mnist_per_source.md").read_text()
+        own, unswept = committed["claim_2"]["own"], committed["claim_2"]["own_unswept_seeds"]
+        assert unswept["seeds"] == [3, 4, 5, 6, 7] and committed["seeds"] == [0, 1, 2, 3, 4, 5, 6, 7]
+        assert [c["per_seed"] for c in unswept["comparisons"]] == [c["per_seed"][3:] for c in own["comparisons"]]
         claims = json.loads(open(os.path.join(results, "fashion_mnist_seeds.json")).read())["claims"]["2"]
         assert [(c["per_seed"], c["verdict"]) for c in committed["claim_2"]["common"]["comparisons"]] == \
             [(c["per_seed"], c["verdict"]) for c in claims["comparisons"]]
@@ -2454,7 +2467,28 @@ class TestBench:
             expected[f"PAG-SBG - {other.upper()}, {name[metric]}"] = [cell(own), cell(common)]
         assert quoted == expected and len(expected) == 6
         verdicts = {how: committed["claim_2"][how]["verdict"] for how in ("own", "common")}
-        assert f"claim 2 at the sources' own λs: **{verdicts['own']}**" in open(os.path.join(ROOT, "bench", "README.md")).read()
+        bench_readme = open(os.path.join(ROOT, "bench", "README.md")).read()
+        assert f"claim 2 at the sources' own λs: **{verdicts['own']}**" in bench_readme
+        # Every interval the prose around it quotes is one the files hold: a comparison (any claim, any lambda,
+        # clean included) or a row. (A number typed by hand, or left behind by a rerun, fails here.)
+        claims2 = [*committed["claim_2"].values(), *committed["claim_2_at_each_sweep_lambda"]["by_lambda"].values()]
+        comps = [c for cl in claims2 for c in cl["comparisons"] + cl["clean"]]
+        signed = {f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" for c in comps}
+        unsigned = {s.replace("+", "") for s in signed} | {
+            f"{100 * r[m]['mean']:.1f} [{100 * r[m]['ci95'][0]:.1f}, {100 * r[m]['ci95'][1]:.1f}]"
+            for rows in committed["rows"].values() for r in rows.values() for m in ("clean", "aa_l2", "aa_linf")}
+        readme = open(os.path.join(ROOT, "README.md")).read()
+        section = bench_readme[bench_readme.index("Each source at its own λ (`lambda_per_source.py`"):
+                               bench_readme.index("### Results (8 seeds")]
+        row = next(line for line in bench_readme.splitlines() if line.startswith("| 2. SBG is the most robust source"))
+        summary = next(line for line in readme.splitlines() if line.startswith("| SBG the most robust source?"))
+        question = readme[readme.index("- The claims bench (Fashion-MNIST"):readme.index("Claim 3's SBG correlation")]
+        found = []
+        for text in (section, row, summary, question):
+            text = text.replace("−", "-").replace("\n", " ")
+            found += [(m, m in signed) for m in re.findall(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", text)]
+            found += [(m, m in unsigned) for m in re.findall(r"(?<![-+\d.])\d+\.\d \[\d+\.\d, \d+\.\d\]", text)]
+        assert len(found) >= 40 and [m for m, ok in found if not ok] == []
 
     def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(self, tmp_path):
         fm = load_bench("fashion_mnist")

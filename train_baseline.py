@@ -893,11 +893,12 @@ def end_epoch(run, epoch, sums, seen, lr, train_seconds):
         write_metrics(run.metrics_path, run.metrics)
         save_checkpoint(run.ckpt_path, run.model, run.opt, run.sched, run.order_gen, sample_states, args, run.data,
                         epoch + 1)
+        run.saved_epoch = epoch + 1  # at once: an interrupt during the print below must name this epoch
         if epoch == run.start_epoch:
             print(f"wrote {run.ckpt_path} and {run.metrics_path} (updated every epoch)", flush=True)
     if run.world > 1:
         dist.barrier()
-    run.saved_epoch = epoch + 1
+    run.saved_epoch = epoch + 1  # every rank: the file holds it now
 
 
 def make_batch(data, idx, augment, epoch, step, generator):

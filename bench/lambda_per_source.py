@@ -9,7 +9,8 @@ there. Here PAG-NN, PAG-OI and PAG-SBG are swept too, at the same lambdas and sw
 lambda is chosen by the same SELECTION_RULE on its own validation accuracies; the seeds outside the sweep then
 train each source at its own lambda (and at the common one, the claims bench's rows, if they are not there).
 Claim 2's comparisons (pag-sbg minus each other source, AutoAttack L2 and L-inf, paired by seed, CLAIM_RULE) are
-computed at the sources' own lambdas and, beside them, at the common lambda; and, to tell a change that comes
+computed at the sources' own lambdas (all seeds, and the seeds outside the sweep alone) and, beside them, at
+the common lambda, each with the same pairs' clean accuracy differences; and, to tell a change that comes
 from a source from one that comes from its lambda, at each lambda of the sweep with every source at it (the
 sweep seeds only: the others have each source at its own and the common lambda alone). Everything else is the claims
 bench's: its settings, scripts, result files (a model both benches need is trained once), test images and
@@ -25,7 +26,7 @@ import cli  # noqa: E402 - the project's parser
 import files  # noqa: E402 - the one atomic writer
 import fashion_mnist as fm  # noqa: E402 - the claims bench: settings, rows, rule, result files
 from reports import per_source_markdown  # noqa: E402
-from runner import run_jobs  # noqa: E402
+from runner import git_commit, run_jobs  # noqa: E402
 from stats import combine, paired  # noqa: E402
 
 SOURCES = ("pag-cm", "pag-nn", "pag-oi", "pag-sbg")  # the PAG rows that differ only in their ground truth
@@ -82,16 +83,22 @@ class PerSourceBench(fm.ClaimsBench):
                    for how, lam_of in at.items()}
         rows = {how: {src: fm.row_stats(rs) for src, rs in res.items()} for how, res in results.items()}
         claim = {how: claim_2(res, at[how]) for how, res in results.items()}
+        # The seeds whose validation accuracies did not choose the lambdas, alone (where there are two or more).
+        sweep_seeds = self.cfg["sweep_seeds"]
+        unswept = [i for i, s in enumerate(seeds) if s not in sweep_seeds]
+        if len(unswept) >= 2:
+            claim["own_unswept_seeds"] = {**claim_2({src: [rs[i] for i in unswept] for src, rs in results["own"].items()},
+                                                    self.lam_of), "seeds": [seeds[i] for i in unswept]}
         # Is a change the source's or its lambda's? Claim 2 with every source at one lambda, each lambda of the
         # sweep in turn: only the sweep seeds have every source at every lambda.
-        sweep_seeds = self.cfg["sweep_seeds"]
-        at_each = {f"{lam:g}": claim_2({src: [self.read_result(self.key(src, s, lam)) for s in sweep_seeds]
-                                        for src in SOURCES}, dict.fromkeys(SOURCES, lam)) for lam in lambdas}
+        at_each = {str(lam): claim_2({src: [self.read_result(self.key(src, s, lam)) for s in sweep_seeds]
+                                      for src in SOURCES}, dict.fromkeys(SOURCES, lam)) for lam in lambdas}
         config = {**self.cfg, "sources": list(SOURCES), "selected_lambda": dict(self.lam_of), "common_lambda": common,
                   "validation_clean_acc": {src: {str(k): v for k, v in v_src.items()} for src, v_src in val.items()},
-                  "wall_minutes_this_call": round(wall / 60, 1)}
+                  "wall_minutes_this_call": round(wall / 60, 1),
+                  "assembled_at_commit": git_commit()}  # each result file names the commit that made its model
         out = {"config": config, "seeds": seeds, "rows": rows, "claim_2": claim,
-               "claim_2_at_each_sweep_lambda": {"seeds": sweep_seeds, **at_each}}
+               "claim_2_at_each_sweep_lambda": {"seeds": sweep_seeds, "by_lambda": at_each}}
         path = os.path.join(self.results_dir, "fashion_mnist_per_source.json")
         files.write_json(out, path)
         md = per_source_markdown(rows, claim, config, lambdas, out["claim_2_at_each_sweep_lambda"])
@@ -105,10 +112,16 @@ class PerSourceBench(fm.ClaimsBench):
 
 def claim_2(results, lam_of):
     """Claim 2 (pag-sbg minus each other source, AutoAttack L2 and L-inf, paired by seed) on results
-    {source: [result of each seed]}, each source's at the lambda lam_of[source]."""
-    per_seed = {src: {m: [r[m] for r in rs] for m in ("aa_l2", "aa_linf")} for src, rs in results.items()}
-    return {**combine([paired(per_seed[a][m], per_seed[b][m], f"{a} (λ {lam_of[a]:g}) - {b} (λ {lam_of[b]:g}), {m}")
-                       for a, b in CLAIM_2[1] for m in ("aa_l2", "aa_linf")]), "claim": CLAIM_2[0]}
+    {source: [result of each seed]}, each source's at the lambda lam_of[source]; beside it (not in the verdict)
+    the same pairs' clean accuracy differences, the price of the robustness."""
+    per_seed = {src: {m: [r[m] for r in rs] for m in ("clean", "aa_l2", "aa_linf")} for src, rs in results.items()}
+
+    def pairs(metrics):
+        return [paired(per_seed[a][m], per_seed[b][m], f"{a} (λ {lam_of[a]:g}) - {b} (λ {lam_of[b]:g}), {m}")
+                for a, b in CLAIM_2[1] for m in metrics]
+    side = {"holds": "above 0", "contradicted": "below 0", "not shown": "not separated from 0"}  # not a claim
+    clean = [{**c, "verdict": side[c["verdict"]]} for c in pairs(("clean",))]
+    return {**combine(pairs(("aa_l2", "aa_linf"))), "claim": CLAIM_2[0], "clean": clean}
 
 
 def main(argv=None):

@@ -101,21 +101,25 @@ def per_source_markdown(rows, claim, config, lambdas, at_each):
                          f"{fmt(r['align_nn'], False)} | {fmt(r['align_sbg'], False)} |")
     lines += ["", f"Claim 2, {claim['own']['claim']} ({config['claim_rule']}):", "",
               "| λ | verdict | headline | difference [95% interval] |", "|---|---|---|---|"]
-    label = {"own": "each source its own", "common": f"common, {config['common_lambda']:g} (PAG-CM's)"}
+    unswept = ", ".join(map(str, claim.get("own_unswept_seeds", {}).get("seeds", [])))
+    label = {"own": "each source its own", "common": f"common, {config['common_lambda']:g} (PAG-CM's)",
+             "own_unswept_seeds": f"each source its own, seeds {unswept} only (those that did not choose λ)"}
+    short = {"own": "own", "common": "common", "own_unswept_seeds": f"own, seeds {unswept}"}
     for how, c in claim.items():
         lines.append(f"| {label[how]} | **{c['verdict']}** | {c['headline']} | {100 * c['difference']:+.1f} "
                      f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] |")
-    lines += ["", "Every comparison (a − b in points, paired by seed):", "",
-              "| λ | comparison | per seed | difference [95% interval] | verdict | seeds to decide |", "|---|---|---|---|---|---|"]
+    every = "| λ | comparison | per seed | difference [95% interval] | verdict | seeds to decide |", "|---|---|---|---|---|---|"
+    lines += ["", "Every comparison (a − b in points, paired by seed); the clean rows are the price, not part of the claim:",
+              "", *every]
     for how, c in claim.items():
-        lines += [comparison_row(how, x, 100, 1, seeds_to_decide_cell(x)) for x in c["comparisons"]]
+        lines += [comparison_row(short[how], x, 100, 1, seeds_to_decide_cell(x)) for x in c["comparisons"] + c["clean"]]
     seeds = ", ".join(map(str, at_each["seeds"]))
     lines += ["", f"Claim 2 with every source at the same λ, each λ of the sweep (seeds {seeds} only, the sweep seeds: "
-                  "whether a change comes from the sources or from their λs):", "",
-              "| λ | comparison | per seed | difference [95% interval] | verdict | seeds to decide |", "|---|---|---|---|---|---|"]
-    for lam in (f"{x:g}" for x in lambdas):
-        lines += [comparison_row(f"{lam} (claim: {at_each[lam]['verdict']})", x, 100, 1, seeds_to_decide_cell(x))
-                  for x in at_each[lam]["comparisons"]]
+                  "whether a change comes from the sources or from their λs; clean rows as above):", "", *every]
+    for lam in lambdas:
+        c = at_each["by_lambda"][str(lam)]
+        lines += [comparison_row(f"{lam:g} (claim: {c['verdict']})", x, 100, 1, seeds_to_decide_cell(x))
+                  for x in c["comparisons"] + c["clean"]]
     return "\n".join(lines) + "\n"
 
 
