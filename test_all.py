@@ -2453,9 +2453,10 @@ class TestBench:
         claims = json.loads(open(os.path.join(results, "fashion_mnist_seeds.json")).read())["claims"]["2"]
         assert [(c["per_seed"], c["verdict"]) for c in committed["claim_2"]["common"]["comparisons"]] == \
             [(c["per_seed"], c["verdict"]) for c in claims["comparisons"]]
-        cell = lambda c: f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] {c['verdict']}"  # noqa: E731
+        interval = lambda c: f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"  # noqa: E731
+        bench_readme = open(os.path.join(ROOT, "bench", "README.md")).read()
         quoted = {}
-        for line in open(os.path.join(ROOT, "bench", "README.md")):
+        for line in bench_readme.splitlines():
             cells = [c.strip().replace("−", "-").replace("*", "") for c in line.strip().strip("|").split("|")]
             if len(cells) == 3 and cells[0].startswith("PAG-SBG - "):
                 quoted[cells[0]] = cells[1:]
@@ -2464,16 +2465,15 @@ class TestBench:
         for own, common in zip(*(committed["claim_2"][how]["comparisons"] for how in ("own", "common"))):
             a_b, metric = own["comparison"].rsplit(", ", 1)
             other = a_b.split(" - ")[1].split(" (")[0]
-            expected[f"PAG-SBG - {other.upper()}, {name[metric]}"] = [cell(own), cell(common)]
+            expected[f"PAG-SBG - {other.upper()}, {name[metric]}"] = [f"{interval(c)} {c['verdict']}" for c in (own, common)]
         assert quoted == expected and len(expected) == 6
         verdicts = {how: committed["claim_2"][how]["verdict"] for how in ("own", "common")}
-        bench_readme = open(os.path.join(ROOT, "bench", "README.md")).read()
         assert f"claim 2 at the sources' own λs: **{verdicts['own']}**" in bench_readme
         # Every interval the prose around it quotes is one the files hold: a comparison (any claim, any lambda,
         # clean included) or a row. (A number typed by hand, or left behind by a rerun, fails here.)
         claims2 = [*committed["claim_2"].values(), *committed["claim_2_at_each_sweep_lambda"]["by_lambda"].values()]
         comps = [c for cl in claims2 for c in cl["comparisons"] + cl["clean"]]
-        signed = {f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" for c in comps}
+        signed = {interval(c) for c in comps}
         unsigned = {s.replace("+", "") for s in signed} | {
             f"{100 * r[m]['mean']:.1f} [{100 * r[m]['ci95'][0]:.1f}, {100 * r[m]['ci95'][1]:.1f}]"
             for rows in committed["rows"].values() for r in rows.values() for m in ("clean", "aa_l2", "aa_linf")}
