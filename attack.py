@@ -178,10 +178,11 @@ def visualize(models, data, x, args):
             files.save_figure(fig, path, dpi=120)
             plt.close(fig)
         return draw_regions, None
-    n, shown = args.vis_images, min(data.num_classes, 10)
-    xs = x[:n]
+    shown = min(data.num_classes, 10)
+    pick = D.subset_indices(data.name, data.test_y, args.vis_images).to(x.device)  # never one class of a sorted folder
+    xs = x[pick]
     eps = args.vis_eps if args.vis_eps is not None else 10 * D.DATASETS[data.name]["eps_l2"]
-    ys = data.test_y[:n].cpu()
+    ys = data.test_y[pick].cpu()
     grids = [(label, *targeted_grid(model, xs, shown, eps, args.vis_steps, data.box)) for label, model, _ in models]
     preds = {label: predict(model, xs).cpu() for label, model, _ in models}
     rows = [(i, label, adv[i].cpu(), hit[i].cpu()) for i in range(len(xs)) for label, adv, hit in grids]
@@ -504,8 +505,10 @@ def main(argv=None):
     if "align" in args.measures:
         gt_grad_fn = D.make_source(align_source, data, args.cache_dir, seed=targs["seed"], sbg_file=args.sbg_file,
                               split=args.align_split)
-        images = data.train_x[: args.eval_samples] if args.align_split == "train" else data.test_x
-        xa, idx = D.to_float(images), torch.arange(len(images), device=device)  # the first N, with their indices
+        # The training images: N of them as a subset takes them (a fair sample of a sorted folder), with their indices.
+        idx = (D.subset_indices(data.name, data.train_y, args.eval_samples) if args.align_split == "train"
+               else torch.arange(len(data.test_y))).to(device)
+        xa = D.to_float((data.train_x if args.align_split == "train" else data.test_x)[idx])
         results["align"] = {f"{align_source} {args.align_split}": {
             "cos": alignment(model, xa, gt_grad_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx),
             "source": align_source, "split": args.align_split, "eval_samples": len(xa),
@@ -527,6 +530,7 @@ def main(argv=None):
         return files.update_json(out, lambda old: merge(old, entries), "results file")
     merged = write(results)
     if any(k in results for k in ("clean", "align", *RADIUS_MEASURES)):
+        print(f"\n{n} test images of {data.name} ({D.class_counts_text(y, data.num_classes, data.classes)})")
         print_table(results)
     kept = sorted(k for k in merged if k not in results and not (draw and k == "visualize"))
     print(f"wrote {out}" + (f" (kept its earlier {', '.join(kept)})" if kept else ""))

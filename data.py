@@ -37,18 +37,22 @@ from files import UserError
 # of 6,000 points at batch 128). dtype and threads: the toy trains and is evaluated in float64 on one thread,
 # whatever OMP_NUM_THREADS says, because its training is chaotic: a last-bit difference of a float32 kernel
 # (another thread count or CPU) re-draws the outcome (bench/README.md, "The 2-D toy").
+# order: how a split is stored. "shuffled" (the CIFAR, STL and Fashion-MNIST files, synthetic's interleaved
+# classes): a subset is its first N images. "by class" (a folder is read class by class, the toy drawn mode by
+# mode): a subset is the first N of a fixed class-interleaved order (fair_order), never one class.
 _PAPER = dict(arch="resnet18", batch_size=64, optimizer="sgd", lr=0.01, lr_drops=[0.5, 0.75], augment=True,
-              eps_l2=0.5, eps_linf=8 / 255, source="cm", pag_chunk=None, drop_last=True, dtype="float32", threads=None)
+              eps_l2=0.5, eps_linf=8 / 255, source="cm", pag_chunk=None, drop_last=True, dtype="float32", threads=None,
+              order="shuffled")
 DATASETS = {
     "cifar10": dict(_PAPER, num_classes=10),
     "cifar100": dict(_PAPER, num_classes=100),
     "stl10": dict(_PAPER, num_classes=10, batch_size=32, pag_chunk=4),
     "fashion-mnist": dict(_PAPER, num_classes=10, arch="cnn", optimizer="adam", lr=1e-3, lr_drops=[], augment=False,
                           eps_l2=1.5, eps_linf=0.1),
-    "folder": dict(_PAPER, num_classes=None, augment=None),
+    "folder": dict(_PAPER, num_classes=None, augment=None, order="by class"),
     "synthetic": dict(_PAPER, num_classes=10),
     "toy": dict(_PAPER, num_classes=2, arch="mlp", batch_size=128, optimizer="adam", lr_drops=[], augment=False,
-                eps_l2=15.0, eps_linf=5.0, source="nn", drop_last=False, dtype="float64", threads=1),
+                eps_l2=15.0, eps_linf=5.0, source="nn", drop_last=False, dtype="float64", threads=1, order="by class"),
 }
 # lambda of train_pag.py: the official configs for resnet18 and vit (whose lambda is used at 2/3 in the
 # first half of training: "stabilises training at a small robustness cost"); cnn: 0.25, which trained
@@ -106,6 +110,7 @@ class Data:
     classes: tuple = None  # class names, where known
     val_x: torch.Tensor = None  # the validation split held out of the training images (--val-samples), or None
     val_y: torch.Tensor = None
+    sha256: dict = None  # {"train", "test"}: content hash of each whole split as loaded (content_sha256)
 
     def class_name(self, k):
         return self.classes[k] if self.classes else f"class {k}"
@@ -144,13 +149,14 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
              data_seed=None, val_samples=None):
     """Load a dataset as a `Data` of in-memory tensors.
 
-    train_samples / test_samples keep the *first* N images of each split (the
-    files' own order, which is shuffled for CIFAR, STL and Fashion-MNIST), so a
-    subset is the same for every seed and every script.
+    train_samples / test_samples keep N images of each split (subset_indices): the first N where
+    the files are stored shuffled (CIFAR, STL, Fashion-MNIST), a fair sample of every class where
+    they are stored class by class (folder, toy); the same for every seed and every script.
     val_samples: hold out N training images as a validation split, never trained on: a fixed
-    random subset (seed 0, the same for every run and script; the toy and folder datasets are
-    sorted by class, so the last N would be one class), taken before train_samples, which then
-    keeps the first N of the remaining images in their order.
+    random subset (seed 0, the same for every run and script), taken before train_samples, which
+    then keeps N of the remaining images.
+    The returned Data's `sha256` names the content of each whole split as loaded (images and
+    labels), so a checkpoint can refuse a folder whose files or labels changed since.
     data_seed: which draw of the toy (default 0); the toy is the only dataset that is drawn.
     """
     name = canonical_dataset(name)
@@ -175,6 +181,7 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise UserError(f"{name}: a {split} label is {int(labels.max() if labels.max() >= num_classes else labels.min())}, "
                             f"outside 0..{num_classes - 1}")
+    sha256 = {"train": content_sha256(train_x, train_y), "test": content_sha256(test_x, test_y)}
     val_x = val_y = None
     if val_samples is not None:
         if val_samples >= len(train_y):
@@ -184,11 +191,60 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
         val_x, val_y = train_x[held_out], train_y[held_out].long()
         train_x, train_y = train_x[~held_out], train_y[~held_out]
     if train_samples is not None:
-        train_x, train_y = train_x[:train_samples], train_y[:train_samples]
+        keep = subset_indices(name, train_y, train_samples)
+        train_x, train_y = train_x[keep], train_y[keep]
     if test_samples is not None:
-        test_x, test_y = test_x[:test_samples], test_y[:test_samples]
+        keep = subset_indices(name, test_y, test_samples)
+        test_x, test_y = test_x[keep], test_y[keep]
     classes = tuple(classes) if name == "folder" else CLASS_NAMES.get(name)
-    return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes, classes, val_x, val_y)
+    return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes, classes, val_x, val_y, sha256)
+
+
+def content_sha256(x, y):
+    """sha256 of a split's images (or points) and labels, as stored: what it is, whatever its path."""
+    h = hashlib.sha256()
+    for t in (x, y.long()):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fair_order(labels):
+    """A fixed order of a split stored class by class in which every prefix is a fair sample of the
+    classes: each class's images in a fixed random order (seed 0), interleaved so that the first n hold
+    every class in proportion to its size (within one image). Stable: the same labels, the same order."""
+    labels = labels.cpu().long()
+    gen = torch.Generator().manual_seed(0)
+    rank = torch.empty(len(labels), dtype=torch.float64)
+    sizes = labels.bincount()
+    for c in range(len(sizes)):
+        members = (labels == c).nonzero().squeeze(1)
+        rank[members[torch.randperm(len(members), generator=gen)]] = torch.arange(len(members), dtype=torch.float64)
+    key = (rank + 0.5) / sizes[labels].double()  # where an image falls in its class, from 0 to 1
+    by_class = torch.argsort(labels, stable=True)  # ties (classes of one size) go in class order
+    return by_class[torch.argsort(key[by_class], stable=True)]
+
+
+def subset_indices(name, labels, n):
+    """Which n images of a split a subset keeps (data.DATASETS "order"): the first n of shuffled files, the
+    first n of fair_order for files stored class by class; the whole split, in its order, if n covers it."""
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    if DATASETS[name]["order"] == "by class":
+        return fair_order(labels)[:n]
+    return torch.arange(n)
+
+
+def class_counts_text(labels, num_classes, classes=None, limit=10):
+    """How many images of each class a split holds, for a run's first line and attack.py's table: "100 per
+    class" when equal, the range when within 10% (or beyond `limit` classes), else each class's count."""
+    counts = labels.cpu().long().bincount(minlength=num_classes).tolist()
+    if len(set(counts)) == 1:
+        return f"{counts[0]} per class"
+    if num_classes > limit or max(counts) - min(counts) <= 0.1 * max(counts):  # nearly balanced: the range says it
+        return f"{min(counts)}-{max(counts)} per class"
+    names = classes or [str(c) for c in range(num_classes)]
+    return "per class " + ", ".join(f"{n} {c}" for c, n in zip(names, counts))
 
 
 # The paper's 2-D toy: two classes on the line x2 = 2*x1, three modes each (toy_data.py draws it).

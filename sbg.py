@@ -31,7 +31,7 @@ import cli
 import data as D
 import files
 from files import UserError
-from train_baseline import (CHECKPOINT_FORMAT, Progress, check_data_fits, gather_states, leave_process_group,
+from train_baseline import (CHECKPOINT_FORMAT, RESUME_FIELDS, Progress, check_data_fits, gather_states, leave_process_group,
                             pick_device, random_streams, read_checkpoint, resume_checkpoint, setup_distributed,
                             shard_batches, wrap_for_ranks)
 
@@ -158,7 +158,10 @@ def _train(args, rank, world, device):
     if rank == 0:
         files.remove_stale_temporaries(args.out_dir, ("denoiser.pt",))
     if args.resume:
-        ckpt = resume_checkpoint(path, args, "sbg-denoiser", "denoiser checkpoint of sbg.py train", RESUME_MAY_CHANGE)
+        ckpt = resume_checkpoint(path, args, "sbg-denoiser", DENOISER, RESUME_MAY_CHANGE,
+                                 {**DENOISER_FIELDS, **{k: RESUME_FIELDS[k] for k in
+                                                        ("optimizer", "data_order_generator", "sample_generators")}})
+        check_data_fits(ckpt, data, path, "denoiser")
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         order_gen.set_state(ckpt["data_order_generator"])
@@ -201,7 +204,7 @@ def _train(args, rank, world, device):
             files.atomic_write(path, {"format": CHECKPOINT_FORMAT, "kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
                            "data_order_generator": order_gen.get_state(), "sample_generators": states, "epoch": epoch + 1,
                            "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
-                           "input_shape": tuple(data.input_shape)})
+                           "input_shape": tuple(data.input_shape), "data_sha256": data.sha256})
             if epoch == start:
                 print(f"wrote {path} (updated every epoch)", flush=True)
         if world > 1:

@@ -728,6 +728,41 @@ class TestSources:
         assert int(d.train_x[d.train_y == 1][0, 1, 0, 0]) == 100
         assert D.get_data("folder", str(tmp_path), image_size=6).train_x.shape == (8, 3, 6, 6)
 
+    def test_subsets_of_class_sorted_data_are_fair_samples_of_every_class(self, tmp_path):
+        """A folder is read class by class and the toy drawn mode by mode: N of their images (--train-samples,
+        --eval-samples) are a fair sample of the classes, every prefix of data.fair_order holding each class in
+        proportion to its size (within one image here), not the first class's N. Shuffled files keep their first N."""
+        labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 7 + [3] * 13)
+        order = D.fair_order(labels)
+        assert sorted(order.tolist()) == list(range(100)) and torch.equal(order, D.fair_order(labels.clone()))
+        for n in range(1, 101):
+            counts = labels[order[:n]].bincount(minlength=4).double()
+            assert ((counts - n * labels.bincount().double() / 100).abs() <= 1).all(), (n, counts)
+        within_class = order[labels[order] == 0][:10]  # a class's images in a fixed random order, not its first ten
+        assert sorted(within_class.tolist()) != list(range(10))
+        root = tmp_path / "f"
+        for split in ("train", "test"):
+            for k, c in enumerate(("a", "b", "c")):
+                os.makedirs(root / split / c)
+                for i in range(5):
+                    Image.new("RGB", (8, 8), (40 * k, 10 * i, 0)).save(root / split / c / f"{i}.png")
+        full = D.get_data("folder", str(root))
+        d = D.get_data("folder", str(root), train_samples=8, test_samples=6)
+        assert d.train_y.bincount().tolist() == [3, 3, 2] and d.test_y.bincount().tolist() == [2, 2, 2]
+        # the images are the folder's own, each with its own label (a class is its red channel here)
+        assert torch.equal(d.train_x[:, 0, 0, 0], 40 * d.train_y.to(torch.uint8))
+        assert len({bytes(x.numpy()) for x in d.train_x}) == 8
+        # the whole set keeps the folder's order: committed whole-set results are unchanged
+        assert torch.equal(D.get_data("folder", str(root), train_samples=15).train_x, full.train_x)
+        toy = D.get_data("toy", train_samples=2000, test_samples=60)
+        assert toy.train_y.bincount().tolist() == [1000, 1000] and toy.test_y.bincount().tolist() == [30, 30]
+        modes = ((toy.train_x[:, 0] + 50) / 20).round()  # every mode of both classes is in the subset, not one mode's points
+        assert len(set(modes.tolist())) == 6
+        syn, all_syn = D.get_data("synthetic", train_samples=37, image_size=8), D.get_data("synthetic", image_size=8)
+        assert torch.equal(syn.train_x, all_syn.train_x[:37])  # shuffled files: their first N, as before
+        assert D.class_counts_text(d.train_y, 3, ("a", "b", "c")) == "per class 3 a, 3 b, 2 c"
+        assert D.class_counts_text(d.test_y, 3) == "2 per class"
+
     def test_dataset_aliases_and_unknown_dataset(self):
         assert D.canonical_dataset("stl") == "stl10" and D.canonical_dataset("CIFAR10") == "cifar10"
         with pytest.raises(UserError):
@@ -807,6 +842,27 @@ class TestSources:
 # ============================================================================= TestTraining
 class TestTraining:
     """The loop: settings, schedule, resume, divergence, adversarial training, torchrun."""
+
+    def test_a_pag_run_that_stays_at_chance_says_so_with_what_to_try(self, tmp_path, capsys):
+        """After epoch 2 or 3, accuracy near chance (below chance + a tenth of the way to 100%) while the PAG term is
+        at least a quarter of the classification loss: one warning line with a smaller --pag-coeff to try."""
+        args = argparse.Namespace(pag_coeff=0.25, pag_first_half_scale=1.0, epochs=10)
+        data = blank_images("folder", 32, 10)
+        row = {"epoch": 2, "eval_split": "val", "val_acc": 0.134, "ce": 2.29, "pag": 0.9}
+        warning = train_pag.not_learning(row, args, data)
+        assert "13.4%" in warning and "chance (10.0%)" in warning and "= 2.25" in warning and "--pag-coeff 0.08" in warning
+        for quiet in ({"val_acc": 0.19}, {"epoch": 1}, {"epoch": 4}, {"pag": 0.2}):  # learning, too early or late, small term
+            assert train_pag.not_learning({**row, **quiet}, args, data) is None, quiet
+        adv = {k: v for k, v in row.items() if k != "ce"} | {"adv": 2.0, "epoch": 3}
+        assert "loss of 2.00" in train_pag.not_learning(adv, args, data)
+        assert train_pag.not_learning({k: v for k, v in row.items() if k != "pag"}, args, data) is None  # no PAG term
+        # The loop prints what check_epoch returns, after the epoch's line.
+        p = add_common_args(cli.Parser())
+        T.train(p.parse_args([str(a) for a in [*TINY, "--epochs", "2", "--out-dir", tmp_path / "r"]]),
+                check_epoch=lambda r, a, d: f"checked epoch {r['epoch']} of {a.epochs} ({d.num_classes} classes)")
+        out = capsys.readouterr().out.splitlines()
+        at = out.index("warning: checked epoch 2 of 2 (10 classes)")
+        assert out[at - 1].startswith("epoch 2:")
 
     @pytest.mark.smoke
     def test_smoke_train_baseline_then_attack(self, tmp_path):
@@ -1230,6 +1286,36 @@ class TestAttack:
         assert_cli_error(attack.main, ["--checkpoint", tmp_path / "r", "--attacks", "clean"], "2 classes", "bird")
         assert_cli_error(T.main, [*flags, "--out-dir", tmp_path / "r", "--resume"], "2 classes")
 
+    def test_a_checkpoint_refuses_a_folder_whose_files_or_labels_changed(self, tmp_path, capsys):
+        """A copy of the folder with two classes swapped has the same class names and shapes: only the content tells.
+        --resume and attack.py refuse it; the same content at another path is the same data."""
+        root = tmp_path / "f"
+        for split in ("train", "test"):
+            for k, c in enumerate(("cat", "dog", "owl")):
+                os.makedirs(root / split / c)
+                for i in range(4):
+                    Image.new("RGB", (8, 8), (60 * k, 20 * i, 0)).save(root / split / c / f"{i}.png")
+        flags = ["--dataset", "folder", "--data-dir", root, "--batch-size", "2", "--eval-steps", "1", "--epochs", "2",
+                 "--arch", "cnn", "--train-samples", "8", "--eval-samples", "6"]
+        T.main(list(map(str, [*flags, "--stop-after-epoch", "1", "--out-dir", tmp_path / "r"])))
+        first = capsys.readouterr().out.splitlines()[0]
+        assert "8 train images (per class 3 cat, 3 dog, 2 owl)" in first and "6 test images (2 per class)" in first
+        attack.main(list(map(str, ["--checkpoint", tmp_path / "r", "--attacks", "clean", "--eval-samples", "6"])))
+        assert "6 test images of folder (2 per class)" in capsys.readouterr().out
+        shutil.copytree(root, tmp_path / "copy")  # the same files elsewhere: accepted
+        attack.main(list(map(str, ["--checkpoint", tmp_path / "r", "--attacks", "clean", "--data-dir", tmp_path / "copy"])))
+        for split in ("train", "test"):  # swap cat and dog in the copy
+            os.rename(tmp_path / "copy" / split / "cat", tmp_path / "copy" / split / "tmp")
+            os.rename(tmp_path / "copy" / split / "dog", tmp_path / "copy" / split / "cat")
+            os.rename(tmp_path / "copy" / split / "tmp", tmp_path / "copy" / split / "dog")
+        assert_cli_error(attack.main, ["--checkpoint", tmp_path / "r", "--attacks", "clean", "--data-dir", tmp_path / "copy"],
+                         "other train data", "changed since")
+        moved = [*flags[:3], tmp_path / "copy", *flags[4:]]
+        assert_cli_error(T.main, [*moved, "--out-dir", tmp_path / "r", "--resume"], "other train data", "changed since")
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "test" / "owl" / "0.png")  # one test image edited
+        assert_cli_error(attack.main, ["--checkpoint", tmp_path / "r", "--attacks", "clean"], "other test data")
+        assert torch.load(tmp_path / "r" / "model.pt", weights_only=True)["epoch"] == 1  # nothing was trained on
+
     def test_attack_results_merge_across_calls_and_concurrent_processes(self, tmp_path, tiny_run):
         run_dir = copy_run(tiny_run, tmp_path / "r")
         base = ["--checkpoint", str(run_dir), "--eval-samples", "16", "--steps", "2"]  # a run folder is a checkpoint
@@ -1373,6 +1459,26 @@ class TestSBG:
             assert torch.allclose(ours[:, j], expected, atol=1e-10)
 
     @pytest.mark.smoke
+    def test_resume_refuses_sbg_fields_exported_again_under_the_same_path(self, tmp_path):
+        """The fields a run trains on are recorded by content: a file exported again under the same path (another
+        denoiser, another draw of noise) is not what the run started with, and --resume says so in one line."""
+        data = D.get_data("synthetic", train_samples=96, image_size=16)
+        fields = class_mean_fields(data)
+        path = save_sbg_fields(tmp_path / "f.pt", fields, data)
+        flags = [*TINY, "--source", "sbg", "--sbg-file", path, "--epochs", "2", "--targets-per-image", "2",
+                 "--out-dir", tmp_path / "r"]
+        train_pag.main(list(map(str, [*flags, "--stop-after-epoch", "1"])))
+        ckpt = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
+        assert ckpt["input_files_sha256"] == {"sbg_file": files.file_sha256(path)}
+        save_sbg_fields(tmp_path / "f.pt", class_mean_fields(data, seed=1), data)  # exported again: another draw
+        assert_cli_error(train_pag.main, [*flags, "--resume"], "--sbg-file", "contents changed")
+        assert torch.load(tmp_path / "r" / "model.pt", weights_only=True)["epoch"] == 1
+        shutil.copy(tmp_path / "f.pt", tmp_path / "g.pt")
+        save_sbg_fields(tmp_path / "f.pt", fields, data)  # the first fields again: the same content, resumed
+        assert files.file_sha256(path) == ckpt["input_files_sha256"]["sbg_file"] != files.file_sha256(tmp_path / "g.pt")
+        train_pag.main(list(map(str, [*flags, "--resume"])))
+        assert torch.load(tmp_path / "r" / "model.pt", weights_only=True)["epoch"] == 2
+
     def test_smoke_sbg_train_and_export(self, tmp_path):
         data_args = ["--dataset", "synthetic", "--image-size", "8", "--train-samples", "16"]
         run("sbg.py", "train", *data_args, "--epochs", "1", "--width", "8", "--out-dir", tmp_path)

@@ -440,8 +440,10 @@ LOSS_TERMS = {"ce": "CE", "adv": "adversarial", "pag": "PAG"}  # the logged term
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args, data, epoch):
-    """model.pt: the one schema, read back (and checked) by read_checkpoint and load_checkpoint."""
+def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args, data, epoch, input_files_sha256=None):
+    """model.pt: the one schema, read back (and checked) by read_checkpoint and load_checkpoint. data_sha256: the
+    content of the data it was trained on (data.Data.sha256); input_files_sha256: {flag: content hash} of the
+    files the loss reads (train_pag.py's --sbg-file), which --resume must find unchanged."""
     files.atomic_write(path, {
         "format": CHECKPOINT_FORMAT, "kind": "classifier",
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -449,7 +451,7 @@ def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args,
         "torch_rng": torch.get_rng_state(), "epoch": epoch,
         "arch": args.arch, "dataset": args.dataset, "num_classes": data.num_classes,
         "input_shape": tuple(data.input_shape), "classes": list(data.classes) if data.classes else None,
-        "args": vars(args),
+        "args": vars(args), "data_sha256": data.sha256, "input_files_sha256": input_files_sha256 or {},
         "pag_source": getattr(args, "source", None),  # None: no PAG term (baseline or adversarial training)
     })
 
@@ -459,6 +461,7 @@ def _optional(check):
 
 
 _count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+_hashes = lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(h, str) for k, h in v.items())  # noqa: E731
 _rng_state = lambda v: torch.is_tensor(v) and v.dtype == torch.uint8 and v.dim() == 1  # noqa: E731
 # What every classifier checkpoint holds (attack.py needs these), what --resume needs besides, and the
 # training flags attack.py reads back to rebuild the data, each with its check.
@@ -496,6 +499,7 @@ def read_classifier(path, resume=False, loaded=None):
     """A classifier checkpoint with every field its readers use checked, its training flags included,
     and its epoch within its run's epochs."""
     ckpt = read_checkpoint(path, "classifier", CLASSIFIER, {**CLASSIFIER_FIELDS, **(RESUME_FIELDS if resume else {})}, loaded)
+    files.require(ckpt, {k: _optional(_hashes) for k in ("data_sha256", "input_files_sha256") if k in ckpt}, path, CLASSIFIER)
     files.require(ckpt["args"], DATA_ARGS, path, "checkpoint's training flags")
     if ckpt["epoch"] > ckpt["args"]["epochs"]:
         raise UserError(f"{path}: epoch {ckpt['epoch']} of a {ckpt['args']['epochs']}-epoch run is not valid")
@@ -547,9 +551,10 @@ def load_checkpoint(path, device="cpu", loaded=None):
 
 def check_data_fits(ckpt, data, path, what="model"):
     """Refuse data that is not what a checkpoint's network (a classifier, or sbg.py's denoiser) was trained
-    on: its dataset, its classes (count, and names where both know them) and its input shape. A class folder
-    added since, another dataset, or a forgotten --dataset / --image-size would be scored, trained or turned
-    into fields with labels or pixels that mean something else."""
+    on: its dataset, its classes (count, and names where both know them), its input shape, and (for files
+    that record it) the content of each split, images and labels. A class folder added since, another
+    dataset, a forgotten --dataset / --image-size, or a folder whose files or labels changed (two classes
+    swapped) would be scored, trained or turned into fields with labels or pixels that mean something else."""
     names, known = (list(data.classes) if data.classes else None), ckpt.get("classes")
     if data.name != ckpt["dataset"] or data.num_classes != ckpt["num_classes"] or \
             (known is not None and names != list(known)) or tuple(data.input_shape) != tuple(ckpt["input_shape"]):
@@ -557,6 +562,14 @@ def check_data_fits(ckpt, data, path, what="model"):
                         f"{ckpt['num_classes']} classes{f' {list(known)}' if known else ''}, not {data.name} "
                         f"{tuple(data.input_shape)} with {data.num_classes}{f' {names}' if names else ''}: pass its "
                         "--dataset (and --image-size)")
+    files.require(ckpt, {"data_sha256": _optional(_hashes)} if "data_sha256" in ckpt else {}, path, what)
+    recorded = ckpt.get("data_sha256") or {}
+    for split in ("train", "test"):
+        if recorded.get(split) and data.sha256 and recorded[split] != data.sha256[split]:
+            where = f" under {os.path.join(ckpt['args'].get('data_dir', ''), split)}" if data.name == "folder" else ""
+            raise UserError(f"{path}: this {what} was made with other {split} data than these{where}: their images or "
+                            f"labels changed since (content sha256 {recorded[split][:12]}... then, "
+                            f"{data.sha256[split][:12]}... now); use the data it was made with")
 
 
 def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE, fields=None):
@@ -719,6 +732,8 @@ class Run:
     world: int
     start_epoch: int = 0
     saved_epoch: int = 0          # the epoch OUT_DIR/model.pt holds
+    input_files_sha256: dict = field(default_factory=dict)  # {flag: content hash} of files the loss reads
+    check_epoch: Callable = None  # (metrics row, settings, data) -> a warning or None, after each epoch
     metrics: list = field(default_factory=list)
 
     def log(self, *a, **k):
@@ -750,11 +765,13 @@ def resume_command():
     return shlex.join(["python", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
-def train(args, make_loss=make_classification_loss, run_name="baseline"):
+def train(args, make_loss=make_classification_loss, run_name="baseline", check_epoch=None):
     """Train a classifier with loss_fn = make_loss(args, data), called per batch as
     loss_fn(model, train_model, batch: Batch) -> (loss tensor, dict of floats to log);
     model is the plain module, train_model the one to run training forwards through
     (the DDP wrapper under torchrun). run_name: a name, or a function of the resolved args.
+    check_epoch(metrics row, settings, data) -> a warning or None, printed after each epoch's line
+    (train_pag.py's: a run whose PAG term keeps it from learning its classes).
     Ctrl-C or SIGTERM (what clusters send before a kill) ends it with one line naming the last
     saved epoch and the command that continues it, exit status 130."""
     rank, world, device = setup_distributed(args)
@@ -769,6 +786,7 @@ def train(args, make_loss=make_classification_loss, run_name="baseline"):
     try:
         with files.RunLock(args.out_dir) if rank == 0 else nullcontext():
             run = setup(args, data, make_loss, rank, world, device)
+            run.check_epoch = check_epoch
             for epoch in range(run.start_epoch, args.epochs):
                 sums, seen, lr, seconds = train_epoch(run, epoch)
                 end_epoch(run, epoch, sums, seen, lr, seconds)
@@ -805,8 +823,9 @@ def setup(args, data, make_loss, rank, world, device):
         model[0].std.copy_(data.train_x.std(0))
     model = model.to(device, dataset_dtype(data.name))
     opt, sched = make_optimizer(model, args)
+    loss_fn = make_loss(args, data)
     run = Run(args, data, model, wrap_for_ranks(model, world, device), opt, sched, *random_streams(args.seed, rank),
-              make_loss(args, data), rank, world)
+              loss_fn, rank, world, input_files_sha256=dict(getattr(loss_fn, "input_files_sha256", {})))
     if rank == 0:
         files.remove_stale_temporaries(args.out_dir, ("model.pt", "metrics.jsonl"))
     if args.resume:
@@ -818,9 +837,13 @@ def setup(args, data, make_loss, rank, world, device):
         adv = (f", PAG source {args.source} lambda {args.pag_coeff:g} (x C = {args.pag_coeff * data.num_classes:g}), "
                f"{args.targets_per_image} targets per image") + adv
     procs = "" if world == 1 else f" x {world} processes (global batch {args.batch_size * world})"
+    _, eval_y = data.split(eval_split(data))
     run.log(f"{args.run_name}: {args.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
-            f"{data.name}, {len(data.train_y)} train images"
-            f"{f' ({len(data.val_y)} held out for validation)' if data.val_y is not None else ''}, {args.epochs} epoch{'s' * (args.epochs != 1)}, batch {args.batch_size}{procs}, "
+            f"{data.name}, {len(data.train_y)} train images ({D.class_counts_text(data.train_y, data.num_classes, data.classes)})"
+            f"{f', {len(data.val_y)} held out for validation' if data.val_y is not None else ''}, "
+            f"checked each epoch on {min(args.eval_samples, len(eval_y))} {eval_split(data)} images "
+            f"({D.class_counts_text(eval_y[: args.eval_samples], data.num_classes, data.classes)}), "
+            f"{args.epochs} epoch{'s' * (args.epochs != 1)}, batch {args.batch_size}{procs}, "
             f"{args.optimizer} lr {args.lr:g}, {precision_text(data.name, args.amp)}, augment {'on' if args.augment else 'off'}, "
             f"device {device}"
             f"{adv}; writing {args.out_dir}/", flush=True)
@@ -832,6 +855,12 @@ def resume(run):
     path = run.ckpt_path
     ckpt = resume_checkpoint(path, run.args, "classifier", CLASSIFIER)
     check_data_fits(ckpt, run.data, path, "run")
+    for flag, sha in (ckpt.get("input_files_sha256") or {}).items():
+        now = run.input_files_sha256.get(flag)
+        if now != sha:
+            raise UserError(f"--resume: the file of --{flag.replace('_', '-')} is not the one {path} was trained with "
+                            f"(content sha256 {sha[:12]}... then, {(now or 'none')[:12]}... now): its contents changed "
+                            "(exported again?); start a new run, or restore that file")
     files.check_state_dict(run.model, ckpt["model"], path, CLASSIFIER)
     run.model.load_state_dict(ckpt["model"])
     try:  # the training state, already checked for its types: what is left is whether it fits this run
@@ -889,10 +918,13 @@ def end_epoch(run, epoch, sums, seen, lr, train_seconds):
                             "train_seconds": train_seconds, "seconds": time.time() - start})
         print(f"epoch {epoch + 1}: loss {run.metrics[-1]['loss']:.4f} {split} acc {clean:.2%} pgd-l2({args.eval_eps:g}) "
               f"acc {robust:.2%} [{run.metrics[-1]['seconds']:.0f}s]", flush=True)
+        warning = run.check_epoch and run.check_epoch(run.metrics[-1], args, run.data)
+        if warning:
+            print(f"warning: {warning}", flush=True)
         # Metrics first, then the checkpoint: a crash in between leaves a line that --resume drops.
         write_metrics(run.metrics_path, run.metrics)
         save_checkpoint(run.ckpt_path, run.model, run.opt, run.sched, run.order_gen, sample_states, args, run.data,
-                        epoch + 1)
+                        epoch + 1, run.input_files_sha256)
         run.saved_epoch = epoch + 1  # at once: an interrupt during the print below must name this epoch
         if epoch == run.start_epoch:
             print(f"wrote {run.ckpt_path} and {run.metrics_path} (updated every epoch)", flush=True)

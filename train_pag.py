@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import cli
 import data as D
+import files
 from train_baseline import add_common_args, classification_loss, train
 
 FORMULATIONS = ("auto", "replicated", "per-column")
@@ -164,7 +165,31 @@ def make_pag_loss(args, data):
                                              getattr(train_model, "no_sync", None))
         class_loss, logs = classification_loss(model, train_model, batch, logits, args, data.box)
         return class_loss + term, {**logs, "pag": pag}
+    # The fields by content: --resume refuses a file exported again under the same path.
+    loss_fn.input_files_sha256 = {"sbg_file": files.file_sha256(args.sbg_file)} if args.source == "sbg" else {}
     return loss_fn
+
+
+def not_learning(row, args, data):
+    """A warning for a run whose PAG term keeps it from learning its classes (None if it learns): after epoch 2
+    or 3, the per-epoch check's accuracy still near chance (less than a tenth of the way from chance to 100%)
+    while lambda * C * mean(1 - cos) is a sizable part of the loss (at least a quarter of the classification
+    term). Measured on CIFAR-10 images with the cnn (bench/README.md): lambda 0.25 stays at chance, smaller
+    ones learn; no default fits every dataset, so the run says it and what to try."""
+    epoch, split = row["epoch"], row["eval_split"]
+    classification = row.get("ce", row.get("adv"))
+    if not 2 <= epoch <= 3 or "pag" not in row or classification is None:
+        return None
+    chance, acc = 1 / data.num_classes, row[f"{split}_acc"]
+    term = D.pag_weight(args, data.num_classes, epoch - 1) * row["pag"]
+    if acc >= chance + 0.1 * (1 - chance) or term < 0.25 * classification:
+        return None
+    smaller = float(f"{args.pag_coeff / 3:.1g}")
+    return (f"after {epoch} epochs the {split} accuracy is {acc:.1%}, near chance ({chance:.1%}), while the PAG term "
+            f"(lambda x C x mean(1 - cos) = {term:.2f}) weighs against a {'cross-entropy' if 'ce' in row else 'loss'} "
+            f"of {classification:.2f}: this run is not learning its classes. Stop it (Ctrl-C) and try a smaller lambda, "
+            f"e.g. --pag-coeff {smaller:g} (lambda {args.pag_coeff:g} now; choose it on held-out images with "
+            "--val-samples: README, 'Your own images')")
 
 
 def add_pag_args(p):
@@ -191,7 +216,7 @@ def add_pag_args(p):
 
 def main(argv=None):
     p = add_pag_args(add_common_args(cli.Parser(description=__doc__)))
-    train(p.parse_args(argv), make_pag_loss, run_name=lambda args: f"pag_{args.source}")
+    train(p.parse_args(argv), make_pag_loss, run_name=lambda args: f"pag_{args.source}", check_epoch=not_learning)
 
 
 if __name__ == "__main__":

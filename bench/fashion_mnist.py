@@ -153,6 +153,7 @@ class ClaimsBench(Bench):
     align = True
     result_fields = CLAIMS_RESULT_FIELDS  # what a result file must hold for assemble()
     lam = None  # the selected lambda, once the sweep is in (select)
+    reference = None  # row -> the paper's (L2, L-inf) robust accuracy in %, beside the rows (cifar10.py)
 
     def common_flags(self, cfg):
         """(the data flags sbg.py shares, every training command's flags)."""
@@ -246,19 +247,26 @@ class ClaimsBench(Bench):
                   "validation_clean_acc": {str(k): v for k, v in val.items()},
                   "wall_minutes_this_call": round(wall / 60, 1), "models": len(every),
                   "train_minutes_sum": round(train_minutes, 1), "job_minutes_sum": round(job_minutes, 1)}
+        config.update(self.config_extras(every))
         seeds_out = {"config": config, "seeds": seeds, "rows": rows, "claims": found}
-        files.write_json(seeds_out, os.path.join(self.results_dir, "fashion_mnist_seeds.json"))
+        name = self.name
+        files.write_json(seeds_out, os.path.join(self.results_dir, f"{name}_seeds.json"))
         files.write_json({"config": config, "seeds": sweep_seeds if pag else [], "rows": lambda_rows},  # the sweep's seeds
-                     os.path.join(self.results_dir, "fashion_mnist_lambda.json"))
-        md = claims_markdown(rows, lambda_rows, found, config)
-        files.atomic_write(os.path.join(self.results_dir, "fashion_mnist_seeds.md"), text=md)
+                         os.path.join(self.results_dir, f"{name}_lambda.json"))
+        md = claims_markdown(rows, lambda_rows, found, config, self.reference)
+        files.atomic_write(os.path.join(self.results_dir, f"{name}_seeds.md"), text=md)
         others = [r for m in self.rows if m not in PAG_ROWS or m == "pag-cm+pgd-at" for r in results[m]]
-        claims_figures(rows, lambda_rows, points, others, found["3"], config, self.results_dir, list(MODELS), PAG_ROWS)
+        claims_figures(rows, lambda_rows, points, others, found["3"], config, self.results_dir, list(self.models), PAG_ROWS,
+                       name)
         print(md)
-        for f in ("fashion_mnist_seeds.json", "fashion_mnist_seeds.md", "fashion_mnist_lambda.json",
-                  "fashion_mnist_tradeoff.png", "fashion_mnist_alignment.png"):
+        for f in (f"{name}_seeds.json", f"{name}_seeds.md", f"{name}_lambda.json", f"{name}_tradeoff.png",
+                  f"{name}_alignment.png"):
             print(f"wrote {os.path.relpath(os.path.join(self.results_dir, f))}")
         return seeds_out
+
+    def config_extras(self, results):
+        """What a bench adds to its results' config from its result files (cifar10.py: the data's content hash)."""
+        return {}
 
 
 def parse(argv, description, rows=True):

@@ -7,7 +7,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import files  # noqa: E402 - the one atomic writer
 
 
-# ----------------------------------------------------------------------------- the claims bench (fashion_mnist.py)
+# ----------------------------------------------------------------------------- the claims benches (fashion_mnist.py, cifar10.py)
+def data_label(config):
+    """What a claims bench ran on, for its tables and figures (the claims bench's config predates the key)."""
+    return config.get("data_label", "Fashion-MNIST")
+
+
 def fmt(st, pct=True):
     """mean [lo, hi] of a metric entry."""
     f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
@@ -28,20 +33,28 @@ def seeds_to_decide_cell(c):
     return n if n is not None else "> 1000" if c["difference"] else "never"
 
 
-def claims_markdown(rows, lambda_rows, found, config):
-    """fashion_mnist_seeds.md: the rows, the λ sweep, the claims, and every comparison with the seeds that would decide it."""
+def claims_markdown(rows, lambda_rows, found, config, reference=None):
+    """<bench>_seeds.md: the rows, the λ sweep, the claims, and every comparison with the seeds that would decide it.
+    reference: row -> the paper's (L2, L-inf) robust accuracies in %, shown beside each row (a reference, never a pass mark)."""
     n = len(config["seeds"])
     sweep_seeds = ", ".join(map(str, config["sweep_seeds"]))
-    lines = [f"Fashion-MNIST, cnn, {config['train_samples']} training images, {config['epochs']} epochs, {n} seeds "
+    ref_head, ref_rule = (" paper L2 / L∞ |", "---|") if reference else ("", "")
+    lines = [f"{data_label(config)}, {config.get('arch', 'cnn')}, {config['train_samples']} training images, "
+             f"{config['epochs']} epochs, {n} seeds "
              f"({', '.join(map(str, config['seeds']))}); "
              + ("no PAG row" if config["selected_lambda"] is None else f"lambda {config['selected_lambda']:g} chosen on the "
                                                                        f"validation split of seeds {sweep_seeds}")
              + f"; {config['test_samples']} test images. Mean [95% t interval over seeds], accuracies in %.", "",
-             f"| model | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:g} | "
-             "align NN (test) | align SBG (test) |", "|---|---|---|---|---|---|"]
+             f"| model | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:.4g} | "
+             f"align NN (test) | align SBG (test) |{ref_head}", f"|---|---|---|---|---|---|{ref_rule}"]
     for m, r in rows.items():
+        ref = ""
+        if reference:
+            ref = " {:.2f} / {:.2f} |".format(*reference[m]) if m in reference else " – |"
         lines.append(f"| {m} | {fmt(r['clean'])} | {fmt(r['aa_l2'])} | {fmt(r['aa_linf'])} | "
-                     f"{fmt(r['align_nn'], False)} | {fmt(r['align_sbg'], False)} |")
+                     f"{fmt(r['align_nn'], False)} | {fmt(r['align_sbg'], False)} |{ref}")
+    if reference:
+        lines += ["", f"*paper*: {config['reference']}."]
     lines += ["", f"λ sweep (PAG-CM, seeds {sweep_seeds}):", "", "| λ | validation clean | clean | AA L2 | AA L∞ | align SBG (test) |",
               "|---|---|---|---|---|---|"]
     for lam, r in lambda_rows.items():
@@ -123,7 +136,7 @@ def per_source_markdown(rows, claim, config, lambdas, at_each):
     return "\n".join(lines) + "\n"
 
 
-def claims_figures(rows, lambda_rows, points, others, claim3, config, out_dir, models, pag_rows):
+def claims_figures(rows, lambda_rows, points, others, claim3, config, out_dir, models, pag_rows, name="fashion_mnist"):
     """The trade-off (every row, mean and interval; the sweep as a line) and alignment vs robustness (claim 3's
     points, and the models outside it drawn hollow for comparison). One colour per model of `models` in both."""
     import matplotlib
@@ -150,12 +163,12 @@ def claims_figures(rows, lambda_rows, points, others, claim3, config, out_dir, m
             ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
     ax.set(xlabel=f"clean accuracy (%), {config['test_samples']} test images",
            ylabel=f"robust accuracy (%), {attack}",
-           title=f"Fashion-MNIST cnn: clean vs robust, mean and 95% interval over {len(config['seeds'])} seeds\n"
-                 "(unpaired bars: paired differences are in fashion_mnist_seeds.md)")
+           title=f"{data_label(config)} {config.get('arch', 'cnn')}: clean vs robust, mean and 95% interval over "
+                 f"{len(config['seeds'])} seeds\n(unpaired bars: paired differences are in {name}_seeds.md)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    files.save_figure(fig, os.path.join(out_dir, "fashion_mnist_tradeoff.png"), dpi=110)
+    files.save_figure(fig, os.path.join(out_dir, f"{name}_tradeoff.png"), dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
@@ -187,9 +200,78 @@ def claims_figures(rows, lambda_rows, points, others, claim3, config, out_dir, m
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    files.save_figure(fig, os.path.join(out_dir, "fashion_mnist_alignment.png"), dpi=110)
+    files.save_figure(fig, os.path.join(out_dir, f"{name}_alignment.png"), dpi=110)
     plt.close(fig)
 
+
+
+# ----------------------------------------------------------------------------- natural images (cifar10.py)
+def natural_images_notes(cfg, sweep, standard):
+    """What cifar10.py adds below the claims tables: the SBG denoiser's sweep (the noise level it chose) and the
+    standard AutoAttack check beside the same model's APGD numbers."""
+    lines = ["", "SBG ground truth: a class-conditional denoiser trained by `sbg.py train` on the same training images "
+             f"({cfg['sbg']['epochs']} epochs, seed {cfg['sbg']['seed']}), fields exported at the noise level of the largest "
+             "gap in `sbg.py sweep` (gap = consistency of a field over two noise draws minus the larger of its cosine "
+             "with other images' fields for the same class and with the same image's fields for other classes):", ""]
+    if sweep:
+        lines += ["| timestep | ᾱ | consistency | cross-image | cross-class | gap |", "|---|---|---|---|---|---|"]
+        for r in sweep["rows"]:
+            best = " **(chosen)**" if r["timestep"] == sweep["best_timestep"] else ""
+            lines.append(f"| {r['timestep']}{best} | {r['alpha_bar']:.3f} | {r['consistency']:.3f} | {r['cross_image']:.3f} | "
+                         f"{r['cross_class']:.3f} | {r['gap']:.3f} |")
+    else:
+        lines.append("(no sweep yet)")
+    lines += ["", "Is APGD-CE + APGD-T enough? Standard AutoAttack (FAB-T and the gradient-free Square added) on one model:", ""]
+    if standard:
+        a, s = standard["apgd"], standard["standard"]
+        lines += ["| model | attack | clean | L2 | L∞ |", "|---|---|---|---|---|",
+                  f"| {standard['model']} λ {standard['lambda']:g} seed {standard['seed']} | APGD-CE + APGD-T | "
+                  f"{100 * a['clean']:.1f} | {100 * a['aa_l2']:.1f} | {100 * a['aa_linf']:.1f} |",
+                  f"| (same checkpoint, sha256 {standard['checkpoint_sha256'][:12]}…) | standard AutoAttack | "
+                  f"{100 * s['clean']:.1f} | {100 * s['aa_l2']:.1f} | {100 * s['aa_linf']:.1f} |"]
+    else:
+        lines.append("(not run yet)")
+    return "\n".join(lines) + "\n"
+
+
+def budget_markdown(out):
+    """<name>_budget.md: each model at each budget (training images x epochs), one seed."""
+    c = out["config"]
+    lines = [f"{c['data_label']}, {c['arch']}, seed {c['budget_seed']}, PAG-CM at λ {c['selected_lambda']:g} (the main "
+             f"bench's choice); {c['test_samples']} test images, {c['attack']}, L2 {c['eps_l2']:g}, L∞ {c['eps_linf']:.4g}. "
+             "Accuracies in %; one seed: a direction, not an interval.", "",
+             "| training images | epochs | model | clean | AA L2 | AA L∞ | align NN (test) | train minutes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in out["points"]:
+        lines.append(f"| {p['train_samples']} | {p['epochs']} | {p['model']} | {100 * p['clean']:.1f} | {100 * p['aa_l2']:.1f} | "
+                     f"{100 * p['aa_linf']:.1f} | {p['align_nn']:.3f} | {p['train_seconds'] / 60:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_figure(out, path):
+    """Clean and robust accuracy against the images a model saw in training, one line per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    c = out["config"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True)
+    for model in c["budget_rows"]:
+        pts = sorted((p for p in out["points"] if p["model"] == model), key=lambda p: p["images_seen"])
+        for ax, m in zip(axes, ("clean", "aa_l2", "aa_linf")):
+            ax.plot([p["images_seen"] for p in pts], [100 * p[m] for p in pts], "o-",
+                    label=model + (f" (λ {c['selected_lambda']:g})" if model != "vanilla" else ""))
+    names = {"clean": "clean accuracy (%)", "aa_l2": f"AutoAttack L2 ε={c['eps_l2']:g} (%)",
+             "aa_linf": f"AutoAttack L∞ ε={c['eps_linf'] * 255:.0f}/255 (%)"}
+    for ax, m in zip(axes, names):
+        ax.set(xscale="log", xlabel="images seen in training (training images x epochs)", ylabel=names[m])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    budgets = ", ".join(f"{n // 1000}k x {e}" for n, e in c["budgets"])
+    fig.suptitle(f"{c['data_label']}, {c['arch']}, seed {c['budget_seed']}: more images and epochs ({budgets}); "
+                 f"{c['test_samples']} test images", fontsize=10)
+    fig.tight_layout()
+    files.save_figure(fig, path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the paper's Table 1 (paper_table.py)

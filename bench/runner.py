@@ -24,7 +24,8 @@ _seconds = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and
 RESULT_FIELDS = {"key": str, "model": str, "settings": dict, "clean": _acc, "aa_l2": _acc, "aa_linf": _acc}
 RESULT_OPTIONAL = {"seed": lambda v: isinstance(v, int), "lambda": lambda v: v is None or isinstance(v, (int, float)),
                    "align_nn": _cos, "align_sbg": _cos, "val_acc": _acc, "val_pgd_l2_acc": _acc, "test_acc": _acc,
-                   "test_pgd_l2_acc": _acc, "train_seconds": _seconds, "seconds": _seconds}
+                   "test_pgd_l2_acc": _acc, "train_seconds": _seconds, "seconds": _seconds,
+                   "data_sha256": lambda v: v is None or isinstance(v, dict) and all(isinstance(h, str) for h in v.values())}
 
 
 def check_result(obj, path, required=RESULT_FIELDS):
@@ -207,6 +208,7 @@ class Bench:
         if epoch() < self.cfg.get("epochs", math.inf):  # the checkpoint's epoch, not metrics.jsonl's lines
             sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
         done = epoch()
+        data_sha256 = files.load_file(ckpt, "checkpoint").get("data_sha256")  # what it was trained on, by content
         by_epoch = {m["epoch"]: m for m in map(json.loads, open(metrics_path).read().splitlines()) if m["epoch"] <= done}
         last = by_epoch[done]
         train_seconds = sum(m["seconds"] for m in by_epoch.values())  # the run's own epochs, over every resume
@@ -227,6 +229,7 @@ class Bench:
         split = last["eval_split"]  # the per-epoch check's images: "val" (choices look there) or "test"
         pgd = next(k for k in last if k.startswith(f"{split}_pgd_l2_"))
         result = {"key": key, "model": model, "seed": seed, "lambda": lam, **self.result_extras(model), "settings": want,
+                  "data_sha256": data_sha256,
                   f"{split}_acc": last[f"{split}_acc"], f"{split}_pgd_l2_acc": last[pgd], **measured,
                   "train_seconds": round(train_seconds, 1), "seconds": round(train_seconds + time.time() - start, 1),
                   "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -260,11 +263,16 @@ class Bench:
                 raise files.UserError(f"{self.sbg_dir} holds fields made with other settings or another denoiser "
                                       f"({made_with}); delete it or pass another --out-dir")
             return
+        timestep = self.sbg_timestep(ckpt, log)
         for split in ("test", "train"):
-            sh(log, "sbg.py", "export", *self.data_flags, "--checkpoint", ckpt, "--timestep", s["timestep"],
+            sh(log, "sbg.py", "export", *self.data_flags, "--checkpoint", ckpt, "--timestep", timestep,
                "--noise-draws", s["noise_draws"], "--split", split, "--eval-samples", self.cfg["test_samples"],
                "--seed", s["seed"], "--out", self.fields[split])
         files.write_json(want_fields, settings_file)
+
+    def sbg_timestep(self, ckpt, log):
+        """The noise level the fields are exported at (a bench may choose it by sbg.py's sweep: cifar10.py)."""
+        return self.cfg["sbg"]["timestep"]
 
     def sbg_job(self):
         try:
