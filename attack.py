@@ -30,8 +30,12 @@ MEASURES = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "exact-l2", "alig
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
+EXACT_MAX_RADIUS = 1000.0  # exact-l2 samples every ray up to its largest eps: 4,000 samples at most (the toy's
+# points lie within ~300 of each other, so larger radii measure nothing more)
+
+
 @torch.no_grad()
-def boundary_distance_2d(model, x, y, max_radius, directions=360, radial_step=0.25, refine_steps=12, batch=32):
+def boundary_distance_2d(model, x, y, max_radius, directions=360, radial_step=0.25, refine_steps=12, batch=32, chunk=128):
     """Per 2-D point: L2 distance to the nearest input the model does not label y (0 if x itself
     is wrong, inf if none within max_radius).
 
@@ -47,9 +51,17 @@ def boundary_distance_2d(model, x, y, max_radius, directions=360, radial_step=0.
     for i in range(0, len(x), batch):
         xb, yb = x[i: i + batch], y[i: i + batch]
         wrong_at = lambda r: model((xb[:, None] + r[..., None] * rays).reshape(-1, 2)).argmax(1).view(r.shape) != yb[:, None]  # noqa: E731
-        wrong = model((xb[:, None, None] + radii[:, None] * rays[:, None, :]).reshape(-1, 2)).argmax(1)
-        wrong = wrong.view(len(xb), directions, len(radii)) != yb[:, None, None]  # [P, D, R]
-        hit, first = wrong.any(2), wrong.float().argmax(2)  # first wrong sample on each ray
+        # The first wrong sample on each ray, `chunk` radii at a time (bounded memory), until every ray has one.
+        first = torch.full((len(xb), directions), -1, dtype=torch.long, device=x.device)
+        for s in range(0, len(radii), chunk):
+            r = radii[s: s + chunk]
+            wrong = model((xb[:, None, None] + r[:, None] * rays[:, None, :]).reshape(-1, 2)).argmax(1)
+            wrong = wrong.view(len(xb), directions, len(r)) != yb[:, None, None]  # [P, D, chunk]
+            new = (first < 0) & wrong.any(2)
+            first[new] = s + wrong.float().argmax(2)[new]
+            if bool((first >= 0).all()):
+                break
+        hit, first = first >= 0, first.clamp_min(0)
         hi, lo = radii[first], radii[(first - 1).clamp_min(0)]
         for _ in range(refine_steps):  # the boundary lies in (lo, hi]
             mid = (lo + hi) / 2
@@ -132,12 +144,19 @@ def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_s
 
 
 # ----------------------------------------------------------------------------- pictures
-def run_label(checkpoint):
-    """A model's name in a picture: its run folder (a model.pt's, or the folder given), else the file's name."""
-    path = os.path.abspath(checkpoint)
-    if os.path.isdir(path) or os.path.basename(path) == "model.pt":
-        return os.path.basename(path if os.path.isdir(path) else os.path.dirname(path))
-    return os.path.basename(path)
+def run_label(checkpoint, other=None):
+    """A model's name in a picture: its run folder (a model.pt's, or the folder given), else the file's name;
+    with `other` (the model drawn beside it), as many trailing path parts as tell the two apart (a/run, b/run)."""
+    def parts(c):
+        path = os.path.abspath(c)
+        if not os.path.isdir(path) and os.path.basename(path) == "model.pt":
+            path = os.path.dirname(path)
+        return path.strip(os.sep).split(os.sep)
+    mine, theirs = parts(checkpoint), parts(other) if other else None
+    n = 1
+    while theirs and mine[-n:] == theirs[-n:] and n < len(mine):
+        n += 1
+    return "/".join(mine[-n:])
 
 
 def targeted_grid(model, xs, num_shown, eps, steps, box):
@@ -184,14 +203,14 @@ def visualize(models, data, x, args):
     eps = args.vis_eps if args.vis_eps is not None else 10 * D.DATASETS[data.name]["eps_l2"]
     ys = data.test_y[pick].cpu()
     grids = [(label, *targeted_grid(model, xs, shown, eps, args.vis_steps, data.box)) for label, model, _ in models]
-    preds = {label: predict(model, xs).cpu() for label, model, _ in models}
-    rows = [(i, label, adv[i].cpu(), hit[i].cpu()) for i in range(len(xs)) for label, adv, hit in grids]
-    clean_pred = [int(preds[label][i]) for i, label, _, _ in rows]
+    preds = [predict(model, xs).cpu() for _, model, _ in models]  # by position: two models never share a key
+    rows = [(i, label, adv[i].cpu(), hit[i].cpu(), m) for i in range(len(xs)) for m, (label, adv, hit) in enumerate(grids)]
+    clean_pred = [int(preds[m][i]) for i, _, _, _, m in rows]
 
     def draw(path):
         fig, axes = plt.subplots(len(rows), shown + 1, figsize=(1.1 * (shown + 1) + 0.6, 1.15 * len(rows) + 1.1),
                                  squeeze=False)
-        for r, (i, label, adv, hit) in enumerate(rows):
+        for r, (i, label, adv, hit, _) in enumerate(rows):
             for j in range(shown + 1):
                 ax = axes[r, j]
                 img = (xs[i] if j == 0 else adv[j - 1]).cpu().permute(1, 2, 0).numpy()
@@ -225,10 +244,17 @@ OFFICIAL_IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 
 def load_any_checkpoint(path, device, dataset=None):
     """(model in eval mode, checkpoint fields) for this project's model.pt, or for a file of the
     official PAG-ROB release (models.from_official), whose missing metadata is filled in: the
-    dataset (default CIFAR-10), its default data flags, and weights "official"."""
+    dataset (default CIFAR-10), its default data flags, and weights "official". The fields' "sha256"
+    is the content of the very bytes the model was loaded from (what attack.json names it by)."""
     if os.path.isdir(path):
         path = os.path.join(path, "model.pt")
-    obj = files.load_file(path, "checkpoint")
+    obj, sha256 = files.load_file(path, "checkpoint", with_sha256=True)
+    model, ckpt = model_of(obj, path, device, dataset)
+    return model, {**ckpt, "sha256": sha256}
+
+
+def model_of(obj, path, device, dataset):
+    """load_any_checkpoint's model and fields from the loaded object."""
     if isinstance(obj, dict) and ("kind" in obj or "format" in obj):  # ours (checked in full by load_checkpoint)
         model, ckpt = load_checkpoint(path, device, loaded=obj)
         if dataset is not None and D.canonical_dataset(dataset) != ckpt["dataset"]:
@@ -243,6 +269,9 @@ def load_any_checkpoint(path, device, dataset=None):
         raise UserError(f"{path} is neither a checkpoint of this project nor an official PAG-ROB one: {e}") from None
     side = model.patch * 8 if hasattr(model, "patch") else OFFICIAL_IMAGE_SIDE[dataset]
     arch = "vit" if hasattr(model, "patch") else "resnet18"
+    channels = model.conv1.in_channels if arch == "resnet18" else 3
+    if channels != 3:  # the official release's datasets are all RGB
+        raise UserError(f"{path} holds an official-format {arch} for {channels}-channel images; {dataset} images have 3")
     num_classes = (model.fc[1] if arch == "vit" else model.linear).out_features
     args = {"dataset": dataset, "data_dir": "data", "download": False, "train_samples": None, "image_size": None,
             "data_seed": None, "val_samples": None, "seed": 0, "epochs": 0}
@@ -335,16 +364,18 @@ def merge_results(old, new, checkpoint, sha256):
     """attack.json after this call: every earlier entry kept, this call's entries added, and the same
     measure at the same radius (or alignment source and split) replaced by the newer one. Refuses a
     file that holds another model's results: the model is its checkpoint's content (sha256), so the same
-    file named by any path is the same model, and a file trained further since is another."""
+    file named by any path is the same model, and a file trained further since is another; a file without
+    that hash (an older attack.py's) cannot be matched to any model and is refused."""
     if old:
         if "checkpoint_sha256" in old:
             if old["checkpoint_sha256"] != sha256:
                 raise UserError(f"the results file holds results of another model (checkpoint {old['checkpoint']!r} with "
                                 f"other content: another model, or the same run trained further since), not of "
                                 f"{checkpoint}; pass another --out")
-        elif not files.same_file(old.get("checkpoint", ""), checkpoint):  # written before content hashes
-            raise UserError(f"the results file holds results of {old.get('checkpoint')!r}, not of {checkpoint}; "
-                            "pass another --out")
+        else:  # written before content hashes: which model it holds cannot be told (the path may hold another now)
+            raise UserError(f"the results file holds results of {old.get('checkpoint')!r} without its content hash "
+                            "(an older attack.py's), so they cannot be told to be this model's; pass another --out "
+                            "(or move that file)")
     merged = {**old, **{k: v for k, v in new.items() if not isinstance(v, dict) or k in ("clean", "visualize")}}
     for key, value in new.items():
         if isinstance(value, dict) and key not in ("clean", "visualize"):
@@ -412,7 +443,13 @@ def main(argv=None):
     p.add_argument("--seed", type=cli.seed, default=0, help="random starts of PGD and AutoAttack, align targets")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
     args = p.parse_args(argv)
+    checkpoint = os.path.join(args.checkpoint, "model.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
+    with files.folders_removed_if_failed(args.out or checkpoint, args.vis_out):  # a failed call leaves no folder it made
+        return evaluate(args)
 
+
+def evaluate(args):
+    """attack.py after its flags: check the outputs and the inputs, measure, write attack.json, draw."""
     # Every output is checked before any work: writable, and none of the inputs (it would be overwritten).
     path = os.path.join(args.checkpoint, "model.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
     out_dir = os.path.dirname(path)  # paths are written as given
@@ -429,7 +466,7 @@ def main(argv=None):
     if args.vis_compare and ("visualize" not in args.measures or not is_image):
         raise UserError("--vis-compare draws a second image model beside this one in `--measures visualize`"
                         + ("" if is_image else " (for the 2-D toy: python bench/toy.py draws both models)"))
-    sha256 = files.file_sha256(path)  # the model is the file's content (the path is only where it was)
+    sha256 = ckpt["sha256"]  # the model is the content it was loaded from (the path is only where it was)
     if os.path.lexists(out):  # a broken file, or another model's: refused now, before any attack, and left as it is
         merge_results(check_results(files.read_json_object(out, "results file"), out), {}, path, sha256)
     model.requires_grad_(False)  # attacks need input gradients only
@@ -439,11 +476,11 @@ def main(argv=None):
                       targs["train_samples"], args.eval_samples, targs["image_size"], targs["data_seed"],
                       targs["val_samples"]).to(device)
     check_data_fits(ckpt, data, path)
-    shown = [(run_label(path), model, ckpt)]  # the models a picture shows: this one, and --vis-compare's (checked now)
+    shown = [(run_label(path, args.vis_compare), model, ckpt)]  # this model, and --vis-compare's (checked now)
     if args.vis_compare:
         other, other_ckpt = load_any_checkpoint(args.vis_compare, device, args.dataset)
         check_data_fits(other_ckpt, data, args.vis_compare)
-        shown.append((run_label(args.vis_compare), other.requires_grad_(False), other_ckpt))
+        shown.append((run_label(args.vis_compare, path), other.requires_grad_(False), other_ckpt))
     x, y = D.to_float(data.test_x), data.test_y
     batch_size = args.batch_size or attack_batch_size(data)
     if args.target not in ("none", "runner-up") and not (args.target.isdigit() and int(args.target) < data.num_classes):
@@ -452,9 +489,19 @@ def main(argv=None):
         raise UserError(f"--align-targets must be in 1..{data.num_classes}, got {args.align_targets}")
     if "exact-l2" in args.measures and data.is_image:
         raise UserError("exact-l2 searches the whole eps ball and needs 2-D inputs (the toy); use pgd-l2 or aa-l2")
+    if "exact-l2" in args.measures and max(args.eps_l2 or [0]) > EXACT_MAX_RADIUS:
+        raise UserError(f"exact-l2 samples every ray up to the largest --eps-l2 in steps of 0.25: at most "
+                        f"{EXACT_MAX_RADIUS:g}, got {max(args.eps_l2):g} (the toy's points lie within ~300 of each other)")
     align_source = args.align_source or (ckpt["pag_source"] if ckpt["pag_source"] in ("oi", "cm", "nn") else "nn")
     defaults = D.DATASETS[data.name]
     radii = {"l2": sorted(set(args.eps_l2 or [defaults["eps_l2"]])), "linf": sorted(set(args.eps_linf or [defaults["eps_linf"]]))}
+    for norm, values in radii.items():  # results are keyed by the radius as printed: two that print alike would merge
+        keys = [f"{e:g}" for e in values]
+        if len(set(keys)) != len(keys):
+            same = next(k for k in keys if keys.count(k) > 1)
+            raise UserError(f"--eps-{norm} radii "
+                            f"{', '.join(repr(e) for e, k in zip(values, keys) if k == same)} print alike ({same}), and results are "
+                            "keyed by the radius as printed: give radii that differ in their first 6 significant digits")
     made = lambda: time.strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
     n = len(y)
     results = {"checkpoint": os.path.abspath(path), "checkpoint_sha256": sha256, "epoch": ckpt["epoch"], "dataset": data.name,

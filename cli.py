@@ -93,10 +93,14 @@ image_side = _number(int, lambda v: 1 <= v <= 1024, "an image side in 1..1024 px
 
 
 def fractions(text):
-    """'0.5,0.75' -> [0.5, 0.75]: points of training, each strictly inside (0, 1); '' -> []."""
+    """'0.5,0.75' (or '1/2,3/4', as every other number flag takes them) -> [0.5, 0.75]: points of training,
+    each strictly inside (0, 1); '' -> []."""
+    def one(part):
+        num, _, den = part.partition("/")
+        return float(num) / float(den) if den else float(num)
     try:
-        values = [float(f) for f in text.split(",") if f.strip()]
-    except ValueError:
+        values = [one(f) for f in text.split(",") if f.strip()]
+    except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of fractions") from None
     if any(not 0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"every fraction must be in (0, 1), got {text}")

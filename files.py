@@ -15,12 +15,15 @@ checkpoints (train_baseline.read_checkpoint), denoisers (sbg.load_denoiser), SBG
 (train_baseline.read_metrics), official checkpoints (models.from_official). Bad input is a
 UserError: the scripts print it as one `error:` line and exit non-zero.
 """
+import contextlib
 import errno
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
+import shutil
 import stat
 
 try:
@@ -146,6 +149,36 @@ def same_file(a, b):
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what a figure output may be called
 
 
+def first_missing_folder(root):
+    """The outermost folder of root's path that does not exist yet (None if root exists): a call that fails
+    removes it again (remove_made_folder, kept_if_failed), so no empty or half-written folder of it stays."""
+    made, path = None, os.path.abspath(root)
+    while not os.path.exists(path):
+        made, path = path, os.path.dirname(path)
+    return made
+
+
+def remove_made_folder(made):
+    """A failed download's folder: everything in it is that call's."""
+    if made is not None and os.path.isdir(made):
+        shutil.rmtree(made)
+
+
+@contextlib.contextmanager
+def folders_removed_if_failed(*paths):
+    """Around a call that writes the files `paths`: the folders it makes for them (check_output probes them
+    early) are removed again if it fails, as long as nothing was written into them."""
+    made = [first_missing_folder(os.path.dirname(os.path.abspath(p))) for p in paths if p]
+    try:
+        yield
+    except BaseException:
+        for top in filter(None, made):
+            for folder, subfolders, names in os.walk(top, topdown=False):
+                if not names and not os.listdir(folder):
+                    os.rmdir(folder)
+        raise
+
+
 def check_output(path, what, inputs=(), suffixes=None):
     """Before any long computation: refuse an output that is one of the inputs (it would be overwritten),
     has a suffix nobody writes, or cannot be written (its folder made and probed now)."""
@@ -175,12 +208,18 @@ def regular_file(path, what):
     return path
 
 
-def load_file(path, what, map_location="cpu", mmap=False):
+def load_file(path, what, map_location="cpu", mmap=False, with_sha256=False):
     """torch.load that never runs code from the file (weights_only=True: tensors, numbers,
     strings and containers only). A missing, truncated or foreign file is a UserError.
-    mmap: tensors stay on disk until touched (a glance at a file of gigabytes)."""
+    mmap: tensors stay on disk until touched (a glance at a file of gigabytes).
+    with_sha256: (object, sha256 of the very bytes it was loaded from): a file replaced in between
+    can never pair one file's content with another's hash."""
     regular_file(path, what)
     try:
+        if with_sha256:
+            with open(path, "rb") as f:
+                raw = f.read()
+            return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True), hashlib.sha256(raw).hexdigest()
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
         text = " ".join(str(e).split())

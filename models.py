@@ -196,6 +196,8 @@ def build_model(arch, num_classes, in_channels, image_size, standardize=False):
     if arch == "vit":
         return ViT(num_classes, in_channels, image_size)
     if arch == "cnn":
+        if image_size is not None and image_size < 4:  # a 1-pixel map cannot be pooled again
+            raise ValueError(f"the cnn halves its images twice (max-pooling): it needs at least 4 px, got {image_size}")
         return SmallCNN(num_classes, in_channels)
     if arch == "mlp":
         return mlp(num_classes, in_channels, standardize=standardize)

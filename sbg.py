@@ -344,6 +344,10 @@ def main(argv=None):
     p.add_argument("--sweep-images", type=cli.positive_int, default=64, help="sweep: training images to measure on")
     p.add_argument("--vis-out", "--png", dest="png", help="sweep: draw the fields of 4 images at every timestep (a PNG)")
     args = p.parse_args(argv)
+    if args.width % 8 or args.width > 1024:  # group norm in 8 groups; load_denoiser reads back no other width
+        p.error(f"--width must be a multiple of 8 up to 1024, got {args.width}")
+    if args.timesteps > 100_000:  # what load_denoiser (export, sweep) reads back: refused now, not after training
+        p.error(f"--timesteps must be at most 100000, got {args.timesteps}")
     if args.job == "train":
         train(args)
         return

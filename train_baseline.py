@@ -133,7 +133,7 @@ def resolve_settings(args, data, run_name):
     if s["standardize"] and data.is_image:
         raise UserError("--standardize is for the toy's points; image models normalise their pixels inside already")
     if pag:
-        fill({"targets_per_image": min(data.num_classes, 10), "pag_coeff": D.pag_coeff_default(s["arch"], data.num_classes)})
+        fill({"targets_per_image": min(data.num_classes, 10), "pag_coeff": D.pag_coeff_default(s["arch"], data.num_classes, data.name)})
         if not 1 <= s["targets_per_image"] <= data.num_classes:
             raise UserError(f"--targets-per-image must be in 1..{data.num_classes}, got {s['targets_per_image']}")
     name = run_name(Settings(s)) if callable(run_name) else run_name
@@ -760,9 +760,18 @@ def evaluate_command(ckpt_path, device):
 
 
 def resume_command():
-    """This run's command line with --resume: what continues it after an interruption."""
+    """This run's command line with --resume: what continues it after an interruption. Under torchrun, the
+    launcher too (a run of N processes resumes only with N: resume_checkpoint refuses another count)."""
     argv = list(sys.argv)
-    return shlex.join(["python", *argv, *([] if "--resume" in argv else ["--resume"])])
+    cmd = [*argv, *([] if "--resume" in argv else ["--resume"])]
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if world == 1:
+        return shlex.join(["python", *cmd])
+    nodes = world // local if local and world % local == 0 else None
+    if nodes == 1:
+        return shlex.join(["torchrun", "--nproc_per_node", str(world), *cmd])
+    return (shlex.join(["torchrun", "--nnodes", str(nodes or "N"), "--nproc_per_node", str(local or "N"), *cmd])
+            + f"   (with your launch's rendezvous flags: {world} processes in all)")
 
 
 def train(args, make_loss=make_classification_loss, run_name="baseline", check_epoch=None):

@@ -197,7 +197,7 @@ def add_pag_args(p):
                    help="ground-truth PAG: oi, cm, nn, sbg (default: sbg with --sbg-file, nn for the toy, else cm)")
     p.add_argument("--sbg-file", help="precomputed score-based fields (sbg.py export, or the official release)")
     p.add_argument("--pag-coeff", type=cli.loss_weight,
-                   help="lambda (default: 1.5 resnet18, 3.0 vit, 0.25 cnn, 5 toy mlp; times 10/C beyond 10 classes, "
+                   help="lambda (default: 1.5 resnet18, 3.0 vit, 0.1 cnn (0.25 on fashion-mnist), 5 toy mlp; times 10/C beyond 10 classes, "
                         "e.g. 0.15 for CIFAR-100 resnet18: the official code's weight)")
     p.add_argument("--pag-first-half-scale", type=cli.loss_weight,
                    help="lambda is multiplied by this in the first half of training (default: 2/3 for vit, else 1)")

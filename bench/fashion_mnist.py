@@ -142,7 +142,8 @@ def claim_3(points, seeds, over="the PAG rows and the lambda sweep"):
 
 # ----------------------------------------------------------------------------- what to run
 CLAIMS_RESULT_FIELDS = {**RESULT_FIELDS, **{k: RESULT_OPTIONAL[k] for k in (
-    "seed", "lambda", "align_nn", "align_sbg", "val_acc", "val_pgd_l2_acc", "train_seconds", "seconds")}}
+    "seed", "lambda", "val_acc", "val_pgd_l2_acc", "train_seconds", "seconds")},
+    **{k: lambda v: v is not None and RESULT_OPTIONAL["align_nn"](v) for k in ("align_nn", "align_sbg")}}  # numbers here
 
 
 class ClaimsBench(Bench):
@@ -250,6 +251,13 @@ class ClaimsBench(Bench):
         config.update(self.config_extras(every))
         seeds_out = {"config": config, "seeds": seeds, "rows": rows, "claims": found}
         name = self.name
+        existing = os.path.join(self.results_dir, f"{name}_seeds.json")
+        held = set(files.read_json_object(existing, "bench table").get("rows", {})) if os.path.exists(existing) else set()
+        if not held <= set(self.rows):  # --rows R beside tables of more rows: R's numbers are printed, nothing rewritten
+            print(claims_markdown(rows, lambda_rows, found, config, self.reference))
+            print(f"left {os.path.relpath(existing)} and the other tables and figures as they were: they hold rows "
+                  f"({', '.join(sorted(held - set(self.rows)))}) this call did not run; a call with every row rewrites them")
+            return seeds_out
         files.write_json(seeds_out, os.path.join(self.results_dir, f"{name}_seeds.json"))
         files.write_json({"config": config, "seeds": sweep_seeds if pag else [], "rows": lambda_rows},  # the sweep's seeds
                          os.path.join(self.results_dir, f"{name}_lambda.json"))
@@ -305,8 +313,12 @@ def parse(argv, description, rows=True):
             or not set(cfg["sweep_seeds"]) <= set(cfg["seeds"]):
         raise files.UserError(f"--sweep-seeds needs at least two distinct seeds among --seeds {cfg['seeds']}, got "
                           f"{cfg['sweep_seeds']}")
-    if len(set(cfg["lambdas"])) != len(cfg["lambdas"]):
-        raise files.UserError(f"--lambdas has a value twice: {cfg['lambdas']}")
+    keys = [f"{lam:g}" for lam in cfg["lambdas"]]  # result files are named by lambda as printed
+    if len(set(keys)) != len(keys):
+        same = next(k for k in keys if keys.count(k) > 1)
+        raise files.UserError(f"--lambdas {' '.join(repr(v) for v, k in zip(cfg['lambdas'], keys) if k == same)} print alike "
+                              f"({same}) and would share one result file: give values that differ in their first 6 "
+                              "significant digits")
     cfg["lambdas"] = sorted(cfg["lambdas"])
     out_dir = os.path.abspath(args.out_dir or os.path.join("runs", "fashion_mnist_bench" + ("_quick" if args.quick else "")))
     results_dir = os.path.abspath(args.results_dir or (out_dir if args.quick else RESULTS))

@@ -57,6 +57,11 @@ def fields_provenance(path, sha256=None):
 
 
 # ----------------------------------------------------------------------------- running jobs
+PROCESSES = set()  # the scripts sh() is running now: an interrupted bench stops them (stop_processes)
+STOPPING = threading.Event()  # set once the bench is interrupted: no job starts a script after it
+_processes_lock = threading.Lock()
+
+
 def sh(log, *cmd):
     """Run one of our scripts as a one-thread process, its output appended to `log`; fail loudly."""
     cmd = [sys.executable, *map(str, cmd)]
@@ -65,17 +70,41 @@ def sh(log, *cmd):
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd[1:]) + "\n")
         f.flush()
-        if subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode:
+        with _processes_lock:
+            if STOPPING.is_set():
+                raise files.Interrupted("the bench is stopping")
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+            PROCESSES.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with _processes_lock:
+                PROCESSES.discard(proc)
+        if code:
+            if STOPPING.is_set():
+                raise files.Interrupted(f"stopped: {' '.join(cmd[1:])}")
             raise files.UserError(f"failed: {' '.join(cmd[1:])} (log: {log})")
+
+
+def stop_processes():
+    """SIGTERM to every script sh() runs, and none started after: each stops as on Ctrl-C (a training run
+    keeps its last finished epoch, and the next bench call resumes it)."""
+    with _processes_lock:
+        STOPPING.set()
+        for proc in PROCESSES:
+            if proc.poll() is None:
+                proc.terminate()
 
 
 def run_jobs(jobs, needs, workers, cost=None):
     """Run the callables in `jobs` (name -> fn) on `workers` threads, each once every job it needs is
-    done, the costliest ready job first."""
+    done, the costliest ready job first. Ctrl-C or SIGTERM stops the running jobs' scripts (they resume at
+    the next call) and ends the bench with one line naming the jobs stopped and those that finished."""
     cost = cost or {}
     pending, running, done, start = list(jobs), {}, set(), time.time()
     stamp = lambda: f"[{(time.time() - start) / 60:5.1f} min]"  # noqa: E731
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         while pending or running:
             ready = sorted((n for n in pending if needs.get(n, set()) <= done), key=lambda n: -cost.get(n, 0))
             for name in ready[: workers - len(running)]:
@@ -90,6 +119,18 @@ def run_jobs(jobs, needs, workers, cost=None):
                 future.result()  # a failed job stops the benchmark (running jobs finish first)
                 done.add(name)
                 print(f"{stamp()} done  {name} ({len(done)}/{len(jobs)} jobs)", flush=True)
+    except (KeyboardInterrupt, files.Interrupted):
+        stop_processes()
+        pool.shutdown(wait=True)  # each running job's script has stopped: its thread ends at once
+        finished = {running[f] for f in running if f.exception() is None}  # it had written its files already
+        stopped = sorted(set(running.values()) - finished)
+        done |= finished
+        said = (f"stopped {', '.join(stopped)} (each continues from its last saved epoch when the bench runs again)"
+                if stopped else "no job was running")
+        raise files.Interrupted(f"{said}; this call finished {len(done)} job(s), each with its result file written"
+                                + (f" ({', '.join(sorted(done))})" if done else "")) from None
+    finally:
+        pool.shutdown(wait=True)
     return time.time() - start
 
 
@@ -145,12 +186,12 @@ class Bench:
     def result_path(self, key):
         return os.path.join(self.runs_dir, key + ".json")
 
-    def read_result(self, key):
-        """A result file, checked (check_result), or None where there is none yet."""
+    def read_result(self, key, fields=None):
+        """A result file, checked (check_result against `fields`, default the bench's), or None where there is none yet."""
         path = self.result_path(key)
         if not os.path.lexists(path):
             return None
-        return check_result(files.read_json_object(path, "result file"), path, self.result_fields)
+        return check_result(files.read_json_object(path, "result file"), path, fields or self.result_fields)
 
     def result_extras(self, model):
         """What a result file records besides its numbers (a bench adds its own): which SBG fields, by
@@ -186,7 +227,9 @@ class Bench:
         """Train (or resume), attack, align, and write the result file with every number of the model;
         skipped if the file is there, refused if it (or the run folder) was made with other settings."""
         key, want = self.key(model, seed, lam), self.settings(model, seed, lam)
-        old = self.read_result(key)
+        # An earlier bench's file may lack its SBG alignment (null): read, then made again below.
+        old = self.read_result(key, {**self.result_fields, **({"align_sbg": RESULT_OPTIONAL["align_sbg"]}
+                                                              if "align_sbg" in self.result_fields else {})})
         if old is not None:
             if old.get("settings") != want:
                 raise files.UserError(f"{self.result_path(key)} was made with other settings; delete it (and "

@@ -26,6 +26,7 @@ import importlib
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 
@@ -45,12 +46,35 @@ STEPS = 100
 
 def run_script(script, log, *args):
     """Run one of our scripts' main() in this process (the same code as `python script args`,
-    without paying torch's import once per script), its output appended to `log`."""
+    without paying torch's import once per script), its output appended to `log`. An interrupt says what
+    continues the toy (the scripts' own "continue with" would name this call with their --resume)."""
     argv = [str(a) for a in args]
     print(f"$ python {script} " + " ".join(argv) + f"   >> {os.path.relpath(log)}", flush=True)
     os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "a") as f, contextlib.redirect_stdout(f):
-        importlib.import_module(script.removesuffix(".py")).main(argv)
+    try:
+        with open(log, "a") as f, contextlib.redirect_stdout(f):
+            importlib.import_module(script.removesuffix(".py")).main(argv)
+    except (KeyboardInterrupt, files.Interrupted):
+        raise files.Interrupted(f"{script} was interrupted; the toy trains each seed afresh (about 40 s): run "
+                                f"{shlex.join(['python', 'bench/toy.py', *sys.argv[1:]])} again") from None
+
+
+MARKER = "made_by_toy_bench"  # in each model folder the toy writes: its files may be replaced by the next call
+
+
+def clear_model_folder(run_dir):
+    """Remove the previous call's model, results and log in run_dir (a fresh experiment every time: attack.json
+    would merge), only where bench/toy.py made them: a folder holding such files without the toy's marker (a
+    user's run, another tool's) is refused in one line, its files untouched. Under the folder's run lock, so a
+    run training there is never cleared."""
+    names = [n for n in ("model.pt", "attack.json", "run.log", "regions.png") if os.path.lexists(os.path.join(run_dir, n))]
+    if names and not os.path.exists(os.path.join(run_dir, MARKER)):
+        raise files.UserError(f"{run_dir} holds {', '.join(names)} that bench/toy.py did not make; choose another "
+                              "--out-dir (the toy replaces only its own files)")
+    with files.RunLock(run_dir):
+        for n in names:
+            os.remove(os.path.join(run_dir, n))
+        files.atomic_write(os.path.join(run_dir, MARKER), text="bench/toy.py replaces this folder's files at each call\n")
 
 
 def figure(out_dir, seed, models, results, exact):
@@ -157,12 +181,8 @@ def run_seed(seed, out_dir, epochs, device, standardize=False, nudge=None):
     results, exact, boundaries, models = {}, {}, {}, {}
     for name, script in (("vanilla", "train_baseline.py"), ("pag", "train_pag.py")):
         run_dir = os.path.join(out_dir, name)
-        for old in ("model.pt", "attack.json"):  # a fresh experiment every time (attack.json would merge)
-            if os.path.exists(os.path.join(run_dir, old)):
-                os.remove(os.path.join(run_dir, old))
+        clear_model_folder(run_dir)
         log = os.path.join(run_dir, "run.log")
-        if os.path.exists(log):
-            os.remove(log)
         with nudged_first_weight(nudge):
             run_script(script, log, "--dataset", "toy", "--seed", seed, "--data-seed", seed, "--epochs", epochs, "--out-dir",
                        run_dir, "--device", device, "--log-every", 1000, "--cache-dir", os.path.join(ROOT, "cache"),
@@ -236,6 +256,19 @@ def main(argv=None):
         p.error(f"--seed lists a seed twice: {args.seed}")
     out_dir = os.path.abspath(args.out_dir)
     nudge = getattr(torch, args.nudge) if args.nudge else None
+    # Every model folder is checked before any is cleared or trained: a refusal leaves everything as it was.
+    dirs = [out_dir] if len(args.seed) == 1 else [os.path.join(out_dir, f"seed{s}") for s in args.seed]
+    for d in dirs:
+        for name in ("vanilla", "pag"):
+            held = [n for n in ("model.pt", "attack.json", "run.log") if os.path.lexists(os.path.join(d, name, n))]
+            if held and not os.path.exists(os.path.join(d, name, MARKER)):
+                raise files.UserError(f"{os.path.join(d, name)} holds {', '.join(held)} that bench/toy.py did not make; "
+                                      "choose another --out-dir (the toy replaces only its own files)")
+    with files.RunLock(out_dir):  # one toy call per folder: another would clear the models this one trains
+        return run_seeds(args, out_dir, nudge)
+
+
+def run_seeds(args, out_dir, nudge):
     if len(args.seed) == 1:
         return run_seed(args.seed[0], out_dir, args.epochs, args.device, args.standardize, nudge)
     per_seed = [(s, run_seed(s, os.path.join(out_dir, f"seed{s}"), args.epochs, args.device, args.standardize, nudge))
