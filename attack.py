@@ -14,16 +14,20 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 
 import torch
 
 import cli
 import data as D
+import sources as S
 import files
+from checkpoint import check_data_fits, load_checkpoint
+from cli import Progress
 from files import UserError
-from train_baseline import (Progress, attack_batch_size, check_data_fits, check_perturbation, load_checkpoint, pgd,
-                            pick_device, predict, robust_mask, use_dataset_precision)
 from models import from_official
+from pgd import attack_batch_size, check_perturbation, pgd, predict, robust_mask
+from ranks import pick_device
 from train_pag import pag_loss, sample_targets
 
 MEASURES = ("clean", "pgd-l2", "pgd-linf", "aa-l2", "aa-linf", "exact-l2", "align", "visualize")
@@ -418,7 +422,7 @@ def main(argv=None):
                    help="the first N test images")
     p.add_argument("--batch-size", type=cli.positive_int,
                    help="images per attack batch (default: 250 at 32 px, as many pixels for bigger images: 27 at 96 px)")
-    p.add_argument("--align-source", choices=D.SOURCES,
+    p.add_argument("--align-source", choices=S.SOURCES,
                    help="ground truth for align (default: the model's own PAG source, else nn)")
     p.add_argument("--align-targets", type=cli.positive_int, help="classes per image for align (default: all)")
     p.add_argument("--align-split", default="test", choices=("test", "train"),
@@ -448,9 +452,62 @@ def main(argv=None):
         return evaluate(args)
 
 
+@dataclass
+class Call:
+    """One attack.py call once its inputs are checked: the model, its data, the images, the radii, the outputs."""
+    args: argparse.Namespace
+    path: str                # the checkpoint file
+    out: str                 # attack.json
+    vis_path: str            # the picture, or None
+    model: torch.nn.Module
+    ckpt: dict               # its fields (checkpoint.load_checkpoint's, or the official file's filled in)
+    data: D.Data
+    shown: list              # the models a picture shows: [(label, model, fields)]
+    radii: dict              # norm -> sorted radii of this call
+    batch_size: int
+
+    @property
+    def x(self):
+        return D.to_float(self.data.test_x)
+
+
+def made():
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def evaluate(args):
-    """attack.py after its flags: check the outputs and the inputs, measure, write attack.json, draw."""
-    # Every output is checked before any work: writable, and none of the inputs (it would be overwritten).
+    """attack.py after its flags: check every input and output, measure, write attack.json, draw."""
+    call = prepare(args)
+    results = {"checkpoint": os.path.abspath(call.path), "checkpoint_sha256": call.ckpt["sha256"], "epoch": call.ckpt["epoch"],
+               "dataset": call.data.name, "arch": call.ckpt["arch"], "pag_source": call.ckpt["pag_source"],
+               "weights": call.ckpt.get("weights", "trained")}
+    torch.manual_seed(args.seed)
+    for name, measure in MEASURE_FUNCTIONS.items():
+        if name in args.measures:
+            results.update(measure(call))
+    draw = None
+    if call.vis_path:  # computed now; drawn after the numbers are written (a failed figure loses no result)
+        draw, vis_eps = visualize(call.shown, call.data, call.x, args)
+    merged = write_results(call, results)
+    if any(k in results for k in ("clean", "align", *RADIUS_MEASURES)):
+        y, data = call.data.test_y, call.data
+        print(f"\n{len(y)} test images of {data.name} ({D.class_counts_text(y, data.num_classes, data.classes)})")
+        print_table(results)
+    kept = sorted(k for k in merged if k not in results and not (draw and k == "visualize"))
+    print(f"wrote {call.out}" + (f" (kept its earlier {', '.join(kept)})" if kept else ""))
+    if draw:  # the figure atomically, then the entry that points at it: attack.json never names a partial figure
+        draw(call.vis_path)
+        print(f"wrote {call.vis_path}" + (f" (beside {args.vis_compare})" if args.vis_compare else ""))
+        merged = write_results(call, {**results, "visualize": {
+            "path": call.vis_path, "eps": vis_eps, "steps": args.vis_steps,
+            "compared_with": args.vis_compare and os.path.abspath(args.vis_compare), "made": made()}})
+        print(f"wrote {call.out} (its visualize entry now names {call.vis_path})")
+    return merged
+
+
+def prepare(args):
+    """Every check before any attack: the outputs (writable, none of the inputs), the checkpoint and any earlier
+    results of it, the data (fits the model), the flags that depend on the data. Returns the Call."""
     path = os.path.join(args.checkpoint, "model.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
     out_dir = os.path.dirname(path)  # paths are written as given
     out = args.out or os.path.join(out_dir, "attack.json")
@@ -466,23 +523,25 @@ def evaluate(args):
     if args.vis_compare and ("visualize" not in args.measures or not is_image):
         raise UserError("--vis-compare draws a second image model beside this one in `--measures visualize`"
                         + ("" if is_image else " (for the 2-D toy: python bench/toy.py draws both models)"))
-    sha256 = ckpt["sha256"]  # the model is the content it was loaded from (the path is only where it was)
     if os.path.lexists(out):  # a broken file, or another model's: refused now, before any attack, and left as it is
-        merge_results(check_results(files.read_json_object(out, "results file"), out), {}, path, sha256)
+        merge_results(check_results(files.read_json_object(out, "results file"), out), {}, path, ckpt["sha256"])
     model.requires_grad_(False)  # attacks need input gradients only
-    use_dataset_precision(ckpt["dataset"])  # the toy: one thread, as it was trained
+    D.use_dataset_precision(ckpt["dataset"])  # the toy: one thread, as it was trained
     targs = ckpt["args"]
-    data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download,
-                      targs["train_samples"], args.eval_samples, targs["image_size"], targs["data_seed"],
-                      targs["val_samples"]).to(device)
+    data = D.get_data(targs["dataset"], args.data_dir or targs["data_dir"], args.download, targs["train_samples"],
+                      args.eval_samples, targs["image_size"], targs["data_seed"], targs["val_samples"]).to(device)
     check_data_fits(ckpt, data, path)
     shown = [(run_label(path, args.vis_compare), model, ckpt)]  # this model, and --vis-compare's (checked now)
     if args.vis_compare:
         other, other_ckpt = load_any_checkpoint(args.vis_compare, device, args.dataset)
         check_data_fits(other_ckpt, data, args.vis_compare)
         shown.append((run_label(args.vis_compare, path), other.requires_grad_(False), other_ckpt))
-    x, y = D.to_float(data.test_x), data.test_y
-    batch_size = args.batch_size or attack_batch_size(data)
+    return Call(args, path, out, vis_path, model, ckpt, data, shown, check_flags(args, data),
+                args.batch_size or attack_batch_size(data))
+
+
+def check_flags(args, data):
+    """The flags whose valid values depend on the data; returns the radii of each norm."""
     if args.target not in ("none", "runner-up") and not (args.target.isdigit() and int(args.target) < data.num_classes):
         raise UserError(f"--target must be none, runner-up or a class in 0..{data.num_classes - 1}, got {args.target!r}")
     if args.align_targets is not None and args.align_targets > data.num_classes:
@@ -492,103 +551,104 @@ def evaluate(args):
     if "exact-l2" in args.measures and max(args.eps_l2 or [0]) > EXACT_MAX_RADIUS:
         raise UserError(f"exact-l2 samples every ray up to the largest --eps-l2 in steps of 0.25: at most "
                         f"{EXACT_MAX_RADIUS:g}, got {max(args.eps_l2):g} (the toy's points lie within ~300 of each other)")
-    align_source = args.align_source or (ckpt["pag_source"] if ckpt["pag_source"] in ("oi", "cm", "nn") else "nn")
     defaults = D.DATASETS[data.name]
     radii = {"l2": sorted(set(args.eps_l2 or [defaults["eps_l2"]])), "linf": sorted(set(args.eps_linf or [defaults["eps_linf"]]))}
     for norm, values in radii.items():  # results are keyed by the radius as printed: two that print alike would merge
         keys = [f"{e:g}" for e in values]
         if len(set(keys)) != len(keys):
             same = next(k for k in keys if keys.count(k) > 1)
-            raise UserError(f"--eps-{norm} radii "
-                            f"{', '.join(repr(e) for e, k in zip(values, keys) if k == same)} print alike ({same}), and results are "
-                            "keyed by the radius as printed: give radii that differ in their first 6 significant digits")
-    made = lambda: time.strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
-    n = len(y)
-    results = {"checkpoint": os.path.abspath(path), "checkpoint_sha256": sha256, "epoch": ckpt["epoch"], "dataset": data.name,
-               "arch": ckpt["arch"], "pag_source": ckpt["pag_source"], "weights": ckpt.get("weights", "trained")}
-    torch.manual_seed(args.seed)
+            raise UserError(f"--eps-{norm} radii {', '.join(repr(e) for e, k in zip(values, keys) if k == same)} print "
+                            f"alike ({same}), and results are keyed by the radius as printed: give radii that differ in "
+                            "their first 6 significant digits")
+    return radii
 
-    if "clean" in args.measures:
-        results["clean"] = {"acc": (predict(model, x) == y).float().mean().item(), "eval_samples": n, "made": made()}
-    for norm in ("l2", "linf"):
-        if f"pgd-{norm}" not in args.measures:
-            continue
-        # Balls are nested: a point is robust at eps only if it survives every radius <= eps of this
-        # call (an adversarial example found at a smaller radius is valid at a larger one).
-        survived, results[f"pgd_{norm}"] = torch.ones_like(y, dtype=torch.bool), {}
-        for eps in radii[norm]:
-            print(f"pgd-{norm} eps={eps:g}, {args.steps} steps, target={args.target}", flush=True)
-            survived &= robust_mask(model, x, y, eps, norm, data.box, batch_size, args.target,
-                                    Progress(f"  pgd-{norm} eps={eps:g}:", len(x), "img"),
-                                    generator=torch.Generator().manual_seed(args.seed),
-                                    steps=args.steps, step_size=args.step_size, loss=args.pgd_loss)
-            results[f"pgd_{norm}"][f"{eps:g}"] = {
-                "acc": survived.float().mean().item(), "eval_samples": n, "steps": args.steps,
-                "step_size": args.step_size or 2.5 * eps / args.steps, "loss": args.pgd_loss, "target": args.target,
-                "random_start": True, "seed": args.seed, "nested_with": [f"{e:g}" for e in radii[norm]], "made": made()}
-    if "exact-l2" in args.measures:
-        print(f"exact L2 robustness by ray search up to eps={max(radii['l2']):g}", flush=True)
-        dist = boundary_distance_2d(model, x, y, max(radii["l2"]))
-        results["exact_l2"] = {f"{eps:g}": {"acc": (dist > eps).float().mean().item(), "eval_samples": n, "made": made()}
-                               for eps in radii["l2"]}
-        # per test point, for analyses of where the boundary is (null: farther than the largest eps)
-        results["exact_l2_distance"] = {"max_radius": max(radii["l2"]), "made": made(),
-                                        "distances": [None if d == float("inf") else round(d, 4) for d in dist.tolist()]}
-    for norm in ("l2", "linf"):
-        if f"aa-{norm}" not in args.measures:
-            continue
-        logging.basicConfig(format="  %(name)s: %(message)s")
-        logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack's own progress lines
-        survived, results[f"aa_{norm}"] = torch.ones_like(y, dtype=torch.bool), {}
-        for eps in radii[norm]:  # nested like PGD's: never more robust at a larger radius
-            print(f"aa-{norm} eps={eps:g}: AutoAttack ({args.aa_version})", flush=True)
-            survived &= autoattack_mask(model, x, y, eps, norm, data.box, args.aa_version, args.seed, batch_size,
-                                        n_iter=args.aa_iterations)
-            version = args.aa_version + (f" ({args.aa_iterations} iterations: not the standard attack)"
-                                         if args.aa_iterations else "")
-            results[f"aa_{norm}"][f"{eps:g}"] = {"acc": survived.float().mean().item(), "eval_samples": n,
-                                                 "version": version, "seed": args.seed,
-                                                 "nested_with": [f"{e:g}" for e in radii[norm]], "made": made()}
-    if "align" in args.measures:
-        gt_grad_fn = D.make_source(align_source, data, args.cache_dir, seed=targs["seed"], sbg_file=args.sbg_file,
-                              split=args.align_split)
-        # The training images: N of them as a subset takes them (a fair sample of a sorted folder), with their indices.
-        idx = (D.subset_indices(data.name, data.train_y, args.eval_samples) if args.align_split == "train"
-               else torch.arange(len(data.test_y))).to(device)
-        xa = D.to_float((data.train_x if args.align_split == "train" else data.test_x)[idx])
-        results["align"] = {f"{align_source} {args.align_split}": {
-            "cos": alignment(model, xa, gt_grad_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx),
-            "source": align_source, "split": args.align_split, "eval_samples": len(xa),
-            "targets": args.align_targets or data.num_classes, "seed": args.seed, "made": made()}}
-    draw = None
-    if vis_path:  # computed now; drawn after the numbers are written (a failed figure loses no result)
-        draw, vis_eps = visualize(shown, data, x, args)
 
-    def merge(old, entries):
-        merged = merge_results(check_results(old, out) if old else old, entries, path, sha256)
-        try:  # an entry the file kept can contradict what this call measured (a hand-edited file)
-            return check_results(merged, out)
+# ----------------------------------------------------------------------------- the measures: each returns its entries
+def measure_clean(call):
+    y = call.data.test_y
+    return {"clean": {"acc": (predict(call.model, call.x) == y).float().mean().item(), "eval_samples": len(y), "made": made()}}
+
+
+def measure_pgd(call, norm):
+    """PGD at each radius. Balls are nested: a point is robust at eps only if it survives every radius <= eps of
+    this call (an adversarial example found at a smaller radius is valid at a larger one)."""
+    args, x, y = call.args, call.x, call.data.test_y
+    survived, entries = torch.ones_like(y, dtype=torch.bool), {}
+    for eps in call.radii[norm]:
+        print(f"pgd-{norm} eps={eps:g}, {args.steps} steps, target={args.target}", flush=True)
+        survived &= robust_mask(call.model, x, y, eps, norm, call.data.box, call.batch_size, args.target,
+                                Progress(f"  pgd-{norm} eps={eps:g}:", len(x), "img"),
+                                generator=torch.Generator().manual_seed(args.seed),
+                                steps=args.steps, step_size=args.step_size, loss=args.pgd_loss)
+        entries[f"{eps:g}"] = {
+            "acc": survived.float().mean().item(), "eval_samples": len(y), "steps": args.steps,
+            "step_size": args.step_size or 2.5 * eps / args.steps, "loss": args.pgd_loss, "target": args.target,
+            "random_start": True, "seed": args.seed, "nested_with": [f"{e:g}" for e in call.radii[norm]], "made": made()}
+    return {f"pgd_{norm}": entries}
+
+
+def measure_exact_l2(call):
+    """The 2-D toy's robustness without an attack: each point's distance to the decision boundary."""
+    radii, y = call.radii["l2"], call.data.test_y
+    print(f"exact L2 robustness by ray search up to eps={max(radii):g}", flush=True)
+    dist = boundary_distance_2d(call.model, call.x, y, max(radii))
+    return {"exact_l2": {f"{eps:g}": {"acc": (dist > eps).float().mean().item(), "eval_samples": len(y), "made": made()}
+                         for eps in radii},
+            # per test point, for analyses of where the boundary is (null: farther than the largest eps)
+            "exact_l2_distance": {"max_radius": max(radii), "made": made(),
+                                  "distances": [None if d == float("inf") else round(d, 4) for d in dist.tolist()]}}
+
+
+def measure_autoattack(call, norm):
+    """AutoAttack at each radius, nested like PGD's: never more robust at a larger radius."""
+    args, x, y = call.args, call.x, call.data.test_y
+    logging.basicConfig(format="  %(name)s: %(message)s")
+    logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack's own progress lines
+    survived, entries = torch.ones_like(y, dtype=torch.bool), {}
+    version = args.aa_version + (f" ({args.aa_iterations} iterations: not the standard attack)" if args.aa_iterations else "")
+    for eps in call.radii[norm]:
+        print(f"aa-{norm} eps={eps:g}: AutoAttack ({args.aa_version})", flush=True)
+        survived &= autoattack_mask(call.model, x, y, eps, norm, call.data.box, args.aa_version, args.seed, call.batch_size,
+                                    n_iter=args.aa_iterations)
+        entries[f"{eps:g}"] = {"acc": survived.float().mean().item(), "eval_samples": len(y), "version": version,
+                               "seed": args.seed, "nested_with": [f"{e:g}" for e in call.radii[norm]], "made": made()}
+    return {f"aa_{norm}": entries}
+
+
+def measure_align(call):
+    """Held-out (or training-image) alignment with a source's ground truth."""
+    args, data, ckpt = call.args, call.data, call.ckpt
+    source = args.align_source or (ckpt["pag_source"] if ckpt["pag_source"] in ("oi", "cm", "nn") else "nn")
+    gt_grad_fn = S.make_source(source, data, args.cache_dir, seed=ckpt["args"]["seed"], sbg_file=args.sbg_file,
+                               split=args.align_split)
+    # The training images: N of them as a subset takes them (a fair sample of a sorted folder), with their indices.
+    train = args.align_split == "train"
+    idx = (D.subset_indices(data.name, data.train_y, args.eval_samples) if train
+           else torch.arange(len(data.test_y))).to(data.test_y.device)
+    xa = D.to_float((data.train_x if train else data.test_x)[idx])
+    return {"align": {f"{source} {args.align_split}": {
+        "cos": alignment(call.model, xa, gt_grad_fn, data.num_classes, args.align_targets, seed=args.seed, indices=idx),
+        "source": source, "split": args.align_split, "eval_samples": len(xa),
+        "targets": args.align_targets or data.num_classes, "seed": args.seed, "made": made()}}}
+
+
+MEASURE_FUNCTIONS = {"clean": measure_clean, "pgd-l2": lambda c: measure_pgd(c, "l2"), "pgd-linf": lambda c: measure_pgd(c, "linf"),
+                     "exact-l2": measure_exact_l2, "aa-l2": lambda c: measure_autoattack(c, "l2"),
+                     "aa-linf": lambda c: measure_autoattack(c, "linf"), "align": measure_align}
+
+
+def write_results(call, entries):
+    """attack.json with this call's entries merged in, under its lock; a merge whose kept entries contradict this
+    call's numbers (a hand-edited file) is refused and the file left as it was."""
+    def merge(old):
+        merged = merge_results(check_results(old, call.out) if old else old, entries, call.path, call.ckpt["sha256"])
+        try:
+            return check_results(merged, call.out)
         except UserError as e:
             measured = ", ".join(f"{k} {v}" for k, v in entries.items() if isinstance(v, dict))
-            raise UserError(f"{e}; with this call's results merged in, so {out} is left as it was (this call "
+            raise UserError(f"{e}; with this call's results merged in, so {call.out} is left as it was (this call "
                             f"measured: {measured[:300]}); pass another --out") from None
-
-    def write(entries):
-        return files.update_json(out, lambda old: merge(old, entries), "results file")
-    merged = write(results)
-    if any(k in results for k in ("clean", "align", *RADIUS_MEASURES)):
-        print(f"\n{n} test images of {data.name} ({D.class_counts_text(y, data.num_classes, data.classes)})")
-        print_table(results)
-    kept = sorted(k for k in merged if k not in results and not (draw and k == "visualize"))
-    print(f"wrote {out}" + (f" (kept its earlier {', '.join(kept)})" if kept else ""))
-    if draw:  # the figure atomically, then the entry that points at it: attack.json never names a partial figure
-        draw(vis_path)
-        print(f"wrote {vis_path}" + (f" (beside {args.vis_compare})" if args.vis_compare else ""))
-        merged = write({**results, "visualize": {"path": vis_path, "eps": vis_eps, "steps": args.vis_steps,
-                                                 "compared_with": args.vis_compare and os.path.abspath(args.vis_compare),
-                                                 "made": made()}})
-        print(f"wrote {out} (its visualize entry now names {vis_path})")
-    return merged
+    return files.update_json(call.out, merge, "results file")
 
 
 if __name__ == "__main__":

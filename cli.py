@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 import threading
+import time
 
 import files
 from files import UserError
@@ -105,3 +106,28 @@ def fractions(text):
     if any(not 0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"every fraction must be in (0, 1), got {text}")
     return values
+
+
+# ----------------------------------------------------------------------------- progress
+class Progress:
+    """The project's one progress printer: `what done/total unit [extra] | rate unit/s | ETA`, on
+    every `every`-th call, at the end, and whenever `seconds` have passed (so the first line
+    comes within ~10 s of the start however slow the job)."""
+
+    def __init__(self, what, total, unit="img", every=None, seconds=10.0, print_fn=print):
+        self.what, self.total, self.unit, self.every, self.seconds, self.print = what, total, unit, every, seconds, print_fn
+        self.start = self.last = time.time()
+        self.calls = 0
+
+    def __call__(self, done, extra="", later_seconds=0.0):
+        """done: items finished so far; extra: text to show; later_seconds: time of the work after this job."""
+        self.calls += 1
+        now = time.time()
+        if not (done >= self.total or now - self.last >= self.seconds or (self.every and self.calls % self.every == 0)):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        later = f" (then {later_seconds / 60:.1f} min more)" if later_seconds > 0 else ""
+        self.print(f"{self.what} {done}/{self.total} {self.unit} {extra}| {rate:.{0 if rate >= 10 else 2}f} {self.unit}/s | "
+                   f"ETA {eta:.0f}s{later}", flush=True)

@@ -1,15 +1,9 @@
-"""Datasets, per-sample augmentation, and the ground-truth PAG sources.
+"""Datasets and per-sample augmentation (the ground-truth sources are sources.py's).
 
-Every dataset is held in memory as tensors (images as uint8 [N, C, H, W], the
-toy as float [N, 2]); the training loop indexes them directly, so a batch is
-(x, y, index) and sources can look up per-sample targets by index.
-
-Ground truth g(x, t) for the heuristic sources is r_t(x) - x (the paper, sec. 3; README):
-  oi  r_t = one fixed random training image of class t
-  cm  r_t = the mean training image of class t
-  nn  r_t = the L2-nearest training image of class t, never x itself
-  sbg precomputed score-based fields from a file (see load_sbg_file)
-Only the direction of g matters (PAG compares by cosine).
+Every dataset is held in memory as tensors (images as uint8 [N, C, H, W], the toy as float [N, 2]); the
+training loop indexes them directly, so a batch is (x, y, index) and sources can look up per-sample targets
+by index. Subsets of data stored class by class are fair samples of its classes (subset_indices), and each
+split is named by its content (Data.sha256), so a checkpoint can refuse data that changed since.
 """
 import hashlib
 import os
@@ -23,50 +17,26 @@ import files
 from files import UserError
 
 
-# The project's one table of defaults, per dataset (paper where it says: README "Choices") and per
-# architecture. Flags left unset take these (train_baseline.resolve_settings, once per run). Weight decay follows the optimiser
-# (1e-4 with SGD, 0 with Adam); augmentation (random crop, padding 4, + flip, per sample) is on where
-# the table says, and "folder" (None) turns it on for images of 32 px or more (a 4-pixel shift is
-# half of an 8-pixel image). Fashion-MNIST uses the recipe its benchmark measured to learn in few
-# epochs (README). PAG (train_pag.py): the source of the ground truth (sbg needs a file, so cm for
-# images), and pag_chunk, the targets per forward pass: fixed per dataset, never chosen from the GPU
-# at hand, because under batch-norm a pass's replicas share statistics only among themselves, so the
-# chunk is part of the result. STL (96 px, batch 32, k 10) all at once needs ~35 GiB, 4 per pass ~14 GiB.
+# Facts about each dataset (the flags' defaults are the scripts': train_baseline.TRAINING_DEFAULTS, train_pag's).
+# eps_l2, eps_linf: the radii a model of it is attacked at by default (the paper's for CIFAR and STL).
 # drop_last: the official image loader drops the last partial batch; the toy's public re-run keeps it (47 steps
 # of 6,000 points at batch 128). dtype and threads: the toy trains and is evaluated in float64 on one thread,
 # whatever OMP_NUM_THREADS says, because its training is chaotic: a last-bit difference of a float32 kernel
-# (another thread count or CPU) re-draws the outcome (bench/README.md, "The 2-D toy").
+# (another thread count or CPU) re-draws the outcome (bench/NOTES.md, "The 2-D toy: how it runs").
 # order: how a split is stored. "shuffled" (the CIFAR, STL and Fashion-MNIST files, synthetic's interleaved
 # classes): a subset is its first N images. "by class" (a folder is read class by class, the toy drawn mode by
 # mode): a subset is the first N of a fixed class-interleaved order (fair_order), never one class.
-_PAPER = dict(arch="resnet18", batch_size=64, optimizer="sgd", lr=0.01, lr_drops=[0.5, 0.75], augment=True,
-              eps_l2=0.5, eps_linf=8 / 255, source="cm", pag_chunk=None, drop_last=True, dtype="float32", threads=None,
-              order="shuffled")
+_IMAGES = dict(eps_l2=0.5, eps_linf=8 / 255, drop_last=True, dtype="float32", threads=None, order="shuffled")
 DATASETS = {
-    "cifar10": dict(_PAPER, num_classes=10),
-    "cifar100": dict(_PAPER, num_classes=100),
-    "stl10": dict(_PAPER, num_classes=10, batch_size=32, pag_chunk=4),
-    "fashion-mnist": dict(_PAPER, num_classes=10, arch="cnn", optimizer="adam", lr=1e-3, lr_drops=[], augment=False,
-                          eps_l2=1.5, eps_linf=0.1),
-    "folder": dict(_PAPER, num_classes=None, augment=None, order="by class"),
-    "synthetic": dict(_PAPER, num_classes=10),
-    "toy": dict(_PAPER, num_classes=2, arch="mlp", batch_size=128, optimizer="adam", lr_drops=[], augment=False,
-                eps_l2=15.0, eps_linf=5.0, source="nn", drop_last=False, dtype="float64", threads=1, order="by class"),
-}
-# lambda of train_pag.py: the official configs for resnet18 and vit (whose lambda is used at 2/3 in the
-# first half of training: "stabilises training at a small robustness cost"); cnn: 0.1 on natural images, 0.25
-# on Fashion-MNIST (CNN_PAG_COEFF); mlp: the toy's public re-run puts 5 on the *sum* over its two classes
-# (its notebook: 5 * sum_classes (1 - mean cos)), i.e. lambda * C = 10 here: lambda 5.
-# For more than 10 classes the default lambda is scaled by 10 / C (pag_coeff_default): lambda * C * mean
-# over k = 10 targets then equals the official code's hard-coded 10 * mean at the same lambda (README).
-ARCH_DEFAULTS = {
-    "resnet18": dict(pag_coeff=1.5, pag_first_half_scale=1.0),
-    "vit": dict(pag_coeff=3.0, pag_first_half_scale=2 / 3),
-    "cnn": dict(pag_coeff=0.1, pag_first_half_scale=1.0),
-    "mlp": dict(pag_coeff=5.0, pag_first_half_scale=1.0),
+    "cifar10": dict(_IMAGES, num_classes=10),
+    "cifar100": dict(_IMAGES, num_classes=100),
+    "stl10": dict(_IMAGES, num_classes=10),
+    "fashion-mnist": dict(_IMAGES, num_classes=10, eps_l2=1.5, eps_linf=0.1),
+    "folder": dict(_IMAGES, num_classes=None, order="by class"),
+    "synthetic": dict(_IMAGES, num_classes=10),
+    "toy": dict(_IMAGES, num_classes=2, eps_l2=15.0, eps_linf=5.0, drop_last=False, dtype="float64", threads=1, order="by class"),
 }
 ALIASES = {"stl": "stl10", "cifar-10": "cifar10", "cifar-100": "cifar100", "fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist"}
-SOURCES = ("oi", "cm", "nn", "sbg")
 CLASS_NAMES = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     "stl10": ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
@@ -76,26 +46,15 @@ CLASS_NAMES = {
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # `apt-get install dataset-fashion-mnist`
 
 
-# lambda of the small cnn where it is not ARCH_DEFAULTS' 0.1 (natural images: bench/cifar10.py, where the cnn at 0.2
-# and 0.25 stays near chance on CIFAR-10 images): Fashion-MNIST's claims bench chose 0.25 on its validation images;
-# synthetic (tests, smoke runs) keeps that value.
-CNN_PAG_COEFF = {"fashion-mnist": 0.25, "synthetic": 0.25}
+def dataset_dtype(name):
+    """The precision a dataset's models train and are evaluated in (data.DATASETS: float64 for the toy)."""
+    return getattr(torch, DATASETS[name]["dtype"])
 
 
-def pag_coeff_default(arch, num_classes, dataset=None):
-    """The default lambda of train_pag.py for `arch` on C classes of `dataset`: the architecture's (ARCH_DEFAULTS,
-    or CNN_PAG_COEFF's for the cnn), times 10 / C beyond 10 classes, so that the PAG term weighs against the CE as
-    in the official code (10 * mean of 1 - cos over 10 targets): CIFAR-100 resnet18 gets 0.15 (lambda * C = 15)."""
-    lam = CNN_PAG_COEFF.get(dataset, ARCH_DEFAULTS[arch]["pag_coeff"]) if arch == "cnn" else ARCH_DEFAULTS[arch]["pag_coeff"]
-    return lam * min(num_classes, 10) / num_classes
-
-
-def pag_weight(settings, num_classes, epoch):
-    """What multiplies the mean (1 - cos) PAG term in an epoch (0-based): lambda (settings.pag_coeff, by
-    default pag_coeff_default) x C, as the official code's sum over classes, x pag_first_half_scale in the
-    first half of training (the ViT's 2/3)."""
-    scale = settings.pag_first_half_scale if epoch < settings.epochs / 2 else 1.0
-    return settings.pag_coeff * num_classes * scale
+def use_dataset_precision(name):
+    """The toy's one thread (data.DATASETS "threads"): the same numbers whatever OMP_NUM_THREADS says."""
+    if DATASETS[name]["threads"]:
+        torch.set_num_threads(DATASETS[name]["threads"])
 
 
 def canonical_dataset(name):
@@ -495,235 +454,3 @@ def crop_flip(t, offsets, flips, padding=4, fill=0.0):
     # Advanced indices on dims 0, 2, 3 around a slice: the result is [B, H, W, K].
     out = padded[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).reshape(t.shape)
-
-
-# ----------------------------------------------------------------------------- ground-truth sources
-def class_means(x, y, num_classes):
-    """[C, ...] mean image of each class (float, [0, 1] for images)."""
-    x = to_float(x)
-    return torch.stack([x[y == t].mean(0) for t in range(num_classes)])
-
-
-def one_image_per_class(y, num_classes, generator):
-    """[C] index of one random training image per class (the OI source)."""
-    return torch.stack([(y == t).nonzero().squeeze(1)[torch.randint(int((y == t).sum()), (1,), generator=generator)][0]
-                        for t in range(num_classes)])
-
-
-def nearest_of_class(queries, train_x, train_y, num_classes, query_idx=None, chunk=2048):
-    """[Q, C] index of the L2-nearest training image of each class, in chunks.
-
-    query_idx: the queries' own indices in train_x when they are training images,
-    so that an image is never its own neighbour. Distances are |q|^2 - 2 q.r + |r|^2
-    on [chunk, n_class] blocks: no N x N matrix is ever formed. float32 for
-    images (values in [0, 1]); float64 for float data such as the toy, whose
-    coordinates (up to ~200) would lose near-ties to float32 rounding.
-    """
-    dtype = torch.float32 if train_x.dtype == torch.uint8 else torch.float64
-    q_all = to_float(queries).flatten(1).to(dtype)
-    out = torch.empty(len(q_all), num_classes, dtype=torch.long, device=q_all.device)
-    for t in range(num_classes):
-        members = (train_y == t).nonzero().squeeze(1)
-        if len(members) == 0:
-            raise ValueError(f"class {t} has no training images; the nn source needs at least one")
-        ref = to_float(train_x[members]).flatten(1).to(dtype)
-        ref_sq = (ref * ref).sum(1)
-        pos_in_class = None
-        if query_idx is not None:  # position of each query within this class's members, or -1
-            pos_in_class = torch.full((len(train_y),), -1, dtype=torch.long, device=members.device)
-            pos_in_class[members] = torch.arange(len(members), device=members.device)
-        for s in range(0, len(q_all), chunk):
-            q = q_all[s: s + chunk]
-            d = (q * q).sum(1, keepdim=True) - 2 * q @ ref.T + ref_sq
-            if pos_in_class is not None:
-                pos = pos_in_class[query_idx[s: s + chunk]]
-                rows = (pos >= 0).nonzero().squeeze(1)
-                d[rows, pos[rows]] = float("inf")
-            out[s: s + chunk, t] = members[d.argmin(1)]
-    return out
-
-
-def cached_nearest(data, cache_dir):
-    """nearest_of_class for the whole training set, cached on disk by content hash.
-
-    A cached table is checked before use (shape, range, and every neighbour of the right
-    class); a corrupt one is refused, naming the file to delete."""
-    h = hashlib.sha1(data.train_x.cpu().numpy().tobytes())
-    h.update(data.train_y.cpu().numpy().tobytes())
-    n, c = len(data.train_y), data.num_classes
-    path = os.path.join(cache_dir, f"nn-{data.name}-{n}-{h.hexdigest()[:16]}.pt")
-    if os.path.lexists(path):
-        table = files.load_file(path, "nearest-neighbour cache")
-        y = data.train_y.cpu()
-        valid = torch.is_tensor(table) and table.layout == torch.strided and table.dtype == torch.long \
-            and tuple(table.shape) == (n, c) and table.min() >= 0 and table.max() < n \
-            and bool((y[table] == torch.arange(c)).all()) \
-            and not bool(((table == torch.arange(n)[:, None]) & (y.bincount(minlength=c) > 1)).any())  # itself: only if alone
-        if valid:  # and a sample of rows searched again: the table holds nearest neighbours, not just any
-            rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:16]
-            x = to_float(data.train_x.cpu()).flatten(1)
-            fresh = nearest_of_class(data.train_x.cpu()[rows], data.train_x.cpu(), y, c, query_idx=rows)
-            dist = lambda idx: (x[idx] - x[rows][:, None]).norm(dim=2)  # noqa: E731
-            valid = bool(torch.allclose(dist(table[rows]), dist(fresh), atol=1e-4))
-        if not valid:
-            raise UserError(f"{path} is not a valid nearest-neighbour table for these {n} images; delete it")
-        return table.to(data.train_x.device)
-    files.atomic_write(path + ".probe", text="")  # fail now, not after the search, if the folder is not writable
-    os.remove(path + ".probe")
-    print(f"computing nearest neighbours of {n} training images (cached at {path})", flush=True)
-    nn_idx = nearest_of_class(data.train_x, data.train_x, data.train_y, c, query_idx=torch.arange(n, device=data.train_x.device))
-    files.atomic_write(path, nn_idx.cpu())
-    return nn_idx
-
-
-def make_source(name, data, cache_dir="cache", seed=0, sbg_file=None, split="train"):
-    """Return gt_grad(x, target_classes, idx=None) -> [B, k, *input_shape] for images of `split`.
-
-    x: un-augmented inputs [B, ...] in model space; target_classes [B, k];
-    idx: their indices in data's `split` images ("train" or "test"): needed by `sbg`,
-    whose file holds fields for that split's images; for training images it lets `nn`
-    use the cached neighbours and exclude the image itself. Every representative comes
-    from the training images; for other images (or without idx) `nn` searches them on the fly.
-    """
-    empty = (data.train_y.bincount(minlength=data.num_classes) == 0).nonzero().flatten().tolist()
-    if empty and name in ("oi", "cm", "nn"):
-        raise UserError(f"the {name} source needs training images of every class; none of class(es) {empty} "
-                        f"among {len(data.train_y)} (more --train-samples)")
-    if name == "oi":
-        reps = to_float(data.train_x[one_image_per_class(data.train_y, data.num_classes, torch.Generator().manual_seed(seed))])
-        return lambda x, target_classes, idx=None: reps[target_classes] - x[:, None]
-    if name == "cm":
-        reps = class_means(data.train_x, data.train_y, data.num_classes)
-        return lambda x, target_classes, idx=None: reps[target_classes] - x[:, None]
-    if name == "nn":
-        nn_idx = cached_nearest(data, cache_dir) if split == "train" else None
-
-        def gt_nn(x, target_classes, idx=None):
-            own = idx is not None and split == "train"
-            table = nn_idx[idx] if own else nearest_of_class(x, data.train_x, data.train_y, data.num_classes)
-            return to_float(data.train_x[table.gather(1, target_classes)]) - x[:, None]
-        return gt_nn
-    if name == "sbg":
-        if sbg_file is None:
-            raise UserError("--source sbg needs --sbg-file (precomputed score-based fields)")
-        fields = load_sbg_file(sbg_file, data, split)
-
-        def gt_sbg(x, target_classes, idx=None):
-            if idx is None:
-                raise UserError(f"the sbg source needs the images' indices in the {split} split")
-            return fields[idx.cpu()[:, None], target_classes.cpu()].to(target_classes.device, torch.float32)
-        return gt_sbg
-    raise UserError(f"unknown source {name!r}; choose from {', '.join(SOURCES)}")
-
-
-def load_sbg_file(path, data, split="train"):
-    """Score-based fields [N, C, *input_shape] for exactly data's training set, or for its (first N)
-    test images with split="test" (float16 is fine).
-
-    Reads `sbg.py export` files (checked by split, dataset, count, held-out validation images and
-    labels) and the official PAG-ROB release (training images only): a tensor (N, 1+C, channels,
-    H, W) holding each image (in [-1, 1]) and then one field per class, alone or as (tensor,
-    labels). For the latter, the images themselves are compared with ours, so another order or
-    subset is refused.
-    """
-    obj = files.load_file(path, "sbg fields file")
-    _, labels_here = data.split(split)
-    n, c = len(labels_here), data.num_classes
-    expected = (n, c, *data.input_shape)
-    if isinstance(obj, dict) and obj.get("kind") == "sbg-fields":  # ours
-        files.require(obj, {"fields": torch.Tensor, "dataset": str, "n": int, "labels": torch.Tensor,
-                            "split": lambda v: v in ("train", "test")}, path, "sbg fields file")
-        val_here = None if data.val_y is None else len(data.val_y)
-        n_file, file_split = obj["n"], obj.get("split", "train")
-        fits = file_split == split and obj["dataset"] == data.name and (
-            n_file == n and obj.get("val_samples") == val_here and torch.equal(obj["labels"], labels_here.cpu())
-            if split == "train" else n_file >= n and torch.equal(obj["labels"][:n], labels_here.cpu()))
-        if not fits:
-            raise UserError(f"{path} was exported for {n_file} {obj['dataset']} {file_split} images (train-samples "
-                            f"{obj.get('train_samples')}, val-samples {obj.get('val_samples')}), not for these {n} "
-                            f"{data.name} {split} images")
-        files.require(obj, {"classes": lambda v: v is None or isinstance(v, list) and all(isinstance(c, str) for c in v)}
-                      if "classes" in obj else {}, path, "sbg fields file")
-        if obj["fields"].layout != torch.strided:
-            raise UserError(f"{path}: its fields are a {obj['fields'].layout} tensor, not a dense one")
-        if obj.get("classes") is not None and data.classes is not None and list(obj["classes"]) != list(data.classes):
-            raise UserError(f"{path} holds fields for the classes {list(obj['classes'])}, in this order; the data's are "
-                            f"{list(data.classes)}")
-        fields = obj["fields"][:n]
-    elif split != "train":
-        raise UserError(f"{path}: the official release holds fields for training images only")
-    else:  # the official release
-        pair = isinstance(obj, (tuple, list)) and len(obj) == 2 and torch.is_tensor(obj[1]) and obj[1].dim() == 1
-        images_and_fields, labels = obj if pair else (obj, None)
-        if not (torch.is_tensor(images_and_fields) and images_and_fields.is_floating_point()
-                and images_and_fields.layout == torch.strided
-                and tuple(images_and_fields.shape) == (n, 1 + c, *data.input_shape)):
-            got = f"{images_and_fields.dtype} {tuple(images_and_fields.shape)}" if torch.is_tensor(images_and_fields) \
-                else type(obj).__name__
-            raise UserError(f"{path}: expected an sbg.py export or an official tensor of shape {(n, 1 + c, *data.input_shape)}, got {got}")
-        images = (images_and_fields[:, 0].float() + 1) / 2
-        if (images - to_float(data.train_x.cpu())).abs().amax() > 1.5 / 255 or \
-                (labels is not None and not torch.equal(labels.long(), data.train_y.cpu())):
-            raise UserError(f"{path}: its images or labels are not this run's {n} {data.name} training images in order")
-        fields = images_and_fields[:, 1:]
-    if tuple(fields.shape) != expected or fields.dtype not in (torch.float16, torch.float32, torch.bfloat16, torch.float64) \
-            or fields.layout != torch.strided:
-        raise UserError(f"{path}: expected dense float fields of shape {expected}, got {fields.dtype} {tuple(fields.shape)}")
-    if not bool(torch.isfinite(fields).all()):
-        raise UserError(f"{path} holds fields that are not finite (exported from a diverged denoiser?)")
-    images, _ = data.split(split)
-    check_field_content(fields, images[:n].cpu(), data.train_x.cpu(), data.train_y.cpu(), c, path)
-    return fields
-
-
-def best_order(scores):
-    """A class order that scores higher than the identity where one exists: pairwise swaps from the
-    identity while they gain (scores[t, u]: how well the field in slot t fits class u)."""
-    order, gained = list(range(len(scores))), True
-    while gained:
-        gained = False
-        for a in range(len(order)):
-            for b in range(a + 1, len(order)):
-                gain = scores[a, order[b]] + scores[b, order[a]] - scores[a, order[a]] - scores[b, order[b]]
-                if gain > 1e-9:
-                    order[a], order[b], gained = order[b], order[a], True
-    return order
-
-
-def check_field_content(fields, images, train_x, train_y, num_classes, path, sample=256):
-    """Refuse fields that pass every schema but would train nonsense:
-    - zero fields, or fields too small for the cosine's eps (the PAG term is then a constant): counted, per class;
-    - fields whose classes are in another order than the dataset's, where a cheap statistic can see it:
-      on a fixed sample of the images, S[t, u] = mean cos(field of slot t minus the image's mean field,
-      class u's mean training image minus the mean of the class means). Fields that encode their classes
-      strongly (the best class order scores >= 0.35 above a random order's) must have each slot fit its own
-      class: a reordering that lifts a slot's fit by more than max(0.15, 0.3 x that signal) is refused.
-      Measured on Fashion-MNIST: the committed denoiser's test fields have signal 0.47 with the identity the
-      best order, and a swap of two classes lifts them by 0.26 and 0.40 (refused); a 1-epoch denoiser's
-      fields (signal 0.24) and a 1-epoch one on synthetic data (0.11) are too weak to be checked this way.
-      (`sbg.py export` files also name their classes, checked exactly in load_sbg_file.)"""
-    norms = torch.cat([fields[s: s + 1024].float().flatten(2).norm(dim=2) for s in range(0, len(fields), 1024)])  # [N, C]
-    # Zero for the cosine: below its own eps (1e-12, for gradients of norm ~1), or a millionth of the file's typical field.
-    zero = (norms < 1e-12) | (norms < 1e-6 * norms.median())
-    if bool(zero.any()):
-        per_class = zero.sum(0).tolist()
-        named = ", ".join(f"class {t}: {k}" + (" (all)" if k == len(fields) else "") for t, k in enumerate(per_class) if k)
-        raise UserError(f"{path}: {int(zero.sum())} of {zero.numel()} fields are zero or nearly ({named} of {len(fields)} "
-                        "images); such a field has no direction to align with")
-    pick = torch.randperm(len(fields), generator=torch.Generator().manual_seed(0))[:max(16, min(sample, 25_600 // num_classes))]
-    f = fields[pick].float().flatten(2)
-    f = F.normalize(f - f.mean(1, keepdim=True), dim=2)  # [n, C, P]: what sets each class's field apart
-    means = class_means(train_x, train_y, num_classes).flatten(1)
-    toward = F.normalize(means - means.mean(0), dim=1)  # [C, P]
-    scores = torch.einsum("icp,up->icu", f, toward).mean(0)  # [C, C]
-    order = best_order(scores)
-    best = scores[torch.arange(num_classes), torch.tensor(order)].mean().item()
-    signal = best - scores.mean().item()
-    if signal < 0.35:
-        return
-    lifts = {t: (scores[t, u] - scores[t, t]).item() for t, u in enumerate(order) if u != t}
-    bad = {t: lift for t, lift in lifts.items() if lift > max(0.15, 0.3 * signal)}
-    if bad:
-        shown = ", ".join(f"slot {t} fits class {order[t]} (+{lift:.2f})" for t, lift in list(bad.items())[:4])
-        raise UserError(f"{path}: its fields look like classes in another order than the dataset's ({shown}; "
-                        "the cosine of each field with the way toward the class means): check the file's class order")

@@ -11,7 +11,7 @@ checks each kind of file gets before anything uses it.
 
 Readers of each kind call these and return checked objects, so that callers never re-check:
 checkpoints (train_baseline.read_checkpoint), denoisers (sbg.load_denoiser), SBG fields
-(data.load_sbg_file), the nearest-neighbour cache (data.cached_nearest), metrics.jsonl
+(sources.load_sbg_file), the nearest-neighbour cache (sources.cached_nearest), metrics.jsonl
 (train_baseline.read_metrics), official checkpoints (models.from_official). Bad input is a
 UserError: the scripts print it as one `error:` line and exit non-zero.
 """

@@ -31,9 +31,10 @@ import cli
 import data as D
 import files
 from files import UserError
-from train_baseline import (CHECKPOINT_FORMAT, RESUME_FIELDS, Progress, check_data_fits, gather_states, leave_process_group,
-                            pick_device, random_streams, read_checkpoint, resume_checkpoint, setup_distributed,
-                            shard_batches, wrap_for_ranks)
+from checkpoint import CHECKPOINT_FORMAT, RESUME_FIELDS, check_data_fits, read_checkpoint, resume_checkpoint
+from cli import Progress
+from ranks import (gather_states, leave_process_group, pick_device, random_streams, setup_distributed, shard_batches,
+                   wrap_for_ranks)
 
 # Flags that may differ between `sbg.py train` and its --resume: more --epochs continue a finished run.
 RESUME_MAY_CHANGE = {"job", "resume", "device", "out_dir", "data_dir", "download", "epochs", "checkpoint", "timestep",

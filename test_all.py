@@ -7,15 +7,15 @@ Contents (run one part with `python -m pytest -q test_all.py::TestPagLoss`; test
 
   TestModels        the architectures: the official functions and parameter names, official checkpoints (7)
   TestPagLoss       the method: the PAG loss against an analytic gradient and the official replicated computation (10)
-  TestSources       the ground truth (OI, CM, NN sources), datasets, the validation split and augmentation (12)
-  TestTraining      the loop: settings, schedule, resume, divergence, adversarial training, torchrun (20)
-  TestAttack        evaluation: PGD, AutoAttack, exact 2-D distance, alignment, results that belong to one model, pictures (11)
-  TestSBG           score-based ground truth: the field against a Gaussian posterior, the denoiser, its exported fields (8)
-  TestToy           the paper's 2-D toy: the draw, its ground truth, float64 training, the toy bench (9)
+  TestSources       the ground truth (OI, CM, NN sources), datasets, the validation split and augmentation (13)
+  TestTraining      the loop: settings, schedule, resume, divergence, adversarial training, torchrun (21)
+  TestAttack        evaluation: PGD, AutoAttack, exact 2-D distance, alignment, results that belong to one model, pictures (14)
+  TestSBG           score-based ground truth: the field against a Gaussian posterior, the denoiser, its exported fields (9)
+  TestToy           the paper's 2-D toy: the draw, its ground truth, float64 training, the toy bench (10)
   TestFiles         every file read or written: no code run, schemas, atomic writes, locks, faults (14)
-  TestCommandLines  every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals (7)
+  TestCommandLines  every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals (10)
   TestHouse         the code's shape: imports one way, copy-paste pieces that run alone (2)
-  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), Table 1, the speed bench (16)
+  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), Table 1, the speed bench (22)
 
 Above the classes: the shared helpers and fixtures (tiny runs, one-line-error checks, reference
 computations such as the official forwards and the analytic PAG loss).
@@ -24,6 +24,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import dataclasses
 import errno
 import gzip
 import hashlib
@@ -56,9 +57,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import attack
+import checkpoint as C
 import cli
 import data as D
+import sources as S
 import files
+import pgd as PGD
+import ranks
 import sbg
 import toy_data
 import train_baseline as T
@@ -235,6 +240,16 @@ def copy_run(tiny_run, dest):
     return dest
 
 
+def class_coloured_folder(root, classes, n, step=40):
+    """train/ and test/ with n images per class whose red channel tells the class (step * k) and green the image."""
+    for split in ("train", "test"):
+        for k, c in enumerate(classes):
+            os.makedirs(root / split / c)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (step * k, (80 // n) * i, 0)).save(root / split / c / f"{i}.png")
+    return root
+
+
 def make_folder(root, classes, size=8, mode="RGB", value=None, n=3):
     for split in ("train", "test"):
         for c in classes:
@@ -329,7 +344,7 @@ def launch_ranks(tmp_path, per_rank_args):
 def class_mean_fields(data, noise=0.05, seed=0):
     """Fields that point from each image to each class's mean (plus noise): a strong, correctly ordered source."""
     gen = torch.Generator().manual_seed(seed)
-    means = D.class_means(data.train_x, data.train_y, data.num_classes)
+    means = S.class_means(data.train_x, data.train_y, data.num_classes)
     x = D.to_float(data.train_x)
     g = means[None] - x[:, None]
     return g + noise * torch.randn(g.shape, generator=gen)
@@ -366,8 +381,8 @@ COPY_PASTE = {
     "models.from_official": ("models", ["PIXEL_MEAN", "PIXEL_STD", "ARCHS", "Normalize", "BasicBlock", "ResNet18",
                                         "Attention", "EncoderLayer", "ViT", "SmallCNN", "mlp", "build_model",
                                         "official_state_dict", "from_official", "weights_problem"]),
-    "train_baseline.pgd": ("train_baseline", ["per_sample_norm", "project", "random_in_ball", "attack_loss", "pgd"]),
-    "data sources": ("data", ["to_float", "class_means", "one_image_per_class", "nearest_of_class"]),
+    "pgd.pgd": ("pgd", ["per_sample_norm", "project", "random_in_ball", "attack_loss", "pgd"]),
+    "sources": ("sources", ["to_float", "class_means", "one_image_per_class", "nearest_of_class"]),
     "data.crop_flip": ("data", ["draw_crop_flip", "crop_flip"]),
 }
 
@@ -640,7 +655,7 @@ class TestSources:
         xf = D.to_float(d.train_x).flatten(1)
         dist = torch.cdist(xf.double(), xf.double())
         dist.fill_diagonal_(float("inf"))
-        ours = D.nearest_of_class(d.train_x, d.train_x, d.train_y, 3, query_idx=torch.arange(60), chunk=7)
+        ours = S.nearest_of_class(d.train_x, d.train_x, d.train_y, 3, query_idx=torch.arange(60), chunk=7)
         for t in range(3):
             masked = dist.clone()
             masked[:, d.train_y != t] = float("inf")
@@ -650,9 +665,9 @@ class TestSources:
 
     def test_nearest_of_class_agrees_with_a_brute_force_search_on_the_toy(self):
         train_x, train_y, test_x, _ = D.make_toy(seed=1, train_per_mode=50, test_per_mode=10, dtype=torch.float64)
-        ours = D.nearest_of_class(train_x, train_x, train_y, 2, query_idx=torch.arange(len(train_x)), chunk=64)
+        ours = S.nearest_of_class(train_x, train_x, train_y, 2, query_idx=torch.arange(len(train_x)), chunk=64)
         assert (ours == brute_force_nearest_of_class(train_x, train_x, train_y, exclude_self=True)).all()
-        assert (D.nearest_of_class(test_x, train_x, train_y, 2) == brute_force_nearest_of_class(test_x, train_x, train_y)).all()
+        assert (S.nearest_of_class(test_x, train_x, train_y, 2) == brute_force_nearest_of_class(test_x, train_x, train_y)).all()
 
     @pytest.mark.smoke
     def test_sources_cm_oi_nn(self, tmp_path):
@@ -660,22 +675,22 @@ class TestSources:
         x = D.to_float(d.train_x[:8])
         idx = torch.arange(8)
         t = sample_targets(8, 3, 3)
-        cm = D.make_source("cm", d)(x, t, idx)
+        cm = S.make_source("cm", d)(x, t, idx)
         means = torch.stack([D.to_float(d.train_x[d.train_y == c]).mean(0) for c in range(3)])
         assert torch.allclose(cm, means[t] - x[:, None], atol=1e-6)
-        oi_reps = D.make_source("oi", d, seed=5)(torch.zeros_like(x), t, idx)  # r_t - 0 = r_t
+        oi_reps = S.make_source("oi", d, seed=5)(torch.zeros_like(x), t, idx)  # r_t - 0 = r_t
         for c in range(3):  # one fixed training image per class, of that class
             rep = oi_reps[t == c][0]
             match = [i for i in range(60) if torch.equal(D.to_float(d.train_x[i]), rep)]
             assert match and all(d.train_y[i] == c for i in match) and (oi_reps[t == c] == rep).all()
-        nn_src = D.make_source("nn", d, cache_dir=str(tmp_path))
+        nn_src = S.make_source("nn", d, cache_dir=str(tmp_path))
         g = nn_src(x, t, idx)
         assert len(os.listdir(tmp_path)) == 1  # cached
         neighbours = g + x[:, None]
         for i in range(8):
             for j in range(3):
                 assert not torch.equal(neighbours[i, j], x[i])  # never the image itself
-        assert torch.allclose(D.make_source("nn", d, cache_dir=str(tmp_path))(x, t, idx), g)  # from the cache
+        assert torch.allclose(S.make_source("nn", d, cache_dir=str(tmp_path))(x, t, idx), g)  # from the cache
 
     @pytest.mark.smoke
     def test_crop_flip_matches_per_sample_reference_and_moves_fields_with_image(self):
@@ -740,12 +755,7 @@ class TestSources:
             assert ((counts - n * labels.bincount().double() / 100).abs() <= 1).all(), (n, counts)
         within_class = order[labels[order] == 0][:10]  # a class's images in a fixed random order, not its first ten
         assert sorted(within_class.tolist()) != list(range(10))
-        root = tmp_path / "f"
-        for split in ("train", "test"):
-            for k, c in enumerate(("a", "b", "c")):
-                os.makedirs(root / split / c)
-                for i in range(5):
-                    Image.new("RGB", (8, 8), (40 * k, 10 * i, 0)).save(root / split / c / f"{i}.png")
+        root = class_coloured_folder(tmp_path / "f", ("a", "b", "c"), 5)
         full = D.get_data("folder", str(root))
         d = D.get_data("folder", str(root), train_samples=8, test_samples=6)
         assert d.train_y.bincount().tolist() == [3, 3, 2] and d.test_y.bincount().tolist() == [2, 2, 2]
@@ -814,9 +824,9 @@ class TestSources:
         run("train_baseline.py", *TINY, "--val-samples", "40", "--eval-samples", "40", "--epochs", "1", "--out-dir", tmp_path / "v")
         line = json.loads((tmp_path / "v" / "metrics.jsonl").read_text())
         assert line["eval_split"] == "val" and "test_acc" not in line and 0 <= line["val_pgd_l2_0.5_acc"] <= line["val_acc"]
-        model = T.load_checkpoint(str(tmp_path / "v" / "model.pt"))[0]
+        model = C.load_checkpoint(str(tmp_path / "v" / "model.pt"))[0]
         dv = D.get_data("synthetic", image_size=16, train_samples=96, val_samples=40)
-        assert line["val_acc"] == pytest.approx((T.predict(model, D.to_float(dv.val_x)) == dv.val_y).float().mean().item())
+        assert line["val_acc"] == pytest.approx((PGD.predict(model, D.to_float(dv.val_x)) == dv.val_y).float().mean().item())
         assert_one_line_error(run("train_baseline.py", *TINY, "--val-samples", "1024", check=False), "--val-samples 1024")
 
     def test_a_missing_dataset_is_downloaded_by_default_and_never_when_forbidden(self, tmp_path, monkeypatch):
@@ -859,7 +869,8 @@ class TestTraining:
         # The loop prints what check_epoch returns, after the epoch's line.
         p = add_common_args(cli.Parser())
         T.train(p.parse_args([str(a) for a in [*TINY, "--epochs", "2", "--out-dir", tmp_path / "r"]]),
-                check_epoch=lambda r, a, d: f"checked epoch {r['epoch']} of {a.epochs} ({d.num_classes} classes)")
+                dataclasses.replace(T.BASELINE, check_epoch=lambda r, a, d: f"checked epoch {r['epoch']} of {a.epochs} "
+                                                                          f"({d.num_classes} classes)"))
         out = capsys.readouterr().out.splitlines()
         at = out.index("warning: checked epoch 2 of 2 (10 classes)")
         assert out[at - 1].startswith("epoch 2:")
@@ -881,7 +892,8 @@ class TestTraining:
         """resolve_settings: the dataset's row, the architecture's, then what follows from the loaded data (a folder's
         classes and image size); the result is read-only."""
         parser = T.add_common_args(argparse.ArgumentParser())
-        resolve = lambda p, argv, data, name="baseline": T.resolve_settings(p.parse_args(argv), data, name)  # noqa: E731
+        resolve = lambda p, argv, data, name="baseline": T.resolve_settings(p.parse_args(argv), data,  # noqa: E731
+                                                                            dataclasses.replace(T.BASELINE, name=name))
         fm = resolve(parser, ["--dataset", "fashion-mnist"], blank_images("fashion-mnist", 28))
         assert (fm.arch, fm.optimizer, fm.lr, fm.lr_drops, fm.weight_decay, fm.augment) == ("cnn", "adam", 1e-3, [], 0.0, False)
         cifar = resolve(parser, ["--dataset", "cifar10"], blank_images("cifar10"))
@@ -900,19 +912,20 @@ class TestTraining:
 
     def test_pag_settings_and_lambda_per_epoch_come_from_one_place(self):
         """The source, k and lambda resolved with the rest (a folder's classes known once loaded); the weight on
-        the PAG term per epoch from one function, data.pag_weight."""
-        resolve = lambda argv, data, name="pag": T.resolve_settings(parser_pag().parse_args(argv), data, name)  # noqa: E731
+        the PAG term per epoch from one function, train_pag.pag_weight."""
+        resolve = lambda argv, data, name="pag": T.resolve_settings(parser_pag().parse_args(argv), data,  # noqa: E731
+                                                                    dataclasses.replace(train_pag.PAG, name=name))
         stl = resolve(["--dataset", "stl"], blank_images("stl10", 96), lambda s: f"pag_{s.source}")
         assert (stl.pag_chunk, stl.source, stl.pag_coeff, stl.pag_first_half_scale, stl.targets_per_image, stl.run_name) == \
             (4, "cm", 1.5, 1.0, 10, "pag_cm")
         vit = resolve(["--dataset", "cifar10", "--arch", "vit", "--sbg-file", "f.pt", "--epochs", "10"], blank_images("cifar10"))
         assert (vit.pag_chunk, vit.source, vit.pag_coeff, vit.pag_first_half_scale) == (None, "sbg", 3.0, 2 / 3)
         # lambda per epoch: lambda x C, times 2/3 in the first half for the vit (epochs 0-4 of 10)
-        assert [D.pag_weight(vit, 10, e) for e in (0, 4, 5, 9)] == pytest.approx([20.0, 20.0, 30.0, 30.0])
-        # CIFAR-100: lambda * C * mean over 10 targets = 1.5 * 10 * mean, the official code's weight (README "Choices")
+        assert [train_pag.pag_weight(vit, 10, e) for e in (0, 4, 5, 9)] == pytest.approx([20.0, 20.0, 30.0, 30.0])
+        # CIFAR-100: lambda * C * mean over 10 targets = 1.5 * 10 * mean, the official code's weight (docs/choices.md)
         c100 = resolve(["--dataset", "cifar100"], blank_images("cifar100", 32, 100))
-        assert c100.pag_coeff == pytest.approx(0.15) and D.pag_weight(c100, 100, 0) == pytest.approx(1.5 * 10)
-        assert D.pag_coeff_default("vit", 20) == pytest.approx(1.5) and D.pag_coeff_default("cnn", 10, "fashion-mnist") == 0.25
+        assert c100.pag_coeff == pytest.approx(0.15) and train_pag.pag_weight(c100, 100, 0) == pytest.approx(1.5 * 10)
+        assert train_pag.pag_coeff_default("vit", 20) == pytest.approx(1.5) and train_pag.pag_coeff_default("cnn", 10, "fashion-mnist") == 0.25
         # The cnn on natural images: 0.1 (at 0.25 it stays near chance on CIFAR-10 images), on any folder of them.
         assert [resolve(["--dataset", d, "--arch", "cnn"], blank_images(d)).pag_coeff for d in ("folder", "cifar10", "stl10")] \
             == [0.1, 0.1, 0.1] and resolve(["--dataset", "fashion-mnist"], blank_images("fashion-mnist", 28)).pag_coeff == 0.25
@@ -923,7 +936,7 @@ class TestTraining:
         toy_data_ = D.Data("toy", torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2), None, None, 2)
         toy = resolve(["--dataset", "toy", "--pag-coeff", "7"], toy_data_)
         assert (toy.arch, toy.source, toy.pag_coeff, toy.optimizer, toy.lr, toy.augment) == ("mlp", "nn", 7.0, "adam", 0.01, False)
-        assert set(D.ARCH_DEFAULTS) == set(ARCHS)  # every architecture has its row
+        assert set(train_pag.PAG_ARCH_DEFAULTS) == set(ARCHS)  # every architecture has its row
 
     def test_baseline_and_pag_cli_one_epoch_and_attack_reads_the_checkpoint(self, tmp_path):
         run("train_baseline.py", *TINY, "--epochs", "1", "--out-dir", tmp_path / "base")
@@ -958,7 +971,7 @@ class TestTraining:
         run(script, *args, "--out-dir", tmp_path / "cut", "--resume")
         full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
         cut = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
-        assert cut["format"] == T.CHECKPOINT_FORMAT == 4 and "generator" not in cut and "data_order_generator" in cut
+        assert cut["format"] == C.CHECKPOINT_FORMAT == 4 and "generator" not in cut and "data_order_generator" in cut
         for k, v in full["model"].items():
             assert torch.equal(v, cut["model"][k]), k
         lines = [[json.loads(s) for s in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "cut")]
@@ -990,7 +1003,8 @@ class TestTraining:
             base = T.make_classification_loss(args, data)
             return lambda model, train_model, batch: (sizes.append(len(batch.y)), base(model, train_model, batch))[1]
         p = T.add_common_args(cli.Parser())
-        T.train(p.parse_args([*TINY, "--train-samples", "90", "--epochs", "2", "--out-dir", str(tmp_path / "r")]), make_loss)
+        T.train(p.parse_args([*TINY, "--train-samples", "90", "--epochs", "2", "--out-dir", str(tmp_path / "r")]),
+                T.Method(make_loss=make_loss))
         assert sizes == [32, 32] * 2  # 90 = 2 x 32 + 26: the 26 never train
         assert_cli_error(T.main, [*TINY, "--train-samples", "20", "--out-dir", tmp_path / "s"], "20 training image", "--batch-size")
 
@@ -1017,12 +1031,12 @@ class TestTraining:
         parser = T.add_common_args(argparse.ArgumentParser())
         args = lambda *extra: parser.parse_args([str(a) for a in [*TINY, "--epochs", 2, "--out-dir", tmp_path / "nan", *extra]])  # noqa: E731
         with pytest.raises(UserError, match=r"epoch 2, batch 1: the CE loss is nan"):
-            T.train(args(), make_loss(bad_epoch=1))
+            T.train(args(), T.Method(make_loss=make_loss(bad_epoch=1)))
         kept = torch.load(tmp_path / "nan" / "model.pt", weights_only=True)
         assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
         lines = (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(s)["epoch"] for s in lines] == [1]
-        model, _ = T.train(args("--resume"), make_loss(bad_epoch=None))
+        model, _ = T.train(args("--resume"), T.Method(make_loss=make_loss(bad_epoch=None)))
         assert torch.load(tmp_path / "nan" / "model.pt", weights_only=True)["epoch"] == 2
         # attack.py refuses a checkpoint with non-finite weights.
         kept["model"][next(iter(kept["model"]))].fill_(float("nan"))
@@ -1085,8 +1099,8 @@ class TestTraining:
                          "--amp bf16", "V100", "7.0", "--amp fp32")
         assert not (tmp_path / "r").exists()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-        T.check_amp("bf16", torch.device("cuda"))  # an A100 passes
-        T.check_amp("bf16", torch.device("cpu"))  # the CPU emulates it (slowly), as tests do
+        ranks.check_amp("bf16", torch.device("cuda"))  # an A100 passes
+        ranks.check_amp("bf16", torch.device("cpu"))  # the CPU emulates it (slowly), as tests do
 
     def test_trades_with_beta_zero_is_clean_cross_entropy(self):
         torch.manual_seed(0)
@@ -1101,7 +1115,7 @@ class TestTraining:
     @pytest.mark.parametrize("mode,norm", [("pgd", "linf"), ("pgd", "l2"), ("trades", "linf")])
     def test_training_attack_stays_in_its_ball_and_leaves_the_model_in_train_mode(self, monkeypatch, mode, norm):
         seen = []
-        real_pgd = T.pgd
+        real_pgd = PGD.pgd
 
         def spy(model, x, y, eps, **kw):
             assert not model.training  # crafted in eval mode
@@ -1191,40 +1205,40 @@ class TestAttack:
     @pytest.mark.parametrize("norm", ["l2", "linf"])
     def test_pgd_stays_in_ball_and_box_and_eps_zero_is_clean(self, tiny_model, norm):
         model, x, y = tiny_model
-        clean = (T.predict(model, x) == y).float().mean().item()
+        clean = (PGD.predict(model, x) == y).float().mean().item()
         assert clean > 0.9
         for eps in (0.0, 0.3, 2.0):
-            adv = T.pgd(model, x, y, eps, norm, steps=5, generator=torch.Generator().manual_seed(0))
-            T.check_perturbation(adv, x, eps, norm, (0.0, 1.0), "test")
+            adv = PGD.pgd(model, x, y, eps, norm, steps=5, generator=torch.Generator().manual_seed(0))
+            PGD.check_perturbation(adv, x, eps, norm, (0.0, 1.0), "test")
             assert adv.min() >= 0 and adv.max() <= 1
-        assert T.robust_accuracy(model, x, y, 0.0, norm, (0.0, 1.0), steps=5) == clean
-        robust = T.robust_accuracy(model, x, y, 0.05, norm, (0.0, 1.0), steps=5)
+        assert PGD.robust_accuracy(model, x, y, 0.0, norm, (0.0, 1.0), steps=5) == clean
+        robust = PGD.robust_accuracy(model, x, y, 0.05, norm, (0.0, 1.0), steps=5)
         assert robust <= clean
 
     def test_pgd_breaks_a_vanilla_model_at_large_eps(self, tiny_model):
         model, x, y = tiny_model
-        assert T.robust_accuracy(model, x, y, 8.0, "l2", (0.0, 1.0), steps=20, loss="margin") == 0.0
-        assert T.robust_accuracy(model, x, y, 0.5, "linf", (0.0, 1.0), steps=20, loss="margin") == 0.0
+        assert PGD.robust_accuracy(model, x, y, 8.0, "l2", (0.0, 1.0), steps=20, loss="margin") == 0.0
+        assert PGD.robust_accuracy(model, x, y, 0.5, "linf", (0.0, 1.0), steps=20, loss="margin") == 0.0
         # This model is saturated (softmax == 1 in float32): CE's gradient is rounding noise and
         # CE-PGD under-reports, which is why attack.py evaluates with the margin loss by default.
-        assert T.robust_accuracy(model, x, y, 8.0, "l2", (0.0, 1.0), steps=20, loss="ce") > 0.1
+        assert PGD.robust_accuracy(model, x, y, 8.0, "l2", (0.0, 1.0), steps=20, loss="ce") > 0.1
         # Targeted toward a fixed class succeeds on most points.
-        adv = T.pgd(model, x, torch.full_like(y, 3), 8.0, "l2", steps=30, targeted=True)
-        assert (T.predict(model, adv) == 3).float().mean() > 0.9
+        adv = PGD.pgd(model, x, torch.full_like(y, 3), 8.0, "l2", steps=30, targeted=True)
+        assert (PGD.predict(model, adv) == 3).float().mean() > 0.9
 
     def test_check_perturbation_refuses_out_of_ball_and_out_of_box(self):
         x = torch.full((2, 1, 4, 4), 0.5)
         with pytest.raises(RuntimeError):
-            T.check_perturbation(x + 0.2, x, 0.1, "linf", (0, 1), "t")
+            PGD.check_perturbation(x + 0.2, x, 0.1, "linf", (0, 1), "t")
         with pytest.raises(RuntimeError):
-            T.check_perturbation(x + 0.2, x, 0.5, "l2", (0, 1), "t")  # L2 norm 0.8
+            PGD.check_perturbation(x + 0.2, x, 0.5, "l2", (0, 1), "t")  # L2 norm 0.8
         with pytest.raises(RuntimeError):
-            T.check_perturbation(x + 0.6, x, 1.0, "linf", (0, 1), "t")  # 1.1 > box
-        T.check_perturbation(x + 0.1, x, 0.1, "linf", (0, 1), "t")
+            PGD.check_perturbation(x + 0.6, x, 1.0, "linf", (0, 1), "t")  # 1.1 > box
+        PGD.check_perturbation(x + 0.1, x, 0.1, "linf", (0, 1), "t")
 
     def test_autoattack_runs_end_to_end_reduced(self, tiny_model):
         model, x, y = tiny_model
-        clean = (T.predict(model, x[:32]) == y[:32]).float().mean().item()
+        clean = (PGD.predict(model, x[:32]) == y[:32]).float().mean().item()
         acc = attack.autoattack_accuracy(model, x[:32], y[:32], 0.5, "l2", (0.0, 1.0), version="apgd", n_iter=5, batch_size=32)
         assert 0.0 <= acc <= clean
         acc0 = attack.autoattack_accuracy(model, x[:32], y[:32], 1e-6, "linf", (0.0, 1.0), version="apgd", n_iter=3)
@@ -1267,7 +1281,7 @@ class TestAttack:
         # An attack that produced non-finite points is never counted.
         x = torch.rand(4, 3, 8, 8)
         with pytest.raises(UserError, match="non-finite"):
-            T.check_perturbation(x + float("nan"), x, 1.0, "l2", (0.0, 1.0), "pgd-l2")
+            PGD.check_perturbation(x + float("nan"), x, 1.0, "l2", (0.0, 1.0), "pgd-l2")
         # Robust accuracy never rises with eps, for PGD and for AutoAttack (nested radii within a call).
         res = attack.main(["--checkpoint", str(ckpt), "--attacks", "clean", "pgd-l2", "aa-linf", "--eps-l2", "2", "0.1", "0.5",
                            "--eps-linf", "0.01", "0.2", "--aa-version", "apgd", "--steps", "3", "--eval-samples", "24",
@@ -1296,12 +1310,7 @@ class TestAttack:
     def test_a_checkpoint_refuses_a_folder_whose_files_or_labels_changed(self, tmp_path, capsys):
         """A copy of the folder with two classes swapped has the same class names and shapes: only the content tells.
         --resume and attack.py refuse it; the same content at another path is the same data."""
-        root = tmp_path / "f"
-        for split in ("train", "test"):
-            for k, c in enumerate(("cat", "dog", "owl")):
-                os.makedirs(root / split / c)
-                for i in range(4):
-                    Image.new("RGB", (8, 8), (60 * k, 20 * i, 0)).save(root / split / c / f"{i}.png")
+        root = class_coloured_folder(tmp_path / "f", ("cat", "dog", "owl"), 4, step=60)
         flags = ["--dataset", "folder", "--data-dir", root, "--batch-size", "2", "--eval-steps", "1", "--epochs", "2",
                  "--arch", "cnn", "--train-samples", "8", "--eval-samples", "6"]
         T.main(list(map(str, [*flags, "--stop-after-epoch", "1", "--out-dir", tmp_path / "r"])))
@@ -1428,11 +1437,11 @@ class TestAttack:
         entry = json.loads((a / "attack.json").read_text())["visualize"]
         assert entry["compared_with"] == str(b) and os.path.getsize(a / "targeted_attacks.png") > 5000
         # The marks: a targeted attack counts as reached when the model then predicts the target class.
-        model, _ = T.load_checkpoint(str(a))
+        model, _ = C.load_checkpoint(str(a))
         x = D.to_float(D.get_data("synthetic", image_size=16, test_samples=2).test_x)
         adv, hit = attack.targeted_grid(model, x, 10, 5.0, 3, (0.0, 1.0))
         assert adv.shape == (2, 10, 3, 16, 16)
-        assert torch.equal(hit, T.predict(model, adv.flatten(0, 1)).view(2, 10) == torch.arange(10))
+        assert torch.equal(hit, PGD.predict(model, adv.flatten(0, 1)).view(2, 10) == torch.arange(10))
         assert_cli_error(attack.main, ["--checkpoint", a, "--attacks", "clean", "--vis-compare", b], "--vis-compare")
         # A second model that cannot be drawn is refused before any attack runs: nothing is written.
         (a / "attack.json").unlink()
@@ -1456,7 +1465,7 @@ class TestAttack:
         assert res["checkpoint_sha256"] == files.file_sha256(tmp_path / "a.pt") != files.file_sha256(a / "model.pt")
         model = real(str(tmp_path / "a.pt"))[0]
         x = D.get_data("synthetic", image_size=16, test_samples=48)
-        assert res["clean"]["acc"] == (T.predict(model, D.to_float(x.test_x)) == x.test_y).float().mean().item()
+        assert res["clean"]["acc"] == (PGD.predict(model, D.to_float(x.test_x)) == x.test_y).float().mean().item()
 
     def test_visualize_tells_two_models_in_folders_of_one_name_apart(self, tmp_path, tiny_run, monkeypatch):
         """a/run beside b/run: each row is labelled and says what its own model predicts (models were once keyed
@@ -1478,7 +1487,7 @@ class TestAttack:
             label, title = ax.get_ylabel(), ax.get_title()
             said.setdefault(label, []).append(title.split(" says ")[1])
         for label, folder in (("a/run", a), ("b/run", b)):
-            preds = T.predict(T.load_checkpoint(str(folder))[0], x)
+            preds = PGD.predict(C.load_checkpoint(str(folder))[0], x)
             assert said[label] == [names[int(p)] for p in preds], label
         assert said["a/run"] != said["b/run"]
 
@@ -1572,7 +1581,7 @@ class TestSBG:
         assert torch.equal(test_fields["labels"], test_y)
         proc = run("attack.py", "--checkpoint", tmp_path / "p" / "model.pt", "--attacks", "align", "--align-source", "sbg",
                    "--sbg-file", tmp_path / "ft.pt", "--n-samples", "8", "--out", tmp_path / "t.json")
-        model = T.load_checkpoint(str(tmp_path / "p" / "model.pt"))[0]
+        model = C.load_checkpoint(str(tmp_path / "p" / "model.pt"))[0]
         x8 = D.to_float(D.get_data("synthetic", test_samples=8, image_size=16).test_x)
         fields8 = test_fields["fields"][:8].float()
         expected = attack.alignment(model, x8, lambda xb, t, idx: fields8[idx[:, None], t], 10, indices=torch.arange(8))
@@ -1603,16 +1612,16 @@ class TestSBG:
         fields = torch.randn(12, 10, 3, 8, 8)
         official = torch.cat([(D.to_float(d.train_x) * 2 - 1)[:, None], fields], dim=1)  # (N, 1+C, 3, H, W)
         torch.save((official, d.train_y), tmp_path / "official.pt")
-        gt = D.make_source("sbg", d, sbg_file=str(tmp_path / "official.pt"))
+        gt = S.make_source("sbg", d, sbg_file=str(tmp_path / "official.pt"))
         idx, t = torch.tensor([3, 7]), torch.tensor([[1, 4], [9, 0]])
         assert torch.equal(gt(None, t, idx), fields[idx[:, None], t])
         torch.save(official, tmp_path / "bare.pt")  # a bare tensor works too
-        assert torch.equal(D.make_source("sbg", d, sbg_file=str(tmp_path / "bare.pt"))(None, t, idx), fields[idx[:, None], t])
+        assert torch.equal(S.make_source("sbg", d, sbg_file=str(tmp_path / "bare.pt"))(None, t, idx), fields[idx[:, None], t])
         torch.save((official[torch.randperm(12)], d.train_y), tmp_path / "shuffled.pt")
         with pytest.raises(UserError, match="not this run's"):
-            D.make_source("sbg", d, sbg_file=str(tmp_path / "shuffled.pt"))
+            S.make_source("sbg", d, sbg_file=str(tmp_path / "shuffled.pt"))
         with pytest.raises(UserError, match="shape"):
-            D.make_source("sbg", D.get_data("synthetic", train_samples=10, image_size=8), sbg_file=str(tmp_path / "official.pt"))
+            S.make_source("sbg", D.get_data("synthetic", train_samples=10, image_size=8), sbg_file=str(tmp_path / "official.pt"))
 
     def test_sbg_export_replaces_only_an_earlier_export(self, tmp_path, tiny_run):
         data = ["--dataset", "synthetic", "--image-size", "16", "--train-samples", "16"]
@@ -1646,18 +1655,18 @@ class TestSBG:
     def test_sbg_fields_that_are_zero_or_in_another_class_order_are_refused(self, tmp_path, change, fragment):
         data = D.get_data("synthetic", train_samples=200, image_size=8)
         fields = class_mean_fields(data)
-        assert D.load_sbg_file(save_sbg_fields(tmp_path / "f.pt", fields, data), data).shape == fields.shape  # accepted
+        assert S.load_sbg_file(save_sbg_fields(tmp_path / "f.pt", fields, data), data).shape == fields.shape  # accepted
         changed = change(fields)
         extra = changed if isinstance(changed, dict) else {"fields": changed.half()}
         with pytest.raises(UserError, match=fragment):
-            D.load_sbg_file(save_sbg_fields(tmp_path / "f.pt", fields, data, **extra), data)
+            S.load_sbg_file(save_sbg_fields(tmp_path / "f.pt", fields, data, **extra), data)
 
     def test_sbg_fields_without_class_structure_pass_and_scripts_refuse_another_order(self, tmp_path):
         data = D.get_data("synthetic", train_samples=200, image_size=8)
         fields = class_mean_fields(data)
         # Noise (no class structure) cannot be checked for its order: accepted, as weak real fields are.
         noise = torch.randn(fields.shape, generator=torch.Generator().manual_seed(1))
-        assert D.load_sbg_file(save_sbg_fields(tmp_path / "f.pt", noise, data), data) is not None
+        assert S.load_sbg_file(save_sbg_fields(tmp_path / "f.pt", noise, data), data) is not None
         # Through the scripts: train_pag.py and attack.py's align say it in one line.
         save_sbg_fields(tmp_path / "f.pt", fields[:, [1, 0, *range(2, 10)]], data)
         assert_cli_error(train_pag.main, ["--dataset", "synthetic", "--image-size", "8", "--train-samples", "200", "--source",
@@ -1668,7 +1677,7 @@ class TestSBG:
                     "labels": data.train_y, "classes": list(reversed(D.CLASS_NAMES["fashion-mnist"])), "train_samples": 200,
                     "val_samples": None}, tmp_path / "g.pt")
         with pytest.raises(UserError, match="in this order"):
-            D.load_sbg_file(str(tmp_path / "g.pt"), fm)
+            S.load_sbg_file(str(tmp_path / "g.pt"), fm)
 
 
 # ============================================================================= TestToy
@@ -1758,7 +1767,7 @@ class TestToy:
 
     def test_standardized_toy_keeps_raw_radii(self, tmp_path):
         T.main(["--dataset", "toy", "--epochs", "1", "--standardize", "--out-dir", str(tmp_path / "s")])
-        model, ckpt = T.load_checkpoint(str(tmp_path / "s"))
+        model, ckpt = C.load_checkpoint(str(tmp_path / "s"))
         data = D.get_data("toy")
         assert torch.allclose(model[0].mean, data.train_x.mean(0)) and torch.allclose(model[0].std, data.train_x.std(0))
         z = (data.test_x - data.train_x.mean(0)) / data.train_x.std(0)
@@ -1847,7 +1856,7 @@ class TestFiles:
 
     def test_no_file_the_project_reads_runs_code(self, tmp_path):
         marker = tmp_path / "code-ran"
-        evil = {"model": CodeInPickle(marker), "kind": "classifier", "format": T.CHECKPOINT_FORMAT, "args": {}}
+        evil = {"model": CodeInPickle(marker), "kind": "classifier", "format": C.CHECKPOINT_FORMAT, "args": {}}
         torch.save(evil, tmp_path / "evil.pt")
         # the checkpoint attack.py reads, model.pt under --resume, a denoiser (export and train --resume), fields
         (tmp_path / "run").mkdir()
@@ -1941,13 +1950,13 @@ class TestFiles:
                               ((torch.zeros(12, 11, 3, 8, 8, dtype=torch.complex64), data.train_y), "official tensor")]:
             torch.save(obj, tmp_path / "f.pt")
             with pytest.raises(UserError, match=fragment):
-                D.load_sbg_file(str(tmp_path / "f.pt"), data)
+                S.load_sbg_file(str(tmp_path / "f.pt"), data)
 
     def test_a_nearest_neighbour_cache_is_checked_before_use(self, tmp_path):
         """Sparse, or every image its own neighbour, or not the nearest ones: refused, naming the file."""
         d = D.get_data("synthetic", train_samples=40, image_size=8)
-        table = D.nearest_of_class(d.train_x, d.train_x, d.train_y, 10, query_idx=torch.arange(40))
-        D.cached_nearest(d, str(tmp_path / "c"))
+        table = S.nearest_of_class(d.train_x, d.train_x, d.train_y, 10, query_idx=torch.arange(40))
+        S.cached_nearest(d, str(tmp_path / "c"))
         (path,) = (tmp_path / "c").iterdir()
         self_table = table.clone()
         self_table[torch.arange(40), d.train_y] = torch.arange(40)
@@ -1958,7 +1967,7 @@ class TestFiles:
         for bad in (table.to_sparse(), self_table, shuffled):
             torch.save(bad, path)
             with pytest.raises(UserError, match="not a valid nearest-neighbour table"):
-                D.cached_nearest(d, str(tmp_path / "c"))
+                S.cached_nearest(d, str(tmp_path / "c"))
 
     def test_idx_files_are_checked(self, tmp_path):
         """Truncated, a label file shorter than the images, a label out of range: one line each."""
@@ -2184,7 +2193,8 @@ class TestCommandLines:
         for bad in ("1/0,0.5", "1/2/3", "2/2"):
             with pytest.raises(argparse.ArgumentTypeError):
                 cli.fractions(bad)
-        s = T.resolve_settings(add_common_args(cli.Parser()).parse_args(["--lr-drops", "1/2,3/4"]), blank_images("cifar10"), "x")
+        s = T.resolve_settings(add_common_args(cli.Parser()).parse_args(["--lr-drops", "1/2,3/4"]), blank_images("cifar10"),
+                               T.BASELINE)
         assert s.lr_drops == [0.5, 0.75]
         new = tmp_path / "new" / "deeper"
         assert_cli_error(attack.main, ["--checkpoint", tiny_run, "--attacks", "exact-l2", "--out", new / "a.json"], "2-D inputs")
@@ -2342,8 +2352,9 @@ class TestHouse:
                     found.add(node.module.split(".")[0])
             graph[name] = found & ours
         assert graph["models"] == set() and graph["files"] == {"models"} and graph["cli"] == {"files"}
-        assert graph["data"] == {"files"} and graph["toy_data"] == {"data", "files"}  # the toy's draw is data's; its picture imports it
-        layers = ["models", "files", "cli", "data", "toy_data", "train_baseline", "train_pag", "sbg", "attack"]
+        assert graph["data"] == {"files"} and graph["toy_data"] == {"data", "files", "sources"}  # the draw is data's, the field nn's
+        layers = ["models", "files", "cli", "ranks", "data", "sources", "toy_data", "pgd", "checkpoint", "train_baseline",
+                  "train_pag", "sbg", "attack"]
         assert set(layers) == ours  # none upward: each module imports only those before it
         assert all(layers.index(m) < layers.index(n) for n in layers for m in graph[n]), graph
         done, visiting = set(), []
@@ -2391,14 +2402,14 @@ class TestHouse:
         small = build_model("cnn", 10, 3, 8).eval()
         xs, ys = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
         for norm in ("l2", "linf"):
-            assert torch.equal(pasted["train_baseline.pgd"]["pgd"](small, xs, ys, 0.5, norm, steps=3, generator=gen()),
-                               T.pgd(small, xs, ys, 0.5, norm, steps=3, generator=gen()))
+            assert torch.equal(pasted["pgd.pgd"]["pgd"](small, xs, ys, 0.5, norm, steps=3, generator=gen()),
+                               PGD.pgd(small, xs, ys, 0.5, norm, steps=3, generator=gen()))
         d = tiny_data()
-        s = pasted["data sources"]
-        assert torch.equal(s["class_means"](d.train_x, d.train_y, 3), D.class_means(d.train_x, d.train_y, 3))
-        assert torch.equal(s["one_image_per_class"](d.train_y, 3, gen()), D.one_image_per_class(d.train_y, 3, gen()))
+        s = pasted["sources"]
+        assert torch.equal(s["class_means"](d.train_x, d.train_y, 3), S.class_means(d.train_x, d.train_y, 3))
+        assert torch.equal(s["one_image_per_class"](d.train_y, 3, gen()), S.one_image_per_class(d.train_y, 3, gen()))
         assert torch.equal(s["nearest_of_class"](d.test_x, d.train_x, d.train_y, 3),
-                           D.nearest_of_class(d.test_x, d.train_x, d.train_y, 3))
+                           S.nearest_of_class(d.test_x, d.train_x, d.train_y, 3))
         with pytest.raises(ValueError, match="class 3"):  # a built-in exception when pasted
             s["nearest_of_class"](d.test_x, d.train_x, d.train_y, 4)
         cf = pasted["data.crop_flip"]
@@ -2733,6 +2744,77 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
             val, lam = bench.choose_lambda(src)  # the bench's own reading of the committed files and its rule
             assert table[src] == [round(100 * statistics.fmean(val[x]), 1) for x in cfg["lambdas"]] + [lam], src
 
+    def test_cifar10_bench_assembles_its_files_with_the_papers_numbers_and_collects_without_training(self, tmp_path, capsys):
+        """bench/cifar10.py on hand-made result files: the claims bench's tables and claims with the paper's CIFAR-10
+        numbers beside the rows (a reference, not a pass mark), the SBG sweep and the standard AutoAttack check under
+        them; --collect trains nothing and names a missing file; the data folder is not a setting (its content is);
+        result files made on other data are refused; the budget curve reads the main bench's own budget."""
+        c10 = load_bench("cifar10")
+        cfg = json.loads(json.dumps({**c10.CONFIG, **c10.QUICK}))
+        res, out = tmp_path / "res", tmp_path / "out"
+        bench = c10.NaturalImagesBench(cfg, str(out), str(res), 1, None, name="cifar10_quick")
+        data = {"train": "a" * 64, "test": "b" * 64}
+        extra = dict(align_nn=0.2, align_sbg=0.1, val_pgd_l2_acc=0.1, train_seconds=1.0, seconds=2.0, data_sha256=data)
+
+        def put(model, seed, lam, clean, l2, linf, val=0.8):
+            key = bench.key(model, seed, lam)
+            files.write_json({**bench_result(model, clean, l2, linf, n=32, val_acc=val, **extra), "key": key, "seed": seed,
+                              "lambda": lam}, bench.result_path(key))
+        for seed in (0, 1):
+            put("vanilla", seed, None, 0.9, 0.1 + 0.01 * seed, 0.0)
+            put("pgd-at", seed, None, 0.8, 0.5, 0.3)
+            put("pag-cm", seed, 0.05, 0.85, 0.3 + 0.01 * seed, 0.1, val=0.78)  # within 10 points of vanilla's 0.8: chosen
+            put("pag-cm", seed, 0.1, 0.6, 0.3, 0.1, val=0.6)
+        for model in ("pag-oi", "pag-nn", "pag-sbg"):
+            put(model, 0, 0.05, 0.85, 0.35, 0.12)
+        argv = ["--quick", "--collect", "--out-dir", str(out), "--results-dir", str(res)]
+        assert_cli_error(c10.main, argv, "--collect", "pag-nn_lambda0.05_seed1")  # one missing: named, nothing trained
+        assert not out.exists()
+        for model in ("pag-oi", "pag-nn", "pag-sbg"):
+            put(model, 1, 0.05, 0.84, 0.36, 0.13)
+        files.write_json({"rows": [{"timestep": 100, "alpha_bar": 0.9, "consistency": 0.7, "cross_image": 0.3,
+                                    "cross_class": 0.4, "gap": 0.3}], "best_timestep": 100, "images": 16},
+                         res / "cifar10_quick_sbg" / "sweep.json")
+        got = c10.main(argv)
+        assert not out.exists() and got["config"]["selected_lambda"] == 0.05 and got["config"]["data_sha256"] == data
+        assert got["claims"]["1"]["verdict"] == "holds" and got["claims"]["4"]["verdict"] == "not run"
+        md = (res / "cifar10_quick_seeds.md").read_text()
+        assert "| pag-oi | " in md and "| 46.63 / 13.50 |" in md and "| pgd-at |" in md and "*paper*:" in md
+        assert "| 100 **(chosen)** | 0.900 | 0.700 | 0.300 | 0.400 | 0.300 |" in md and "(not run yet)" in md
+        # The data folder's path is not a setting; the training command names it DATA_DIR.
+        jpeg = c10.NaturalImagesBench(json.loads(json.dumps(c10.CONFIG)), str(out), str(res), 1, None, name="cifar10_jpeg")
+        assert "--data-dir DATA_DIR " in jpeg.settings("pag-cm", 0, 0.1)["train"] and "shared" not in jpeg.settings("vanilla", 0, None)["train"]
+        # Result files of other data (another content) are never tabled together.
+        put("pgd-at", 1, None, 0.8, 0.5, 0.3)
+        key = bench.key("pgd-at", 1)
+        files.write_json({**json.loads(open(bench.result_path(key)).read()), "data_sha256": {"train": "c" * 64, "test": "b" * 64}},
+                         bench.result_path(key))
+        assert_cli_error(c10.main, argv, "different data")
+        # The budget curve: the main bench's budget read from its files, the others' from theirs.
+        put("pgd-at", 1, None, 0.8, 0.5, 0.3)
+        budget = c10.BudgetBench(cfg, str(out), str(res), 1, "cifar10_quick", [256, 1], 0.05)
+        for model, lam in (("vanilla", None), ("pag-cm", 0.05)):
+            key = budget.key(model, 0, lam)
+            files.write_json({**bench_result(model, 0.7, 0.2, 0.05, n=32, val_acc=0.7, **{k: v for k, v in extra.items()
+                                                                                          if k != "align_sbg"}),
+                              "key": key, "seed": 0, "lambda": lam, "settings": budget.settings(model, 0, lam)},
+                             budget.result_path(key))
+        curve = c10.budget_curve({**cfg, "budgets": [[256, 1], [384, 1]]}, str(out), str(res), 1, bench)
+        assert [(p["train_samples"], p["model"], p["clean"]) for p in curve["points"]] == \
+            [(256, "vanilla", 0.7), (256, "pag-cm", 0.7), (384, "vanilla", 0.9), (384, "pag-cm", 0.85)]
+        assert (res / "cifar10_quick_budget.png").stat().st_size > 1000 and "| 384 | 1 | pag-cm | 85.0 |" in \
+            (res / "cifar10_quick_budget.md").read_text()
+
+    def test_quickstart_bench_runs_the_readmes_quick_start(self):
+        """bench/quickstart.py's commands are the README's Quick start (after the install and the tests), so its record
+        says what the README's commands take."""
+        qs = load_bench("quickstart")
+        readme = open(os.path.join(ROOT, "README.md")).read()
+        block = readme[readme.index("## Quick start"):].split("\n## ")[0]
+        lines = [" ".join(line.split("#")[0].split()) for line in block.splitlines() if line.startswith("    python ")]
+        assert lines[0] == "python -m pytest -q test_all.py"
+        assert lines[1:] == [" ".join(c.split()) for c in qs.COMMANDS]
+
     def test_results_page_quotes_the_committed_files(self):
         """docs/results.md: each verdict is the one the committed files hold, and every interval in its tables is one
         they hold (a comparison, a paired clean difference, a correlation, the toy's spread): a number typed by hand,
@@ -2798,27 +2880,49 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
             expected[f"PAG-SBG - {other.upper()}, {name[metric]}"] = [f"{interval(c)} {c['verdict']}" for c in (own, common)]
         assert quoted == expected and len(expected) == 6
         verdicts = {how: committed["claim_2"][how]["verdict"] for how in ("own", "common")}
-        assert f"claim 2 at the sources' own λs: **{verdicts['own']}**" in bench_readme
-        # Every interval the prose around it quotes is one the files hold: a comparison (any claim, any lambda,
-        # clean included) or a row. (A number typed by hand, or left behind by a rerun, fails here.)
-        claims2 = [*committed["claim_2"].values(), *committed["claim_2_at_each_sweep_lambda"]["by_lambda"].values()]
-        comps = [c for cl in claims2 for c in cl["comparisons"] + cl["clean"]]
-        signed = {interval(c) for c in comps}
-        unsigned = {s.replace("+", "") for s in signed} | {
-            f"{100 * r[m]['mean']:.1f} [{100 * r[m]['ci95'][0]:.1f}, {100 * r[m]['ci95'][1]:.1f}]"
-            for rows in committed["rows"].values() for r in rows.values() for m in ("clean", "aa_l2", "aa_linf")}
-        readme = open(os.path.join(ROOT, "README.md")).read()
-        section = bench_readme[bench_readme.index("Each source at its own λ (`lambda_per_source.py`"):
-                               bench_readme.index("### Results (8 seeds")]
-        row = next(line for line in bench_readme.splitlines() if line.startswith("| 2. SBG is the most robust source"))
-        summary = next(line for line in readme.splitlines() if line.startswith("| SBG the most robust source?"))
-        question = readme[readme.index("- The claims bench (Fashion-MNIST"):readme.index("Claim 3's SBG correlation")]
-        found = []
-        for text in (section, row, summary, question):
-            text = text.replace("−", "-").replace("\n", " ")
-            found += [(m, m in signed) for m in re.findall(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", text)]
-            found += [(m, m in unsigned) for m in re.findall(r"(?<![-+\d.])\d+\.\d \[\d+\.\d, \d+\.\d\]", text)]
-        assert len(found) >= 40 and [m for m, ok in found if not ok] == []
+        assert f"claim 2 at the sources' own λs: **{verdicts['own']}**, and at the common λ: **{verdicts['common']}**" \
+            in bench_readme
+
+    def test_bench_readme_tables_are_the_committed_files(self):
+        """bench/README.md's tables (the claims bench's rows, its λ sweep and claims, the toy's ten draws, the SBG sweep)
+        quote the committed files: each cell recomputed here from them. Its sentences are free to change."""
+        res = os.path.join(ROOT, "bench", "results")
+        page = open(os.path.join(ROOT, "bench", "README.md")).read().replace("−", "-")
+        table = {}
+        for line in page.splitlines():
+            if line.startswith("| ") and not line.startswith("|---"):
+                cells = [c.strip().replace("*", "") for c in line.strip().strip("|").split("|")]
+                table.setdefault(cells[0], []).append(cells[1:])
+        ci = lambda st: f"{100 * st['mean']:.1f} [{100 * st['ci95'][0]:.1f}, {100 * st['ci95'][1]:.1f}]"  # noqa: E731
+        seeds = json.load(open(os.path.join(res, "fashion_mnist_seeds.json")))
+        for model, r in seeds["rows"].items():
+            assert table[model][0] == [ci(r["clean"]), ci(r["aa_l2"]), ci(r["aa_linf"]), f"{r['align_nn']['mean']:.3f}",
+                                       f"{r['align_sbg']['mean']:.3f}"], model
+        sweep = json.load(open(os.path.join(res, "fashion_mnist_lambda.json")))
+        for lam, r in sweep["rows"].items():
+            label = f"{lam} (selected)" if float(lam) == seeds["config"]["selected_lambda"] else lam
+            assert table[label][0] == [ci(r["val_acc"]), ci(r["clean"]), ci(r["aa_l2"]), ci(r["aa_linf"]),
+                                       f"{r['align_sbg']['mean']:.3f}"], lam
+        pts = lambda c: f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"  # noqa: E731
+        for k, start in (("1", "1. Every"), ("2", "2. SBG"), ("3", "3. Better"), ("4", "4. PAG +")):
+            (verdict, weakest), = [r for label, rows in table.items() if label.startswith(start) for r in rows]
+            c = seeds["claims"][k]
+            assert verdict.startswith(c["verdict"]), k
+            quoted = re.findall(r"[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]", weakest)
+            held = {pts(x) for x in c["comparisons"]} if k != "3" else \
+                {f"{x['difference']:+.2f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}]" for x in c["comparisons"]}
+            assert quoted and set(quoted) <= held, (k, quoted)
+        toy = json.load(open(os.path.join(res, "toy_seeds", "seeds.json")))
+        pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+        for eps in ("clean", "2", "5", "10", "15", "20", "30"):
+            cells = table[eps][0]
+            for cell, model in zip(cells, ("vanilla", "pag")):
+                st = toy[model]["clean_acc"] if eps == "clean" else toy[model]["exact_robust_acc"][eps]
+                assert cell == f"{pct(st['median'])}% [{pct(st['min'])}, {pct(st['max'])}]", (eps, model, cell)
+        sbg_sweep = json.load(open(os.path.join(res, "sbg_sweep.json")))
+        for r in sbg_sweep["rows"]:
+            assert table[str(r["timestep"])][-1] == [f"{r[k]:.3f}" for k in ("alpha_bar", "consistency", "cross_image",
+                                                                             "cross_class", "gap")], r["timestep"]
 
     def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(self, tmp_path):
         fm = load_bench("fashion_mnist")
@@ -3041,6 +3145,7 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         assert {k: v for k, v in after.items() if k != "pag-sbg_seed3407.json"} == \
             {k: v for k, v in made.items() if k != "pag-sbg_seed3407.json"} and again["rows"].keys() == out["rows"].keys()
         assert_cli_error(pt.main, ["--rows", "pag-sbg", "--out-dir", tmp_path / "x"], "--sbg-file")
+        assert_cli_error(pt.main, ["--quick", "--dataset", "cifar100", "--out-dir", tmp_path / "x"], "--quick runs on synthetic")
         # --collect assembles what is there and never trains: a row whose result is gone stays missing.
         (runs / "vanilla_seed3407.json").unlink()
         ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "paper_table_synthetic").rglob("model.pt")}
@@ -3081,7 +3186,7 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         assert (row["arch"], row["formulation"]) == ("vit", "replicated") and 0 < row["pag_peak_gib"] < 1
         # The GPU's STL row is `train_pag.py --dataset stl` as its defaults resolve.
         stl = T.resolve_settings(train_pag.add_pag_args(T.add_common_args(cli.Parser())).parse_args(["--dataset", "stl"]),
-                                 blank_images("stl10", 96), "x")
+                                 blank_images("stl10", 96), train_pag.PAG)
         stl_rows = [s for s in bench.GPU_SETTINGS if s[1] == 96]
         assert {s[4] for s in stl_rows} == {"fp32", "bf16"}
         for arch, size, batch, k, amp, chunk in stl_rows:

@@ -14,11 +14,12 @@ import os
 import torch
 
 import files
-from data import TOY_SLOPE, make_toy, nearest_of_class
+from data import TOY_SLOPE, make_toy
+from sources import nearest_of_class
 
 def toy_gt_grad(points, target_classes, train_x, train_y, exclude_self=False):
     """g(x, t) = nearest training point of class t - x, for t in target_classes [N, k] -> [N, k, 2], by the
-    nn source's own search (data.nearest_of_class). exclude_self: True when `points` is `train_x` itself, or
+    nn source's own search (sources.nearest_of_class). exclude_self: True when `points` is `train_x` itself, or
     the points' indices in train_x; then a point is never its own neighbour."""
     own = torch.arange(len(points)) if exclude_self is True else exclude_self if exclude_self is not False else None
     nn_idx = nearest_of_class(points, train_x, train_y, int(train_y.max()) + 1, query_idx=own)

@@ -26,7 +26,6 @@ bench continues from them. At the end: <name>_seeds.json (+ .md), <name>_lambda.
 <name>_alignment.png, <name>_standard_aa.json; with --budget: <name>_budget.json (+ .md, .png).
 """
 import json
-import math
 import os
 import sys
 
@@ -36,7 +35,7 @@ import cli  # noqa: E402 - the project's parser
 import files  # noqa: E402 - the one atomic writer
 import fashion_mnist as fm  # noqa: E402 - the claims bench: its protocol, rule and tables
 from reports import budget_figure, budget_markdown, natural_images_notes  # noqa: E402
-from runner import Bench, git_commit, run_jobs, sh  # noqa: E402
+from runner import Bench, add_bench_flags, git_commit, run_jobs, sh  # noqa: E402
 
 RESULTS = os.path.join(BENCH, "results")
 JPEG_COPY = os.path.join("..", "shared", "cifar10-jpeg")  # relative to the project root, where jobs run
@@ -246,12 +245,7 @@ def main(argv=None):
     p.add_argument("--budget", action="store_true", help="the budget curve (after the main bench: it needs its lambda)")
     p.add_argument("--collect", action="store_true", help="only assemble the committed result files: never trains, "
                                                           "refuses when one is missing")
-    p.add_argument("--rows", nargs="+", choices=list(MODELS), default=list(MODELS),
-                   help="models to run (PAG rows bring vanilla and the lambda sweep: the selection needs them)")
-    p.add_argument("--jobs", type=cli.positive_int, default=2, help="processes at a time, one thread each")
-    p.add_argument("--out-dir", help="checkpoints, logs and fields (default: runs/<name>_bench[_quick])")
-    p.add_argument("--results-dir", help="result files, tables and figures (default: bench/results; with --quick: "
-                                         "the --out-dir)")
+    add_bench_flags(p, MODELS, "runs/<name>_bench")
     args = p.parse_args(argv)
     cfg = json.loads(json.dumps({**CONFIG, **(QUICK if args.quick else {})}))
     if args.quick and args.dataset != "folder":

@@ -44,7 +44,7 @@ sys.path[:0] = [BENCH, os.path.dirname(BENCH)]  # the bench's pieces, and the pr
 import cli  # noqa: E402 - the project's parser
 import files  # noqa: E402 - the one atomic writer
 from reports import claims_figures, claims_markdown  # noqa: E402
-from runner import RESULT_FIELDS, RESULT_OPTIONAL, Bench, run_jobs  # noqa: E402
+from runner import RESULT_FIELDS, RESULT_OPTIONAL, Bench, add_bench_flags, run_jobs  # noqa: E402
 from stats import combine, correlation_over_seeds, mean_interval, paired, verdict  # noqa: E402
 RESULTS = os.path.join(BENCH, "results")
 
@@ -293,13 +293,7 @@ def parse(argv, description, rows=True):
     p.add_argument("--val-samples", type=cli.positive_int, help=f"default: {CONFIG['val_samples']}")
     p.add_argument("--eval-samples", "--n-samples", dest="test_samples", type=cli.positive_int,
                    help=f"test images of the final evaluation (default: {CONFIG['test_samples']})")
-    if rows:
-        p.add_argument("--rows", nargs="+", choices=list(MODELS), default=list(MODELS),
-                       help="models to run (PAG rows bring vanilla and the lambda sweep: the selection needs them)")
-    p.add_argument("--jobs", type=cli.positive_int, default=2, help="processes at a time, one thread each")
-    p.add_argument("--out-dir", help="checkpoints and logs (default: runs/fashion_mnist_bench[_quick])")
-    p.add_argument("--results-dir", help="result files, tables and figures (default: bench/results; with --quick: "
-                                         "the --out-dir)")
+    add_bench_flags(p, MODELS if rows else None, "runs/fashion_mnist_bench[_quick]")
     args = p.parse_args(argv)
     cfg = json.loads(json.dumps({**CONFIG, **(QUICK if args.quick else {})}))
     for k in ("seeds", "sweep_seeds", "lambdas", "epochs", "train_samples", "val_samples", "test_samples"):

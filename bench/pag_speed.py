@@ -24,6 +24,7 @@ at each paper setting on the CPU and records only its peak memory: a GPU-free ch
 card" (the official-style STL step would need about 35 GiB of RAM, so only our step is measured).
 """
 import ctypes
+import dataclasses
 import os
 import platform
 import statistics
@@ -38,14 +39,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 import data as D  # noqa: E402
 import files  # noqa: E402
+import ranks  # noqa: E402
 import train_baseline as T  # noqa: E402
 import train_pag as P  # noqa: E402
 from models import build_model  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # (arch, image size, batch, k, amp, targets per pass): the paper's settings, and STL as
-# `train_pag.py --dataset stl` runs it (4 targets per pass: data.DATASETS).
-STL_CHUNK = D.DATASETS["stl10"]["pag_chunk"]
+# `train_pag.py --dataset stl` runs it (4 targets per pass: train_pag.PAG_DATASET_DEFAULTS).
+STL_CHUNK = P.PAG_DATASET_DEFAULTS["stl10"]["pag_chunk"]
 GPU_SETTINGS = [("resnet18", 32, 64, 10, "fp32", None), ("resnet18", 32, 64, 10, "bf16", None),
                 ("vit", 32, 64, 10, "fp32", None), ("vit", 32, 64, 10, "bf16", None),
                 ("resnet18", 96, 32, 10, "fp32", STL_CHUNK), ("resnet18", 96, 32, 10, "bf16", STL_CHUNK),
@@ -112,7 +114,7 @@ def cpu_peak_gib(step):
 
 
 def precision(device, ours):
-    """Our fp32 (TF32 matmuls and convolutions on a GPU, as train_baseline.setup_distributed sets)
+    """Our fp32 (TF32 matmuls and convolutions on a GPU, as ranks.setup_distributed sets)
     or PyTorch's defaults (the official code's: TF32 for convolutions only)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = ours
@@ -129,7 +131,7 @@ def make_steps(setting, device, cache_dir, formulation="auto"):
     raw = P.add_pag_args(T.add_common_args(cli.Parser())).parse_args(list(map(str, argv)))
     data = D.get_data(raw.dataset, train_samples=None if arch == "mlp" else max(256, batch_size),  # toy: sorted by class
                       image_size=raw.image_size).to(device)
-    args = T.resolve_settings(raw, data, "bench")
+    args = T.resolve_settings(raw, data, dataclasses.replace(P.PAG, name="bench"))
     torch.manual_seed(0)
     model = build_model(arch, data.num_classes, data.input_shape[0], data.input_shape[-1]).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -179,7 +181,7 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", help="settings whose arch is one of these")
     p.add_argument("--out", help="default: bench/results/speed_gpu.json (cuda), memory_cpu.json (--memory) or speed.json")
     args = p.parse_args(argv)
-    device = T.pick_device(args.device)
+    device = ranks.pick_device(args.device)
     gpu = device.type == "cuda"
     if args.memory and gpu:
         raise files.UserError("--memory measures on the CPU; on a GPU every row has its peak memory already")

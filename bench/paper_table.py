@@ -99,7 +99,7 @@ SEED_SPREAD = ("one training seed moves a row by several points, more than test 
 
 def row_lambda(row, num_classes):
     """The lambda a row trains at on C classes: its CIFAR-10 lambda (ROWS), times 10 / C beyond 10 classes, so that
-    lambda x C, what multiplies the mean (1 - cos), is the paper's (data.pag_coeff_default's rule); None: no PAG."""
+    lambda x C, what multiplies the mean (1 - cos), is the paper's (train_pag.pag_coeff_default's rule); None: no PAG."""
     lam = ROWS[row][2]
     return None if lam is None else lam * min(num_classes, 10) / num_classes
 

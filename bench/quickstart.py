@@ -2,7 +2,7 @@
 
     python bench/quickstart.py        # about 5 minutes on 2 CPU cores -> bench/results/quickstart.json (+ .md)
 
-Each command of COMMANDS (the README's Quick start block, after the install; a test checks that the two agree)
+Each command of COMMANDS (the README's Quick start block after the install and the tests; a test checks that the two agree)
 runs in a new temporary folder holding a copy of the project's scripts, so nothing of an earlier run (runs/,
 results/, cache/) is reused. The numbers the README quotes are read from the files the commands write.
 """
@@ -24,9 +24,9 @@ import files  # noqa: E402 - the one atomic writer
 from runner import git_commit  # noqa: E402
 
 RESULTS = os.path.join(BENCH, "results")
-# The README's Quick start, after `pip install -r requirements.txt`: one command a line, as a user pastes them.
+# The README's Quick start after the install and the tests: one command a line, as a user pastes them (a test checks
+# that they are the README's).
 COMMANDS = [
-    "python -m pytest -q -m smoke test_all.py",
     "python bench/toy.py",
     "python train_baseline.py --dataset fashion-mnist --train-samples 6000 --epochs 3 --out-dir runs/fm_vanilla",
     "python train_pag.py      --dataset fashion-mnist --train-samples 6000 --epochs 3 --out-dir runs/fm_pag",

@@ -15,6 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import files  # noqa: E402 - the one atomic writer, the errors that are one line
+import cli  # noqa: E402 - the number types of the flags
 
 
 # ----------------------------------------------------------------------------- result files
@@ -132,6 +133,19 @@ def run_jobs(jobs, needs, workers, cost=None):
     finally:
         pool.shutdown(wait=True)
     return time.time() - start
+
+
+def add_bench_flags(p, models=None, out_default="runs/<bench>"):
+    """The flags the claims benches share: which rows (when `models` is given), how many jobs, and where runs
+    and results go."""
+    if models:
+        p.add_argument("--rows", nargs="+", choices=list(models), default=list(models),
+                       help="models to run (PAG rows bring vanilla and the lambda sweep: the selection needs them)")
+    p.add_argument("--jobs", type=cli.positive_int, default=2, help="processes at a time, one thread each")
+    p.add_argument("--out-dir", help=f"checkpoints, logs and fields (default: {out_default})")
+    p.add_argument("--results-dir", help="result files, tables and figures (default: bench/results; with --quick: "
+                                         "the --out-dir)")
+    return p
 
 
 def recorded_settings(path):

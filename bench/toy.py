@@ -35,9 +35,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cli  # noqa: E402 - ours, found through ROOT
-import data as D  # noqa: E402
 import files  # noqa: E402
-from train_baseline import load_checkpoint  # noqa: E402
+import train_pag  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
 from data import TOY_CENTRES, TOY_SLOPE, make_toy  # noqa: E402
 
 EPS = (1, 2, 5, 10, 15, 20, 30)
@@ -101,7 +101,7 @@ def figure(out_dir, seed, models, results, exact):
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.grid(alpha=0.3)
     ax.legend()
-    lam_c = D.ARCH_DEFAULTS["mlp"]["pag_coeff"] * 2
+    lam_c = train_pag.PAG_ARCH_DEFAULTS["mlp"]["pag_coeff"] * 2
     fig.suptitle(f"2-D toy, seed {seed}: MLP 2-32-2; PAG with λ·C = {lam_c:g} (NN targets); float64, one thread", fontsize=12)
     fig.tight_layout()
     files.save_figure(fig, os.path.join(out_dir, "toy.png"), dpi=100)
