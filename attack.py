@@ -2,11 +2,9 @@
 
     python attack.py --checkpoint runs/pag_cm_cifar10_resnet18/model.pt --measures clean pgd-l2 aa-l2 aa-linf align visualize
 
-The checkpoint alone rebuilds the model and its test data (the same first N test
-images for every attack). Every adversarial example is checked to lie in its
-eps ball and in the input box before it is counted, and robust accuracy counts
-a point only if it is classified correctly both clean and attacked.
-The PGD is train_baseline.py's (the project's one, which adversarial training uses too).
+The checkpoint alone rebuilds the model and its test data (the same N test images for every attack, a fair sample
+of every class). Every adversarial example is checked to lie in its eps ball and in the input box before it is
+counted; a point is robust only if classified right both clean and attacked. The PGD is pgd.py's, the project's one.
 """
 import argparse
 import logging
@@ -121,11 +119,6 @@ def autoattack_mask(model, x, y, eps, norm, box, version="standard", seed=0, bat
     x_adv = out[0] if isinstance(out, tuple) else out  # pyautoattack returns (x_adv, y_adv)
     check_perturbation(x_adv, x, eps, norm, box, f"autoattack-{norm}")
     return (predict(model, x) == y) & (predict(model, x_adv) == y)
-
-
-def autoattack_accuracy(*args, **kwargs):
-    """Fraction of points that autoattack_mask counts as robust."""
-    return autoattack_mask(*args, **kwargs).float().mean().item()
 
 
 def alignment(model, x, gt_grad_fn, num_classes, targets_per_image=None, batch_size=100, seed=0, indices=None):

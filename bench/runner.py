@@ -104,6 +104,7 @@ def run_jobs(jobs, needs, workers, cost=None):
     cost = cost or {}
     pending, running, done, start = list(jobs), {}, set(), time.time()
     stamp = lambda: f"[{(time.time() - start) / 60:5.1f} min]"  # noqa: E731
+    STOPPING.clear()  # a new plan of jobs (an earlier one in this process may have been interrupted)
     pool = ThreadPoolExecutor(workers)
     try:
         while pending or running:
