@@ -17,7 +17,8 @@ from models import ARCHS, build_model
 
 # Flags that may differ between a run and its --resume (everything else must match).
 RESUME_MAY_CHANGE = {"resume", "stop_after_epoch", "device", "out_dir", "log_every", "data_dir", "download", "cache_dir"}
-CHECKPOINT_FORMAT = 4  # bumped when the fields of model.pt change (3: official parameter names; 4: data_order_generator)
+CHECKPOINT_FORMAT = 5  # bumped when the fields of model.pt change (3: official parameter names; 4: data_order_generator;
+# 5: the data by content, with the training subset (data_sha256), and the loss's input files by content)
 
 
 def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args, data, epoch, input_files_sha256=None):
@@ -65,8 +66,8 @@ def read_checkpoint(path, kind, what, fields=None, loaded=None):
     ckpt = files.load_file(path, what) if loaded is None else loaded
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise UserError(f"{path} is not a {what}")
-    if ckpt.get("format") not in (3, CHECKPOINT_FORMAT):
-        raise UserError(f"{path} has checkpoint format {ckpt.get('format')!r}, this code reads 3 and {CHECKPOINT_FORMAT}")
+    if ckpt.get("format") not in (3, 4, CHECKPOINT_FORMAT):
+        raise UserError(f"{path} has checkpoint format {ckpt.get('format')!r}, this code reads 3 to {CHECKPOINT_FORMAT}")
     if ckpt["format"] == 3 and "generator" in ckpt:  # format 3 called the data-order generator "generator"
         ckpt["data_order_generator"] = ckpt.pop("generator")
     return files.require(ckpt, fields or {}, path, what)
@@ -125,9 +126,13 @@ def check_data_fits(ckpt, data, path, what="model"):
                         "--dataset (and --image-size)")
     files.require(ckpt, {"data_sha256": _optional(_hashes)} if "data_sha256" in ckpt else {}, path, what)
     recorded = ckpt.get("data_sha256") or {}
-    for split in ("train", "test"):
+    for split in ("train", "test", *(("train_used",) if what == "run" else ())):
         if recorded.get(split) and data.sha256 and recorded[split] != data.sha256[split]:
-            where = f" under {os.path.join(ckpt['args'].get('data_dir', ''), split)}" if data.name == "folder" else ""
+            if split == "train_used":  # the whole split is the same: the flags now select other images of it
+                raise UserError(f"{path}: this run trained on other training images than --train-samples and "
+                                "--val-samples select now (a subset chosen by another version of the code); start a "
+                                "new run")
+            where = f" under {os.path.join(data.origin, split)}" if data.origin else ""  # the folder read now
             raise UserError(f"{path}: this {what} was made with other {split} data than these{where}: their images or "
                             f"labels changed since (content sha256 {recorded[split][:12]}... then, "
                             f"{data.sha256[split][:12]}... now); use the data it was made with")
@@ -141,6 +146,7 @@ def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE, fiel
         raise UserError(f"--resume: no checkpoint at {path}")
     ckpt = read_classifier(path, resume=True) if kind == "classifier" else read_checkpoint(path, kind, what, fields)
     old, new = ckpt.get("args", {}), vars(args)
+    may_change = may_change | set(ckpt.get("input_files_sha256") or {})  # files compared by content may move
     if epochs_matter is not None and not epochs_matter(old) and new.get("epochs", 0) >= ckpt["epoch"]:
         may_change = may_change | {"epochs"}  # no schedule depends on them: a run may be continued for longer
     changed = sorted(k for k in set(old) | set(new) if k not in may_change and old.get(k) != new.get(k))

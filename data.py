@@ -75,7 +75,9 @@ class Data:
     classes: tuple = None  # class names, where known
     val_x: torch.Tensor = None  # the validation split held out of the training images (--val-samples), or None
     val_y: torch.Tensor = None
-    sha256: dict = None  # {"train", "test"}: content hash of each whole split as loaded (content_sha256)
+    sha256: dict = None  # {"train", "test"}: content hash of each whole split as loaded (content_sha256), and
+    # "train_used": of the training images and labels a run trains on (after --val-samples and --train-samples)
+    origin: str = None  # where it was read from (a folder's path), for messages
 
     def class_name(self, k):
         return self.classes[k] if self.classes else f"class {k}"
@@ -162,7 +164,9 @@ def get_data(name, data_dir="data", download=False, train_samples=None, test_sam
         keep = subset_indices(name, test_y, test_samples)
         test_x, test_y = test_x[keep], test_y[keep]
     classes = tuple(classes) if name == "folder" else CLASS_NAMES.get(name)
-    return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes, classes, val_x, val_y, sha256)
+    sha256["train_used"] = content_sha256(train_x, train_y)
+    return Data(name, train_x, train_y.long(), test_x, test_y.long(), num_classes, classes, val_x, val_y, sha256,
+                os.path.abspath(data_dir) if name == "folder" else None)
 
 
 def content_sha256(x, y):
@@ -176,8 +180,10 @@ def content_sha256(x, y):
 
 def fair_order(labels):
     """A fixed order of a split stored class by class in which every prefix is a fair sample of the
-    classes: each class's images in a fixed random order (seed 0), interleaved so that the first n hold
-    every class in proportion to its size (within one image). Stable: the same labels, the same order."""
+    classes: each class's images in a fixed random order (seed 0), interleaved by where an image falls in its
+    class, so that the first n hold every class in proportion to its size: within one image when the classes
+    are of one size, within 0.5 + C * p / 2 images for a class of share p in general (C classes). Stable: the
+    same labels, the same order."""
     labels = labels.cpu().long()
     gen = torch.Generator().manual_seed(0)
     rank = torch.empty(len(labels), dtype=torch.float64)
@@ -208,8 +214,9 @@ def class_counts_text(labels, num_classes, classes=None, limit=10):
         return f"{counts[0]} per class"
     if num_classes > limit or max(counts) - min(counts) <= 0.1 * max(counts):  # nearly balanced: the range says it
         return f"{min(counts)}-{max(counts)} per class"
-    names = classes or [str(c) for c in range(num_classes)]
-    return "per class " + ", ".join(f"{n} {c}" for c, n in zip(names, counts))
+    if not classes:
+        return "per class " + ", ".join(map(str, counts)) + f" (classes 0-{num_classes - 1})"
+    return "per class " + ", ".join(f"{n} {c}" for c, n in zip(classes, counts))
 
 
 # The paper's 2-D toy: two classes on the line x2 = 2*x1, three modes each (toy_data.py draws it).

@@ -128,17 +128,18 @@ def make_source(name, data, cache_dir="cache", seed=0, sbg_file=None, split="tra
     if name == "sbg":
         if sbg_file is None:
             raise UserError("--source sbg needs --sbg-file (precomputed score-based fields)")
-        fields = load_sbg_file(sbg_file, data, split)
+        fields, sha256 = load_sbg_file(sbg_file, data, split, with_sha256=True)
 
         def gt_sbg(x, target_classes, idx=None):
             if idx is None:
                 raise UserError(f"the sbg source needs the images' indices in the {split} split")
             return fields[idx.cpu()[:, None], target_classes.cpu()].to(target_classes.device, torch.float32)
+        gt_sbg.file_sha256 = sha256  # of the bytes the fields were loaded from (a checkpoint records it)
         return gt_sbg
     raise UserError(f"unknown source {name!r}; choose from {', '.join(SOURCES)}")
 
 
-def load_sbg_file(path, data, split="train"):
+def load_sbg_file(path, data, split="train", with_sha256=False):
     """Score-based fields [N, C, *input_shape] for exactly data's training set, or for its (first N)
     test images with split="test" (float16 is fine).
 
@@ -146,9 +147,9 @@ def load_sbg_file(path, data, split="train"):
     labels) and the official PAG-ROB release (training images only): a tensor (N, 1+C, channels,
     H, W) holding each image (in [-1, 1]) and then one field per class, alone or as (tensor,
     labels). For the latter, the images themselves are compared with ours, so another order or
-    subset is refused.
+    subset is refused. with_sha256: (fields, sha256 of the bytes they were loaded from).
     """
-    obj = files.load_file(path, "sbg fields file")
+    obj, sha256 = files.load_file(path, "sbg fields file", with_sha256=True)
     _, labels_here = data.split(split)
     n, c = len(labels_here), data.num_classes
     expected = (n, c, *data.input_shape)
@@ -195,7 +196,7 @@ def load_sbg_file(path, data, split="train"):
         raise UserError(f"{path} holds fields that are not finite (exported from a diverged denoiser?)")
     images, _ = data.split(split)
     check_field_content(fields, images[:n].cpu(), data.train_x.cpu(), data.train_y.cpu(), c, path)
-    return fields
+    return (fields, sha256) if with_sha256 else fields
 
 
 def best_order(scores):

@@ -746,13 +746,20 @@ class TestSources:
     def test_subsets_of_class_sorted_data_are_fair_samples_of_every_class(self, tmp_path):
         """A folder is read class by class and the toy drawn mode by mode: N of their images (--train-samples,
         --eval-samples) are a fair sample of the classes, every prefix of data.fair_order holding each class in
-        proportion to its size (within one image here), not the first class's N. Shuffled files keep their first N."""
+        proportion to its size (within one image for classes of one size, within 0.5 + C p / 2 for a class of share
+        p), not the first class's N. Shuffled files keep their first N."""
+        gen = torch.Generator().manual_seed(0)
+        for sizes in ([50, 30, 7, 13], [7, 10, 4, 59], [5, 5, 5], *([int(v) for v in torch.randint(1, 40, (k,), generator=gen)]
+                                                                     for k in (2, 3, 5, 8, 10))):
+            labels = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
+            order, total, share = D.fair_order(labels), len(labels), torch.tensor(sizes, dtype=torch.float64) / len(labels)
+            assert sorted(order.tolist()) == list(range(total)) and torch.equal(order, D.fair_order(labels.clone()))
+            bound = 1.0 if len(set(sizes)) == 1 else 0.5 + len(sizes) * share / 2 + 1e-9
+            for n in range(1, total + 1):
+                off = (labels[order[:n]].bincount(minlength=len(sizes)).double() - n * share).abs()
+                assert (off <= bound).all(), (sizes, n, off)
         labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 7 + [3] * 13)
         order = D.fair_order(labels)
-        assert sorted(order.tolist()) == list(range(100)) and torch.equal(order, D.fair_order(labels.clone()))
-        for n in range(1, 101):
-            counts = labels[order[:n]].bincount(minlength=4).double()
-            assert ((counts - n * labels.bincount().double() / 100).abs() <= 1).all(), (n, counts)
         within_class = order[labels[order] == 0][:10]  # a class's images in a fixed random order, not its first ten
         assert sorted(within_class.tolist()) != list(range(10))
         root = class_coloured_folder(tmp_path / "f", ("a", "b", "c"), 5)
@@ -772,6 +779,12 @@ class TestSources:
         assert torch.equal(syn.train_x, all_syn.train_x[:37])  # shuffled files: their first N, as before
         assert D.class_counts_text(d.train_y, 3, ("a", "b", "c")) == "per class 3 a, 3 b, 2 c"
         assert D.class_counts_text(d.test_y, 3) == "2 per class"
+        assert D.class_counts_text(torch.tensor([0, 0, 0, 1]), 2) == "per class 3, 1 (classes 0-1)"
+        # The per-epoch check on held-out images takes its subset the same way (the validation images are a random
+        # subset kept in the data's order: on the toy, class 0's first).
+        toy_val = D.get_data("toy", val_samples=3000)
+        _, y = T.eval_images(toy_val, 500)
+        assert len(y) == 500 and y.bincount().min() >= 240
 
     def test_dataset_aliases_and_unknown_dataset(self):
         assert D.canonical_dataset("stl") == "stl10" and D.canonical_dataset("CIFAR10") == "cifar10"
@@ -856,12 +869,16 @@ class TestTraining:
     def test_a_pag_run_that_stays_at_chance_says_so_with_what_to_try(self, tmp_path, capsys):
         """After epoch 2 or 3, accuracy near chance (below chance + a tenth of the way to 100%) while the PAG term is
         at least a quarter of the classification loss: one warning line with a smaller --pag-coeff to try."""
-        args = argparse.Namespace(pag_coeff=0.25, pag_first_half_scale=1.0, epochs=10)
-        data = blank_images("folder", 32, 10)
-        row = {"epoch": 2, "eval_split": "val", "val_acc": 0.134, "ce": 2.29, "pag": 0.9}
+        args = argparse.Namespace(pag_coeff=0.25, pag_first_half_scale=1.0, epochs=10, eval_samples=20)
+        images = torch.zeros(20, 3, 8, 8, dtype=torch.uint8)
+        data = D.Data("folder", images, torch.arange(20) % 10, images, torch.arange(20) % 10, 10)
+        row = {"epoch": 2, "eval_split": "test", "test_acc": 0.134, "ce": 2.29, "pag": 0.9}
         warning = train_pag.not_learning(row, args, data)
         assert "13.4%" in warning and "chance (10.0%)" in warning and "= 2.25" in warning and "--pag-coeff 0.08" in warning
-        for quiet in ({"val_acc": 0.19}, {"epoch": 1}, {"epoch": 4}, {"pag": 0.2}):  # learning, too early or late, small term
+        # Chance is the check's most common class: a run that answers it always, on imbalanced images, is flagged too.
+        skewed = D.Data("folder", images, torch.arange(20) % 10, images, (torch.arange(20) >= 16).long(), 10)
+        assert "near chance (80.0%)" in train_pag.not_learning({**row, "test_acc": 0.8}, args, skewed)
+        for quiet in ({"test_acc": 0.19}, {"epoch": 1}, {"epoch": 4}, {"pag": 0.2}):  # learning, too early or late, small term
             assert train_pag.not_learning({**row, **quiet}, args, data) is None, quiet
         adv = {k: v for k, v in row.items() if k != "ce"} | {"adv": 2.0, "epoch": 3}
         assert "loss of 2.00" in train_pag.not_learning(adv, args, data)
@@ -971,7 +988,7 @@ class TestTraining:
         run(script, *args, "--out-dir", tmp_path / "cut", "--resume")
         full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
         cut = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
-        assert cut["format"] == C.CHECKPOINT_FORMAT == 4 and "generator" not in cut and "data_order_generator" in cut
+        assert cut["format"] == C.CHECKPOINT_FORMAT == 5 and "generator" not in cut and "data_order_generator" in cut
         for k, v in full["model"].items():
             assert torch.equal(v, cut["model"][k]), k
         lines = [[json.loads(s) for s in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "cut")]
@@ -1325,12 +1342,19 @@ class TestAttack:
             os.rename(tmp_path / "copy" / split / "dog", tmp_path / "copy" / split / "cat")
             os.rename(tmp_path / "copy" / split / "tmp", tmp_path / "copy" / split / "dog")
         assert_cli_error(attack.main, ["--checkpoint", tmp_path / "r", "--attacks", "clean", "--data-dir", tmp_path / "copy"],
-                         "other train data", "changed since")
+                         "other train data", "changed since", str(tmp_path / "copy" / "train"))  # the folder read now
         moved = [*flags[:3], tmp_path / "copy", *flags[4:]]
         assert_cli_error(T.main, [*moved, "--out-dir", tmp_path / "r", "--resume"], "other train data", "changed since")
         Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "test" / "owl" / "0.png")  # one test image edited
         assert_cli_error(attack.main, ["--checkpoint", tmp_path / "r", "--attacks", "clean"], "other test data")
         assert torch.load(tmp_path / "r" / "model.pt", weights_only=True)["epoch"] == 1  # nothing was trained on
+        # A checkpoint made before subsets were fair samples (format 4, no content hashes): --train-samples would now
+        # select other images, so it is not resumed.
+        ckpt = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
+        ckpt["format"] = 4
+        del ckpt["data_sha256"], ckpt["input_files_sha256"]
+        torch.save(ckpt, tmp_path / "r" / "model.pt")
+        assert_cli_error(T.main, [*flags, "--out-dir", tmp_path / "r", "--resume"], "fair samples", "new run")
 
     def test_attack_results_merge_across_calls_and_concurrent_processes(self, tmp_path, tiny_run):
         run_dir = copy_run(tiny_run, tmp_path / "r")
@@ -1541,7 +1565,9 @@ class TestSBG:
         shutil.copy(tmp_path / "f.pt", tmp_path / "g.pt")
         save_sbg_fields(tmp_path / "f.pt", fields, data)  # the first fields again: the same content, resumed
         assert files.file_sha256(path) == ckpt["input_files_sha256"]["sbg_file"] != files.file_sha256(tmp_path / "g.pt")
-        train_pag.main(list(map(str, [*flags, "--resume"])))
+        shutil.move(path, tmp_path / "moved.pt")  # and from another path: a file compared by content may move
+        moved = [str(tmp_path / "moved.pt") if a == path else a for a in map(str, flags)]
+        train_pag.main([*moved, "--resume"])
         assert torch.load(tmp_path / "r" / "model.pt", weights_only=True)["epoch"] == 2
 
     def test_smoke_sbg_train_and_export(self, tmp_path):
@@ -2590,6 +2616,20 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         with pytest.raises(ProcessLookupError):  # the stopped script is gone, not left running
             os.kill(child, 0)
 
+    def test_a_failed_job_stops_the_running_ones_at_once(self, tmp_path):
+        """One job fails while another trains for an hour: the bench ends now, the other stopped (it resumes at the
+        next call), and the one line says what failed, what was stopped and what was finished."""
+        runner = load_bench("runner")
+        log = str(tmp_path / "log")
+
+        def fail():
+            time.sleep(2)
+            raise UserError("job broke")
+        start = time.time()
+        with pytest.raises(UserError, match=r"job broke; stopped slow \(each continues.*finished 0 job"):
+            runner.run_jobs({"slow": lambda: runner.sh(log, "-c", "import time; time.sleep(120)"), "fail": fail}, {}, 2)
+        assert time.time() - start < 30
+
     def test_a_subset_of_rows_never_rewrites_the_tables_of_more_rows(self, tmp_path, capsys):
         """--rows vanilla beside the committed tables (every row, 8 seeds, the sweep at 3): it prints vanilla's numbers
         and leaves every table and figure as it was (it once rewrote them vanilla-only, then raised a TypeError)."""
@@ -2805,6 +2845,21 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         assert (res / "cifar10_quick_budget.png").stat().st_size > 1000 and "| 384 | 1 | pag-cm | 85.0 |" in \
             (res / "cifar10_quick_budget.md").read_text()
 
+    def test_standard_check_attacks_one_checkpoint_both_ways_and_names_it(self, tmp_path):
+        """The benches' check that APGD-CE + APGD-T is enough: both it and standard AutoAttack on the same checkpoint
+        (trained with the bench's own command when it is gone), the file naming that checkpoint by sha256."""
+        c10 = load_bench("cifar10")
+        cfg = json.loads(json.dumps({**c10.CONFIG, **c10.QUICK, "standard_check": "vanilla"}))
+        bench = c10.NaturalImagesBench(cfg, str(tmp_path / "out"), str(tmp_path / "res"), 1, None, name="cifar10_quick")
+        record = bench.standard_check()
+        ckpt = tmp_path / "out" / "vanilla_seed0" / "model.pt"
+        assert record["checkpoint_sha256"] == files.file_sha256(ckpt) and record["apgd"]["key"] == "vanilla_seed0"
+        assert record["result_file"] is None  # no result file of the bench here: the check stands alone
+        assert 0 <= record["standard"]["aa_l2"] <= record["standard"]["clean"] == record["apgd"]["clean"]
+        assert json.loads((tmp_path / "res" / "cifar10_quick_standard_aa.json").read_text()) == json.loads(json.dumps(record))
+        made = (tmp_path / "res" / "cifar10_quick_standard_aa.json").stat().st_mtime_ns
+        assert bench.standard_check() is None and (tmp_path / "res" / "cifar10_quick_standard_aa.json").stat().st_mtime_ns == made
+
     def test_quickstart_bench_runs_the_readmes_quick_start(self):
         """bench/quickstart.py's commands are the README's Quick start (after the install and the tests), so its record
         says what the README's commands take."""
@@ -2926,6 +2981,14 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
                     else str(r["timestep"])
                 assert [f"{r[k]:.3f}" for k in ("alpha_bar", "consistency", "cross_image", "cross_class", "gap")] in \
                     table[label], (path, r["timestep"])
+        # The CIFAR-10 bench's models in so far: one row per committed result file, every row a file.
+        runs = os.path.join(res, "cifar10_jpeg_runs")
+        keys = {n[:-len(".json")] for n in os.listdir(runs) if n.endswith(".json")}
+        assert keys and keys == {label for label in table if "_seed" in label}
+        for key in keys:
+            r = json.load(open(os.path.join(runs, key + ".json")))
+            assert table[key] == [[*(pct(r[k]) for k in ("val_acc", "clean", "aa_l2", "aa_linf")), f"{r['align_nn']:.3f}",
+                                   f"{r['align_sbg']:.3f}", f"{r['train_seconds'] / 60:.0f}"]], key
 
     def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(self, tmp_path):
         fm = load_bench("fashion_mnist")
@@ -3114,13 +3177,13 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         # Keyed by content: another file under the same path is evaluated again.
         argv = ["--quick", "--official", f"pag-cm={tmp_path / 'rn.pt'}", "--out-dir", str(tmp_path / "o")]
         first = pt.main(argv)["rows"]["pag-cm"]
-        result = tmp_path / "o" / "paper_table_synthetic_runs" / "pag-cm_official.json"
+        result = tmp_path / "o" / "paper_table_synthetic_official_runs" / "pag-cm_official.json"
         made = result.stat().st_mtime_ns
         assert pt.main(argv)["rows"]["pag-cm"] == first and result.stat().st_mtime_ns == made  # the same file: reused
         two = ["--quick", "--official", f"pag-cm={tmp_path / 'rn.pt'}", f"pag-sbg-vit={tmp_path / 'vit.pt'}", "--rows", "pag-cm",
                "--out-dir", str(tmp_path / "o")]
         assert set(pt.main(two)["rows"]) == {"pag-cm"}  # --rows honoured with released files: the ViT is not attacked
-        assert not (tmp_path / "o" / "paper_table_synthetic_runs" / "pag-sbg-vit_official.json").exists()
+        assert not (tmp_path / "o" / "paper_table_synthetic_official_runs" / "pag-sbg-vit_official.json").exists()
         torch.save(random_official_state("resnet18", 6), tmp_path / "rn.pt")
         pt.main(argv)
         assert json.loads(result.read_text())["settings"]["official_sha256"] == files.file_sha256(tmp_path / "rn.pt")
@@ -3156,6 +3219,9 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         assert set(collected["rows"]) == {"pag-sbg", "pag-sbg-vit"} and not (runs / "vanilla_seed3407.json").exists()
         assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
         assert "Not finished yet: vanilla" in (tmp_path / "paper_table_synthetic.md").read_text()
+        table = (tmp_path / "paper_table_synthetic.json").read_bytes()
+        pt.main(["--quick", "--rows", "pag-sbg", "--collect", "--out-dir", str(tmp_path)])  # one row beside the table
+        assert (tmp_path / "paper_table_synthetic.json").read_bytes() == table  # printed, the fuller table kept
         # The released files, evaluated as they are: names as in the release, or ROW=PATH.
         (tmp_path / "release").mkdir()
         torch.save({"module." + k: v for k, v in random_official_state("resnet18", 2).items()}, tmp_path / "release" / "rn18-c10-CM.pt")

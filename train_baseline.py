@@ -75,12 +75,15 @@ def add_common_args(p):
                         "of 32 px or more, off for fashion-mnist")
     p.add_argument("--seed", type=cli.seed, default=3407, help="the official configs' seed")
     p.add_argument("--data-seed", type=cli.seed, help="toy only: which draw of the data (default 0)")
-    p.add_argument("--train-samples", type=cli.positive_int, help="train on the first N training images (default: all)")
+    p.add_argument("--train-samples", type=cli.positive_int,
+                   help="train on N training images: the first N of shuffled files, a fair sample of every class where "
+                        "they are stored class by class (folder, toy); default: all")
     p.add_argument("--val-samples", type=cli.positive_int,
                    help="hold out N training images (a fixed random subset) as a validation split, never trained on; "
                         "the per-epoch evaluation then uses it instead of the test images (default: none)")
     p.add_argument("--eval-samples", type=cli.positive_int, default=1000,
-                   help="per-epoch evaluation on the first N test images (validation images with --val-samples)")
+                   help="per-epoch evaluation on N test images (validation images with --val-samples), taken as "
+                        "--train-samples takes them")
     p.add_argument("--eval-eps", type=cli.radius, help="per-epoch PGD-L2 radius (default: the dataset's, 0.5 for CIFAR)")
     p.add_argument("--eval-steps", type=cli.positive_int, default=7, help="per-epoch PGD-L2 steps (step 1.5*eps/steps, as the official code)")
     p.add_argument("--adv", default="none", choices=("none", "pgd", "trades"), help="adversarial training: Madry PGD-AT or TRADES")
@@ -368,8 +371,7 @@ def start(args, data, method, rank, world, device):
 def first_line(args, data, method, model, world, device):
     """What a run is, said once: model, data (with its per-class counts), schedule, precision, method, folder."""
     counts = lambda y: D.class_counts_text(y, data.num_classes, data.classes)  # noqa: E731
-    _, eval_y = data.split(eval_split(data))
-    eval_y = eval_y[: args.eval_samples]
+    _, eval_y = eval_images(data, args.eval_samples)
     adv = "" if args.adv == "none" else f", {args.adv} adversarial training ({args.adv_norm} eps {args.adv_eps:g})"
     procs = "" if world == 1 else f" x {world} processes (global batch {args.batch_size * world})"
     held_out = f", {len(data.val_y)} held out for validation" if data.val_y is not None else ""
@@ -387,6 +389,10 @@ def resume(run, method):
     ckpt = resume_checkpoint(path, run.args, "classifier", CLASSIFIER,
                              epochs_matter=lambda flags: bool(flags.get("lr_drops")) or method.epochs_matter(flags))
     check_data_fits(ckpt, run.data, path, "run")
+    if ckpt["format"] < 5 and D.DATASETS[run.data.name]["order"] == "by class" and run.args.train_samples is not None \
+            and run.args.train_samples <= len(run.data.train_y):  # the flag cut the set: the cut is chosen otherwise now
+        raise UserError(f"--resume: {path} was made before subsets of data stored class by class were fair samples of "
+                        "every class: --train-samples now selects other images; start a new run")
     for flag, sha in (ckpt.get("input_files_sha256") or {}).items():
         now = run.input_files_sha256.get(flag)
         if now != sha:
@@ -487,12 +493,20 @@ def eval_split(data):
     return "val" if data.val_x is not None else "test"
 
 
-def evaluate(model, data, args, epoch):
-    """Clean accuracy and PGD-L2 accuracy (the official per-epoch check) on the first --eval-samples
-    images of eval_split(data)."""
-    model.eval()
+def eval_images(data, n):
+    """The per-epoch check's images: n of eval_split(data), as a subset takes them (a fair sample of every class where
+    the data are stored class by class; the whole split in its order when n covers it)."""
     x, y = data.split(eval_split(data))
-    x, y = D.to_float(x[: args.eval_samples]), y[: args.eval_samples]
+    keep = D.subset_indices(data.name, y, n).to(y.device)
+    return x[keep], y[keep]
+
+
+def evaluate(model, data, args, epoch):
+    """Clean accuracy and PGD-L2 accuracy (the official per-epoch check) on --eval-samples images of
+    eval_split(data) (eval_images)."""
+    model.eval()
+    x, y = eval_images(data, args.eval_samples)
+    x = D.to_float(x)
     clean = (predict(model, x) == y).float().mean().item()
     gen = torch.Generator().manual_seed(args.seed + epoch)  # same noise on every (re)run of this epoch
     robust = robust_accuracy(model, x, y, args.eval_eps, "l2", data.box, batch_size=attack_batch_size(data),

@@ -27,9 +27,8 @@ import torch.nn.functional as F
 import cli
 import data as D
 import sources as S
-import files
 from files import UserError
-from train_baseline import Method, add_common_args, classification_loss, train
+from train_baseline import Method, add_common_args, classification_loss, eval_images, train
 
 FORMULATIONS = ("auto", "replicated", "per-column")
 
@@ -228,21 +227,23 @@ def make_pag_loss(args, data):
         class_loss, logs = classification_loss(model, train_model, batch, logits, args, data.box)
         return class_loss + term, {**logs, "pag": pag}
     # The fields by content: --resume refuses a file exported again under the same path.
-    loss_fn.input_files_sha256 = {"sbg_file": files.file_sha256(args.sbg_file)} if args.source == "sbg" else {}
+    loss_fn.input_files_sha256 = {"sbg_file": gt_grad_fn.file_sha256} if args.source == "sbg" else {}
     return loss_fn
 
 
 def not_learning(row, args, data):
-    """A warning for a run whose PAG term keeps it from learning its classes (None if it learns): after epoch 2
-    or 3, the per-epoch check's accuracy still near chance (less than a tenth of the way from chance to 100%)
-    while lambda * C * mean(1 - cos) is a sizable part of the loss (at least a quarter of the classification
-    term). Measured on CIFAR-10 images with the cnn (bench/README.md): lambda 0.25 stays at chance, smaller
-    ones learn; no default fits every dataset, so the run says it and what to try."""
+    """A warning for a run whose PAG term keeps it from learning its classes (None if it learns): after epochs 2
+    and 3, the per-epoch check's accuracy still near chance (less than a tenth of the way from chance to 100%;
+    chance: always answering the check's most common class) while lambda * C * mean(1 - cos) is a sizable part
+    of the loss (at least a quarter of the classification term). Measured on CIFAR-10 images with the cnn
+    (bench/NOTES.md): lambda 0.2 stays near chance, 0.1 learns; no default fits every dataset, so the run says
+    it and what to try."""
     epoch, split = row["epoch"], row["eval_split"]
     classification = row.get("ce", row.get("adv"))
     if not 2 <= epoch <= 3 or "pag" not in row or classification is None:
         return None
-    chance, acc = 1 / data.num_classes, row[f"{split}_acc"]
+    _, y = eval_images(data, args.eval_samples)
+    chance, acc = y.bincount().max().item() / len(y), row[f"{split}_acc"]
     term = pag_weight(args, data.num_classes, epoch - 1) * row["pag"]
     if acc >= chance + 0.1 * (1 - chance) or term < 0.25 * classification:
         return None

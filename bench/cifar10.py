@@ -35,7 +35,7 @@ import cli  # noqa: E402 - the project's parser
 import files  # noqa: E402 - the one atomic writer
 import fashion_mnist as fm  # noqa: E402 - the claims bench: its protocol, rule and tables
 from reports import budget_figure, budget_markdown, natural_images_notes  # noqa: E402
-from runner import Bench, add_bench_flags, git_commit, run_jobs, sh  # noqa: E402
+from runner import add_bench_flags, git_commit, run_jobs, sh  # noqa: E402
 
 RESULTS = os.path.join(BENCH, "results")
 JPEG_COPY = os.path.join("..", "shared", "cifar10-jpeg")  # relative to the project root, where jobs run
@@ -117,27 +117,12 @@ class NaturalImagesBench(fm.ClaimsBench):
         return os.path.join(self.results_dir, f"{self.name}_standard_aa.json")
 
     def standard_check(self):
-        """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at both radii on the standard_check row at the first
-        seed, beside that model's APGD numbers: RESULTS/<name>_standard_aa.json (names the checkpoint by sha256)."""
+        """The runner's check (APGD against standard AutoAttack) on the standard_check row at the first seed."""
         model, seed = self.cfg["standard_check"], self.cfg["seeds"][0]
-        key = self.key(model, seed, self.lam)
-        apgd = self.read_result(key)
-        ckpt = os.path.join(self.run_dir(key), "model.pt")
-        out = self.standard_path()
-        if os.path.exists(out) and json.load(open(out)).get("apgd", {}).get("key") == key:
-            return
-        tmp = os.path.join(self.run_dir(key), "attack_standard.json")
-        sh(os.path.join(self.run_dir(key), "run.log"), "attack.py", "--checkpoint", ckpt, "--measures", "clean", "aa-l2",
-           "aa-linf", "--aa-version", "standard", "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"],
-           "--n-samples", self.cfg["test_samples"], "--seed", seed, "--out", tmp,
-           *(["--aa-iterations", self.cfg["standard_iterations"]] if self.cfg["standard_iterations"] else []))
-        standard = Bench.measures(self, json.load(open(tmp)))  # clean and AutoAttack (no alignment here)
-        files.write_json({"model": model, "seed": seed, "lambda": self.lam, "standard": standard,
-                          "checkpoint_sha256": json.load(open(tmp))["checkpoint_sha256"],
-                          "apgd": {"key": key, **{m: apgd[m] for m in ("clean", "aa_l2", "aa_linf")}},
-                          "test_samples": self.cfg["test_samples"], "commit": git_commit()}, out)
-        print(f"  standard AutoAttack on {key}: L2 {standard['aa_l2']:.1%} (APGD {apgd['aa_l2']:.1%}), L-inf "
-              f"{standard['aa_linf']:.1%} (APGD {apgd['aa_linf']:.1%}) -> {os.path.relpath(out)}", flush=True)
+        lam = self.lam if model in fm.PAG_ROWS else None
+        if os.path.exists(self.standard_path()) and json.load(open(self.standard_path()))["apgd"]["key"] == self.key(model, seed, lam):
+            return None  # made by an earlier call, for this model
+        return super().standard_check(model, seed, lam, self.standard_path())
 
     def run(self):
         """The claims bench's plan, then the standard AutoAttack check once its model is in."""
@@ -150,6 +135,8 @@ class NaturalImagesBench(fm.ClaimsBench):
         """The claims bench's tables and figures, and below its table: the SBG ground truth's sweep and the standard
         AutoAttack check, from their files."""
         out = super().assemble(wall)
+        if not self.wrote_tables:  # a subset of rows beside the full tables: nothing is added to them
+            return out
         md_path = os.path.join(self.results_dir, f"{self.name}_seeds.md")
         sweep_path = os.path.join(self.denoiser_dir, "sweep.json")
         sweep = json.load(open(sweep_path)) if os.path.exists(sweep_path) else None

@@ -253,7 +253,8 @@ class ClaimsBench(Bench):
         name = self.name
         existing = os.path.join(self.results_dir, f"{name}_seeds.json")
         held = set(files.read_json_object(existing, "bench table").get("rows", {})) if os.path.exists(existing) else set()
-        if not held <= set(self.rows):  # --rows R beside tables of more rows: R's numbers are printed, nothing rewritten
+        self.wrote_tables = held <= set(self.rows)
+        if not self.wrote_tables:  # --rows R beside tables of more rows: R's numbers are printed, nothing rewritten
             print(claims_markdown(rows, lambda_rows, found, config, self.reference))
             print(f"left {os.path.relpath(existing)} and the other tables and figures as they were: they hold rows "
                   f"({', '.join(sorted(held - set(self.rows)))}) this call did not run; a call with every row rewrites them")
@@ -294,6 +295,10 @@ def parse(argv, description, rows=True):
     p.add_argument("--eval-samples", "--n-samples", dest="test_samples", type=cli.positive_int,
                    help=f"test images of the final evaluation (default: {CONFIG['test_samples']})")
     add_bench_flags(p, MODELS if rows else None, "runs/fashion_mnist_bench[_quick]")
+    if rows:
+        p.add_argument("--standard-check", metavar="ROW", choices=list(MODELS),
+                       help="only this: standard AutoAttack beside APGD on ROW's seed-0 checkpoint (trained again if it is "
+                            "gone) -> RESULTS/fashion_mnist_standard_aa.json")
     args = p.parse_args(argv)
     cfg = json.loads(json.dumps({**CONFIG, **(QUICK if args.quick else {})}))
     for k in ("seeds", "sweep_seeds", "lambdas", "epochs", "train_samples", "val_samples", "test_samples"):
@@ -323,6 +328,12 @@ def main(argv=None):
     cfg, out_dir, results_dir, args = parse(argv, __doc__)
     rows = set(args.rows) | ({"vanilla", "pag-cm"} if set(args.rows) & set(PAG_ROWS) else set())
     bench = ClaimsBench(cfg, out_dir, results_dir, args.jobs, rows)
+    if args.standard_check:  # one model's check; its lambda is the selection's (the sweep's files must be in)
+        model, seed = args.standard_check, cfg["seeds"][0]
+        if model in PAG_ROWS:
+            bench.select()
+        return bench.standard_check(model, seed, bench.lam if model in PAG_ROWS else None,
+                                    os.path.join(results_dir, "fashion_mnist_standard_aa.json"))
     return bench.assemble(bench.run())
 
 

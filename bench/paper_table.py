@@ -118,7 +118,8 @@ class PaperTable(Bench):
 
     def __init__(self, cfg, out_dir, workers, rows, official):
         """Results (tables, one file per row) in out_dir; checkpoints and logs in out_dir/paper_table_<dataset>/."""
-        self.name = f"paper_table_{cfg['dataset']}"
+        # The released files' table is its own (evaluating them never rewrites the trained rows' table, nor back).
+        self.name = f"paper_table_{cfg['dataset']}" + ("_official" if official else "")
         self.models = {row: (script, row_flags(row, cfg["quick"], NUM_CLASSES[cfg["dataset"]]))
                        for row, (script, *_) in ROWS.items()}
         super().__init__(cfg, os.path.join(out_dir, self.name), out_dir, workers, rows)
@@ -253,6 +254,12 @@ class PaperTable(Bench):
                              + (f", {self.cfg['aa_iterations']} iterations: a smoke run, not the standard attack)"
                                 if self.cfg["aa_iterations"] else ")"))
         path = os.path.join(self.results_dir, self.name)
+        held = set(files.read_json_object(path + ".json", "table").get("rows", {})) if os.path.exists(path + ".json") else set()
+        if not held <= set(self.rows):  # --rows R beside a table of more rows: R's numbers printed, the table kept
+            print(paper_table_markdown(self.cfg, config, rows, [], PAPER_TABLE_1.get(self.cfg["dataset"], {})), end="")
+            print(f"left {os.path.relpath(path)}.json and .md as they were: they hold rows "
+                  f"({', '.join(sorted(held - set(self.rows)))}) this call did not ask for; a call with them rewrites it")
+            return {"config": config, "rows": rows}
         files.write_json({"config": config, "rows": rows}, path + ".json")
         missing = [r for r in self.rows if r not in rows]
         files.atomic_write(path + ".md", text=paper_table_markdown(self.cfg, config, rows, missing, paper))

@@ -99,8 +99,8 @@ def stop_processes():
 
 def run_jobs(jobs, needs, workers, cost=None):
     """Run the callables in `jobs` (name -> fn) on `workers` threads, each once every job it needs is
-    done, the costliest ready job first. Ctrl-C or SIGTERM stops the running jobs' scripts (they resume at
-    the next call) and ends the bench with one line naming the jobs stopped and those that finished."""
+    done, the costliest ready job first. Ctrl-C, SIGTERM or a failed job stops the running jobs' scripts at once
+    (they resume at the next call) and ends the bench with one line naming the jobs stopped and those that finished."""
     cost = cost or {}
     pending, running, done, start = list(jobs), {}, set(), time.time()
     stamp = lambda: f"[{(time.time() - start) / 60:5.1f} min]"  # noqa: E731
@@ -118,10 +118,10 @@ def run_jobs(jobs, needs, workers, cost=None):
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 name = running.pop(future)
-                future.result()  # a failed job stops the benchmark (running jobs finish first)
+                future.result()  # a failed job stops the bench (below: the running ones are stopped too)
                 done.add(name)
                 print(f"{stamp()} done  {name} ({len(done)}/{len(jobs)} jobs)", flush=True)
-    except (KeyboardInterrupt, files.Interrupted):
+    except BaseException as e:  # an interrupt, or a failed job: the other running jobs are stopped, not waited for
         stop_processes()
         pool.shutdown(wait=True)  # each running job's script has stopped: its thread ends at once
         finished = {running[f] for f in running if f.exception() is None}  # it had written its files already
@@ -129,10 +129,14 @@ def run_jobs(jobs, needs, workers, cost=None):
         done |= finished
         said = (f"stopped {', '.join(stopped)} (each continues from its last saved epoch when the bench runs again)"
                 if stopped else "no job was running")
-        raise files.Interrupted(f"{said}; this call finished {len(done)} job(s), each with its result file written"
-                                + (f" ({', '.join(sorted(done))})" if done else "")) from None
-    finally:
-        pool.shutdown(wait=True)
+        wrote = f"this call finished {len(done)} job(s), each with its result file written" + \
+            (f" ({', '.join(sorted(done))})" if done else "")
+        if isinstance(e, (KeyboardInterrupt, files.Interrupted)):
+            raise files.Interrupted(f"{said}; {wrote}") from None
+        if isinstance(e, files.UserError):
+            raise files.UserError(f"{e}; {said}; {wrote}") from None
+        raise
+    pool.shutdown(wait=True)
     return time.time() - start
 
 
@@ -238,6 +242,56 @@ class Bench:
     def run_dir(self, key):
         return os.path.join(self.out_dir, key)
 
+    def train(self, model, seed, lam=None):
+        """The model's run folder with its checkpoint trained to the bench's epochs (resumed where it stopped; trained
+        again where it is gone); refused if the folder was made with other settings. Returns (run folder, checkpoint,
+        log, epoch)."""
+        key, want = self.key(model, seed, lam), self.settings(model, seed, lam)
+        run_dir = self.run_dir(key)
+        ckpt, log = os.path.join(run_dir, "model.pt"), os.path.join(run_dir, "run.log")
+        run_settings = os.path.join(run_dir, "bench_settings.json")
+        # The run folder is named without its settings: it says what it was made with, or it is not reused.
+        made_with = recorded_settings(run_settings)
+        if made_with != json.loads(json.dumps(want)) and (made_with is not None or os.path.exists(ckpt)):
+            raise files.UserError(f"{run_dir} was made with other settings{'' if made_with else ' (or by an older bench)'}; "
+                                  "delete it or pass another --out-dir")
+        if made_with is None:
+            files.write_json(want, run_settings)
+        epoch = lambda: files.load_file(ckpt, "checkpoint")["epoch"] if os.path.exists(ckpt) else 0  # noqa: E731
+        if epoch() < self.cfg.get("epochs", math.inf):  # the checkpoint's epoch, not metrics.jsonl's lines
+            sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
+        return run_dir, ckpt, log, epoch()
+
+    def standard_check(self, model, seed, lam, out):
+        """Is AutoAttack's APGD-CE + APGD-T (what the benches run) enough here? Both it and standard AutoAttack
+        (FAB-T and the gradient-free Square added) on one model's checkpoint, at the bench's radii and test images;
+        the checkpoint trained again with the bench's command where it is gone. Writes `out`, naming the checkpoint by
+        its sha256, beside the model's result file's numbers. Returns the record."""
+        run_dir, ckpt, log, _ = self.train(model, seed, lam)
+        measured = {}
+        for version in ("apgd", "standard"):
+            path = os.path.join(run_dir, f"attack_{version}.json")
+            if os.path.exists(path):
+                os.remove(path)  # this call's numbers only
+            sh(log, "attack.py", "--checkpoint", ckpt, "--measures", "clean", "aa-l2", "aa-linf", "--aa-version", version,
+               "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"], "--n-samples", self.cfg["test_samples"],
+               "--seed", seed, "--out", path,
+               *(["--aa-iterations", self.cfg["standard_iterations"]] if self.cfg.get("standard_iterations") else []))
+            res = json.load(open(path))
+            measured[version] = {**Bench.measures(self, res), "checkpoint_sha256": res["checkpoint_sha256"]}
+        key = self.key(model, seed, lam)
+        result = self.read_result(key)
+        record = {"model": model, "seed": seed, "lambda": lam, "checkpoint_sha256": measured["standard"]["checkpoint_sha256"],
+                  "apgd": {"key": key, **{m: measured["apgd"][m] for m in ("clean", "aa_l2", "aa_linf")}},
+                  "standard": {m: measured["standard"][m] for m in ("clean", "aa_l2", "aa_linf")},
+                  "result_file": result and {m: result[m] for m in ("clean", "aa_l2", "aa_linf")},
+                  "test_samples": self.cfg["test_samples"], "commit": git_commit(), "made": time.strftime("%Y-%m-%d %H:%M:%S")}
+        files.write_json(record, out)
+        a, s = record["apgd"], record["standard"]
+        print(f"  standard AutoAttack on {key}: L2 {s['aa_l2']:.1%} (APGD {a['aa_l2']:.1%}), L-inf {s['aa_linf']:.1%} "
+              f"(APGD {a['aa_linf']:.1%}) -> {os.path.relpath(out)}", flush=True)
+        return record
+
     def train_and_attack(self, model, seed, lam=None):
         """Train (or resume), attack, align, and write the result file with every number of the model;
         skipped if the file is there, refused if it (or the run folder) was made with other settings."""
@@ -252,20 +306,8 @@ class Bench:
             if not self.align or old.get("align_sbg") is not None:
                 return
             # else: an earlier bench's file without its SBG alignment: made again (resumed where it can be)
-        run_dir = self.run_dir(key)
-        ckpt, log = os.path.join(run_dir, "model.pt"), os.path.join(run_dir, "run.log")
-        metrics_path, run_settings = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "bench_settings.json")
-        # The run folder is named without its settings: it says what it was made with, or it is not reused.
-        made_with = recorded_settings(run_settings)
-        if made_with != json.loads(json.dumps(want)) and (made_with is not None or os.path.exists(ckpt)):
-            raise files.UserError(f"{run_dir} was made with other settings{'' if made_with else ' (or by an older bench)'}; "
-                                  "delete it or pass another --out-dir")
-        if made_with is None:
-            files.write_json(want, run_settings)
-        epoch = lambda: files.load_file(ckpt, "checkpoint")["epoch"] if os.path.exists(ckpt) else 0  # noqa: E731
-        if epoch() < self.cfg.get("epochs", math.inf):  # the checkpoint's epoch, not metrics.jsonl's lines
-            sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
-        done = epoch()
+        run_dir, ckpt, log, done = self.train(model, seed, lam)
+        metrics_path = os.path.join(run_dir, "metrics.jsonl")
         data_sha256 = files.load_file(ckpt, "checkpoint").get("data_sha256")  # what it was trained on, by content
         by_epoch = {m["epoch"]: m for m in map(json.loads, open(metrics_path).read().splitlines()) if m["epoch"] <= done}
         last = by_epoch[done]

@@ -60,6 +60,7 @@ def run_script(script, log, *args):
 
 
 MARKER = "made_by_toy_bench"  # in each model folder the toy writes: its files may be replaced by the next call
+MODEL_FILES = ("model.pt", "attack.json", "run.log", "regions.png")  # what a call replaces in a model folder
 
 
 def clear_model_folder(run_dir):
@@ -67,7 +68,7 @@ def clear_model_folder(run_dir):
     would merge), only where bench/toy.py made them: a folder holding such files without the toy's marker (a
     user's run, another tool's) is refused in one line, its files untouched. Under the folder's run lock, so a
     run training there is never cleared."""
-    names = [n for n in ("model.pt", "attack.json", "run.log", "regions.png") if os.path.lexists(os.path.join(run_dir, n))]
+    names = [n for n in MODEL_FILES if os.path.lexists(os.path.join(run_dir, n))]
     if names and not os.path.exists(os.path.join(run_dir, MARKER)):
         raise files.UserError(f"{run_dir} holds {', '.join(names)} that bench/toy.py did not make; choose another "
                               "--out-dir (the toy replaces only its own files)")
@@ -260,7 +261,7 @@ def main(argv=None):
     dirs = [out_dir] if len(args.seed) == 1 else [os.path.join(out_dir, f"seed{s}") for s in args.seed]
     for d in dirs:
         for name in ("vanilla", "pag"):
-            held = [n for n in ("model.pt", "attack.json", "run.log") if os.path.lexists(os.path.join(d, name, n))]
+            held = [n for n in MODEL_FILES if os.path.lexists(os.path.join(d, name, n))]
             if held and not os.path.exists(os.path.join(d, name, MARKER)):
                 raise files.UserError(f"{os.path.join(d, name)} holds {', '.join(held)} that bench/toy.py did not make; "
                                       "choose another --out-dir (the toy replaces only its own files)")
