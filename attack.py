@@ -412,7 +412,7 @@ def main(argv=None):
     p.add_argument("--aa-iterations", type=cli.positive_int,
                    help="override AutoAttack's iterations (smoke runs only: then it is not the standard attack)")
     p.add_argument("--eval-samples", "--n-samples", dest="eval_samples", type=cli.positive_int, default=1000,
-                   help="the first N test images")
+                   help="N test images (of files stored class by class, folder and toy: a fair sample of every class)")
     p.add_argument("--batch-size", type=cli.positive_int,
                    help="images per attack batch (default: 250 at 32 px, as many pixels for bigger images: 27 at 96 px)")
     p.add_argument("--align-source", choices=S.SOURCES,

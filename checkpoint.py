@@ -37,6 +37,16 @@ def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args,
     })
 
 
+def save_denoiser(path, net, opt, order_gen, sample_gen_states, args, data, epoch):
+    """sbg.py's denoiser.pt: the same format (and version) as model.pt, kind "sbg-denoiser", read by read_denoiser."""
+    files.atomic_write(path, {
+        "format": CHECKPOINT_FORMAT, "kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
+        "data_order_generator": order_gen.get_state(), "sample_generators": sample_gen_states, "epoch": epoch,
+        "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
+        "input_shape": tuple(data.input_shape), "data_sha256": data.sha256,
+    })
+
+
 def _optional(check):
     return lambda v: v is None or check(v)
 
@@ -74,6 +84,20 @@ def read_checkpoint(path, kind, what, fields=None, loaded=None):
 
 
 CLASSIFIER = "checkpoint of train_baseline.py / train_pag.py"
+DENOISER = "denoiser checkpoint of sbg.py train"
+_small = lambda v: _count(v) and v <= 100_000  # noqa: E731
+DENOISER_FIELDS = {"model": dict, "epoch": lambda v: isinstance(v, int) and v >= 0, "dataset": lambda v: v in D.DATASETS,
+                   "num_classes": _small, "args": dict,
+                   "input_shape": lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(map(_small, v))}
+
+
+def read_denoiser(path, resume=False):
+    """A denoiser checkpoint with every field its readers use checked (its width and schedule included)."""
+    ckpt = read_checkpoint(path, "sbg-denoiser", DENOISER, {**DENOISER_FIELDS, **({k: RESUME_FIELDS[k] for k in (
+        "optimizer", "data_order_generator", "sample_generators")} if resume else {})})
+    files.require(ckpt["args"], {"width": lambda v: _small(v) and v % 8 == 0, "timesteps": _small}, path, DENOISER)
+    return files.require(ckpt, {k: _optional(_hashes) for k in ("data_sha256",) if k in ckpt}, path, DENOISER)
+
 
 
 def read_classifier(path, resume=False, loaded=None):
@@ -138,13 +162,13 @@ def check_data_fits(ckpt, data, path, what="model"):
                             f"{data.sha256[split][:12]}... now); use the data it was made with")
 
 
-def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE, fields=None, epochs_matter=None):
+def resume_checkpoint(path, args, kind, may_change=RESUME_MAY_CHANGE, epochs_matter=None):
     """For --resume: the checkpoint at path, refusing one made with other settings (both trainers). epochs_matter
     (recorded flags) -> whether a schedule depends on --epochs (lr drops, PAG's lambda step); where none does, a
     run may be continued for longer (a larger --epochs)."""
     if not os.path.isfile(path):
         raise UserError(f"--resume: no checkpoint at {path}")
-    ckpt = read_classifier(path, resume=True) if kind == "classifier" else read_checkpoint(path, kind, what, fields)
+    ckpt = read_classifier(path, resume=True) if kind == "classifier" else read_denoiser(path, resume=True)
     old, new = ckpt.get("args", {}), vars(args)
     may_change = may_change | set(ckpt.get("input_files_sha256") or {})  # files compared by content may move
     if epochs_matter is not None and not epochs_matter(old) and new.get("epochs", 0) >= ckpt["epoch"]:
@@ -158,6 +182,23 @@ def resume_checkpoint(path, args, kind, what, may_change=RESUME_MAY_CHANGE, fiel
     if len(ckpt["sample_generators"]) != world:
         raise UserError(f"--resume: {path} was written by {len(ckpt['sample_generators'])} process(es), this run has {world}")
     return ckpt
+
+
+def check_resume_fits(ckpt, data, args, path, what, input_files_sha256=None):
+    """For --resume (both trainers): the data is the checkpoint's (check_data_fits), the subset --train-samples takes
+    is the one it trained on, and every file the loss read (input_files_sha256, {flag: content hash}) is unchanged."""
+    check_data_fits(ckpt, data, path, what)
+    cut = getattr(args, "train_samples", None)
+    if ckpt["format"] < 5 and D.DATASETS[data.name]["order"] == "by class" and cut is not None \
+            and cut <= len(data.train_y):  # the flag cut the set, and format 5 chose that cut otherwise (fairly)
+        raise UserError(f"--resume: {path} was made before subsets of data stored class by class were fair samples of "
+                        "every class: --train-samples now selects other images; start a new run")
+    for flag, sha in (ckpt.get("input_files_sha256") or {}).items():
+        now = (input_files_sha256 or {}).get(flag)
+        if now != sha:
+            raise UserError(f"--resume: the file of --{flag.replace('_', '-')} is not the one {path} was trained with "
+                            f"(content sha256 {sha[:12]}... then, {(now or 'none')[:12]}... now): its contents changed "
+                            "(exported again?); start a new run, or restore that file")
 
 
 def read_metrics(path, last_epoch):

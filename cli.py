@@ -80,8 +80,6 @@ def _number(kind, check, what):
 
 positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
-nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_interval = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 # Upper bounds where a larger value only overflows float32 (or memory) deep inside a run.
 radius = _number(float, lambda v: 0 <= v <= 1e6, "a finite radius in [0, 1e6] (larger ones overflow float32 in the attack)")

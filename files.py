@@ -10,9 +10,9 @@ checks each kind of file gets before anything uses it.
     RunLock, remove_stale_temporaries
 
 Readers of each kind call these and return checked objects, so that callers never re-check:
-checkpoints (train_baseline.read_checkpoint), denoisers (sbg.load_denoiser), SBG fields
+checkpoints (checkpoint.read_classifier, checkpoint.read_denoiser), SBG fields
 (sources.load_sbg_file), the nearest-neighbour cache (sources.cached_nearest), metrics.jsonl
-(train_baseline.read_metrics), official checkpoints (models.from_official). Bad input is a
+(checkpoint.read_metrics), JSON results (read_json_object), official checkpoints (models.from_official). Bad input is a
 UserError: the scripts print it as one `error:` line and exit non-zero.
 """
 import contextlib
@@ -151,7 +151,7 @@ FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what a figure out
 
 def first_missing_folder(root):
     """The outermost folder of root's path that does not exist yet (None if root exists): a call that fails
-    removes it again (remove_made_folder, kept_if_failed), so no empty or half-written folder of it stays."""
+    removes it again (remove_made_folder, folders_removed_if_failed), so no empty or half-written folder of it stays."""
     made, path = None, os.path.abspath(root)
     while not os.path.exists(path):
         made, path = path, os.path.dirname(path)
@@ -242,10 +242,6 @@ def require(obj, fields, path, what):
             shown = f"a {type(value).__name__}" if torch.is_tensor(value) or isinstance(value, (dict, list)) else repr(value)[:60]
             raise UserError(f"{path}: {key!r} of this {what} is {shown}, which is not valid")
     return obj
-
-
-def finite_tensor(t):
-    return torch.is_tensor(t) and t.layout == torch.strided and (not t.is_floating_point() or bool(torch.isfinite(t).all()))
 
 
 def check_state_dict(model, state_dict, path, what):

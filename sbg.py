@@ -31,7 +31,7 @@ import cli
 import data as D
 import files
 from files import UserError
-from checkpoint import CHECKPOINT_FORMAT, RESUME_FIELDS, check_data_fits, read_checkpoint, resume_checkpoint
+from checkpoint import DENOISER, check_data_fits, check_resume_fits, read_denoiser, resume_checkpoint, save_denoiser
 from cli import Progress
 from ranks import (gather_states, leave_process_group, pick_device, random_streams, setup_distributed, shard_batches,
                    wrap_for_ranks)
@@ -106,18 +106,10 @@ def sbg_field(denoiser, x, target_classes, alpha_bar, noise, null_class, timeste
 
 
 # ----------------------------------------------------------------------------- jobs
-DENOISER = "denoiser checkpoint of sbg.py train"
-_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100_000  # noqa: E731
-DENOISER_FIELDS = {"model": dict, "epoch": lambda v: isinstance(v, int) and v >= 0, "dataset": lambda v: v in D.DATASETS,
-                   "num_classes": _count, "args": dict,
-                   "input_shape": lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(map(_count, v))}
-
-
 def load_denoiser(path, device):
     """A denoiser checkpoint, checked (fields, and weights against the network they describe: keys,
     shapes, dtypes, finite), so that an export never writes fields of a broken network."""
-    ckpt = read_checkpoint(path, "sbg-denoiser", DENOISER, DENOISER_FIELDS)
-    files.require(ckpt["args"], {"width": lambda v: _count(v) and v % 8 == 0, "timesteps": _count}, path, DENOISER)
+    ckpt = read_denoiser(path)
     net = Denoiser(ckpt["input_shape"][0], ckpt["num_classes"], ckpt["args"]["width"])
     files.check_state_dict(net, ckpt["model"], path, DENOISER)
     net.load_state_dict(ckpt["model"])
@@ -159,10 +151,8 @@ def _train(args, rank, world, device):
     if rank == 0:
         files.remove_stale_temporaries(args.out_dir, ("denoiser.pt",))
     if args.resume:
-        ckpt = resume_checkpoint(path, args, "sbg-denoiser", DENOISER, RESUME_MAY_CHANGE,
-                                 {**DENOISER_FIELDS, **{k: RESUME_FIELDS[k] for k in
-                                                        ("optimizer", "data_order_generator", "sample_generators")}})
-        check_data_fits(ckpt, data, path, "denoiser")
+        ckpt = resume_checkpoint(path, args, "sbg-denoiser", RESUME_MAY_CHANGE)
+        check_resume_fits(ckpt, data, args, path, "denoiser")
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         order_gen.set_state(ckpt["data_order_generator"])
@@ -202,10 +192,7 @@ def _train(args, rank, world, device):
             if not math.isfinite(total):
                 raise UserError(f"denoiser training diverged in epoch {epoch + 1} (loss {total}); "
                                 f"{path} keeps the last good epoch")
-            files.atomic_write(path, {"format": CHECKPOINT_FORMAT, "kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
-                           "data_order_generator": order_gen.get_state(), "sample_generators": states, "epoch": epoch + 1,
-                           "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
-                           "input_shape": tuple(data.input_shape), "data_sha256": data.sha256})
+            save_denoiser(path, net, opt, order_gen, states, args, data, epoch + 1)
             if epoch == start:
                 print(f"wrote {path} (updated every epoch)", flush=True)
         if world > 1:
@@ -317,7 +304,7 @@ def main(argv=None):
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download a missing CIFAR-10/100, STL-10 or Fashion-MNIST, with progress (--no-download: "
                         "never, e.g. on an offline cluster: the error says what to fetch and where)")
-    p.add_argument("--train-samples", type=cli.positive_int, help="the first N training images (must match train_pag.py's)")
+    p.add_argument("--train-samples", type=cli.positive_int, help="N training images, chosen as train_pag.py chooses them (must match its flag)")
     p.add_argument("--val-samples", type=cli.positive_int, help="training images held out for validation (must match train_pag.py's)")
     p.add_argument("--image-size", type=cli.image_side, help="resize folder images / size of synthetic images")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if there is one")
@@ -338,7 +325,7 @@ def main(argv=None):
     p.add_argument("--split", default="train", choices=("train", "test"),
                    help="export: fields for the training images (train_pag.py) or the first --eval-samples test "
                         "images (held-out alignment: attack.py --align-split test)")
-    p.add_argument("--eval-samples", "--n-samples", type=cli.positive_int, help="export --split test: the first N test images (default: all)")
+    p.add_argument("--eval-samples", "--n-samples", type=cli.positive_int, help="export --split test: N test images, chosen as attack.py chooses them (default: all)")
     p.add_argument("--out", help="export: the fields file; sweep: a JSON of the measurements")
     p.add_argument("--sweep-timesteps", type=cli.nonneg_int, nargs="+", default=[50, 100, 200, 300, 400, 600, 800],
                    help="sweep: noise levels to measure")

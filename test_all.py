@@ -15,7 +15,7 @@ Contents (run one part with `python -m pytest -q test_all.py::TestPagLoss`; test
   TestFiles         every file read or written: no code run, schemas, atomic writes, locks, faults (14)
   TestCommandLines  every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals (10)
   TestHouse         the code's shape: imports one way, copy-paste pieces that run alone (2)
-  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), Table 1, the speed bench (22)
+  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), CIFAR-10, Table 1, speed (24)
 
 Above the classes: the shared helpers and fixtures (tiny runs, one-line-error checks, reference
 computations such as the official forwards and the analytic PAG loss).
@@ -2365,18 +2365,31 @@ class TestHouse:
     """The code's shape: imports one way, copy-paste pieces that run alone."""
 
     def test_no_import_cycle_among_the_projects_modules(self):
-        """Every import of ours, lazy ones inside functions included, points one way."""
+        """Every import of ours, lazy ones inside functions included, points one way: among the root modules, among
+        bench/'s (each above every root module; no root module imports one)."""
         ours = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and f != "test_all.py"}
-        graph = {}
-        for name in ours:
-            tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        benches = {f[:-3] for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py")}
+        assert not ours & benches
+
+        def imports(path):
             found = set()
-            for node in ast.walk(tree):
+            for node in ast.walk(ast.parse(open(path).read())):
                 if isinstance(node, ast.Import):
                     found |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module:
                     found.add(node.module.split(".")[0])
+            return found
+        graph = {}
+        for name in ours:
+            found = imports(os.path.join(ROOT, name + ".py"))
+            assert not found & benches, (name, found & benches)
             graph[name] = found & ours
+        bench_layers = ["stats", "reports", "runner", "quickstart", "fashion_mnist", "lambda_per_source", "cifar10",
+                        "paper_table", "pag_speed", "toy"]
+        assert set(bench_layers) == benches
+        for name in benches:
+            found = imports(os.path.join(ROOT, "bench", name + ".py")) & benches
+            assert all(bench_layers.index(m) < bench_layers.index(name) for m in found), (name, found)
         assert graph["models"] == set() and graph["files"] == {"models"} and graph["cli"] == {"files"}
         assert graph["data"] == {"files"} and graph["toy_data"] == {"data", "files", "sources"}  # the draw is data's, the field nn's
         layers = ["models", "files", "cli", "ranks", "data", "sources", "toy_data", "pgd", "checkpoint", "train_baseline",
@@ -2869,6 +2882,15 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         lines = [" ".join(line.split("#")[0].split()) for line in block.splitlines() if line.startswith("    python ")]
         assert lines[0] == "python -m pytest -q test_all.py"
         assert lines[1:] == [" ".join(c.split()) for c in qs.COMMANDS]
+        # Its table of what to expect is the committed record's.
+        rec = json.load(open(os.path.join(ROOT, "bench", "results", "quickstart.json")))
+        rows = {c[0]: c[1:] for c in ([x.strip() for x in line.strip().strip("|").split("|")]
+                                      for line in block.splitlines() if line.startswith("| ")) if len(c) == 3}
+        pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+        assert rows["toy: exact robust accuracy at ε = 15"] == [pct(rec["toy_exact_at_15"][m]) for m in ("vanilla", "pag")]
+        assert rows["Fashion-MNIST: clean accuracy, 200 test images"] == [pct(rec[m]["clean"]) for m in ("fm_vanilla", "fm_pag")]
+        assert rows["Fashion-MNIST: AutoAttack L2 ε = 1.5"] == [pct(rec[m]["aa_l2_1.5"]) for m in ("fm_vanilla", "fm_pag")]
+        assert rec["fm_vanilla"]["eval_samples"] == rec["fm_pag"]["eval_samples"] == 200
 
     def test_results_page_quotes_the_committed_files(self):
         """docs/results.md: each verdict is the one the committed files hold, and every interval in its tables is one
@@ -2981,6 +3003,13 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
                     else str(r["timestep"])
                 assert [f"{r[k]:.3f}" for k in ("alpha_bar", "consistency", "cross_image", "cross_class", "gap")] in \
                     table[label], (path, r["timestep"])
+        # Standard AutoAttack against APGD on one checkpoint, and that row's committed result file.
+        std = json.load(open(os.path.join(res, "fashion_mnist_standard_aa.json")))
+        row = json.load(open(os.path.join(res, "fashion_mnist_runs", std["apgd"]["key"] + ".json")))
+        assert std["result_file"] == {k: row[k] for k in ("clean", "aa_l2", "aa_linf")} and len(std["checkpoint_sha256"]) == 64
+        for label, numbers in (("APGD-CE + APGD-T", std["apgd"]), ("standard AutoAttack", std["standard"]),
+                               ("the committed result file of that row and seed", std["result_file"])):
+            assert table[label] == [[pct(numbers[k]) for k in ("clean", "aa_l2", "aa_linf")]], label
         # The CIFAR-10 bench's models in so far: one row per committed result file, every row a file.
         runs = os.path.join(res, "cifar10_jpeg_runs")
         keys = {n[:-len(".json")] for n in os.listdir(runs) if n.endswith(".json")}

@@ -1,4 +1,4 @@
-"""Vanilla and adversarial training: the flags, the losses, and the project's one training loop (train_pag.py adds
+"""Vanilla and adversarial training: the flags, the losses, and the classifier training loop (train_pag.py adds
 its term to it through a Method).
 
     python train_baseline.py --dataset cifar10                 # paper settings: ResNet-18, 100 epochs
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import cli
 import data as D
 import files
-from checkpoint import (CLASSIFIER, read_metrics, resume_checkpoint, check_data_fits, save_checkpoint,
+from checkpoint import (CLASSIFIER, read_metrics, resume_checkpoint, check_resume_fits, save_checkpoint,
                         write_metrics)
 from files import UserError
 from models import ARCHS, PIXEL_MEAN, build_model, weights_problem
@@ -128,7 +128,9 @@ class Method:
     name: the run's name, or a function of its settings; make_loss(settings, data) -> loss_fn(model, train_model,
     batch) -> (loss, logs); defaults(settings dict, data): fills the method's own unset flags; describe(settings,
     data): its part of the run's first line; check_epoch(metrics row, settings, data): a warning or None after each
-    epoch; epochs_matter(recorded flags): whether its schedule depends on --epochs (then --resume cannot train longer)."""
+    epoch; epochs_matter(recorded flags): whether its schedule depends on --epochs (then --resume cannot train longer).
+    A loss_fn that reads files (train_pag.py's --sbg-file) names them by content in its attribute input_files_sha256
+    ({flag: sha256 of the bytes it loaded}): the checkpoint records it and --resume refuses changed files."""
     name: object = "baseline"
     make_loss: Callable = None
     defaults: Callable = lambda s, data: None
@@ -249,7 +251,7 @@ def train(args, method=BASELINE):
     through (the DDP wrapper under torchrun). Ctrl-C or SIGTERM (what clusters send before a kill) ends it with one
     line naming the last saved epoch and the command that continues it, exit status 130. Returns (model, data)."""
     rank, world, device = setup_distributed(args)
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():  # as cli.run_cli does: train() is also called directly
         signal.signal(signal.SIGTERM, cli.raise_keyboard_interrupt)
     data = D.get_data(args.dataset, args.data_dir, args.download, args.train_samples, args.eval_samples,
                       args.image_size, args.data_seed, args.val_samples).to(device)
@@ -386,19 +388,9 @@ def first_line(args, data, method, model, world, device):
 def resume(run, method):
     """--resume: every state of the run as OUT_DIR/model.pt left it, and the metrics lines up to it."""
     path = run.ckpt_path
-    ckpt = resume_checkpoint(path, run.args, "classifier", CLASSIFIER,
+    ckpt = resume_checkpoint(path, run.args, "classifier",
                              epochs_matter=lambda flags: bool(flags.get("lr_drops")) or method.epochs_matter(flags))
-    check_data_fits(ckpt, run.data, path, "run")
-    if ckpt["format"] < 5 and D.DATASETS[run.data.name]["order"] == "by class" and run.args.train_samples is not None \
-            and run.args.train_samples <= len(run.data.train_y):  # the flag cut the set: the cut is chosen otherwise now
-        raise UserError(f"--resume: {path} was made before subsets of data stored class by class were fair samples of "
-                        "every class: --train-samples now selects other images; start a new run")
-    for flag, sha in (ckpt.get("input_files_sha256") or {}).items():
-        now = run.input_files_sha256.get(flag)
-        if now != sha:
-            raise UserError(f"--resume: the file of --{flag.replace('_', '-')} is not the one {path} was trained with "
-                            f"(content sha256 {sha[:12]}... then, {(now or 'none')[:12]}... now): its contents changed "
-                            "(exported again?); start a new run, or restore that file")
+    check_resume_fits(ckpt, run.data, run.args, path, "run", run.input_files_sha256)
     files.check_state_dict(run.model, ckpt["model"], path, CLASSIFIER)
     run.model.load_state_dict(ckpt["model"])
     try:  # the training state, already checked for its types: what is left is whether it fits this run

@@ -96,13 +96,13 @@ class NaturalImagesBench(fm.ClaimsBench):
         s, out = self.cfg["sbg"], os.path.join(self.denoiser_dir, "sweep.json")
         sweep_settings = {"denoiser_sha256": files.file_sha256(ckpt), "timesteps": s["sweep_timesteps"],
                           "images": s["sweep_images"]}
-        if not os.path.exists(out) or json.load(open(out)).get("settings") != sweep_settings:
+        if not os.path.exists(out) or files.read_json_object(out, "SBG sweep file").get("settings") != sweep_settings:
             sh(log, "sbg.py", "sweep", *self.data_flags, "--checkpoint", ckpt, "--sweep-timesteps", *s["sweep_timesteps"],
                "--sweep-images", s["sweep_images"], "--seed", s["seed"], "--out", out,
                "--vis-out", os.path.join(self.denoiser_dir, "sweep.png"))
-            result = json.load(open(out))
+            result = files.read_json_object(out, "SBG sweep file")
             files.write_json({**result, "settings": sweep_settings, "commit": git_commit()}, out)
-        return json.load(open(out))["best_timestep"]
+        return files.read_json_object(out, "SBG sweep file")["best_timestep"]
 
     def config_extras(self, results):
         """The data every model was trained and tested on, by content (one value, or the tables are refused)."""
@@ -120,7 +120,7 @@ class NaturalImagesBench(fm.ClaimsBench):
         """The runner's check (APGD against standard AutoAttack) on the standard_check row at the first seed."""
         model, seed = self.cfg["standard_check"], self.cfg["seeds"][0]
         lam = self.lam if model in fm.PAG_ROWS else None
-        if os.path.exists(self.standard_path()) and json.load(open(self.standard_path()))["apgd"]["key"] == self.key(model, seed, lam):
+        if os.path.exists(self.standard_path()) and files.read_json_object(self.standard_path(), "standard AutoAttack file")["apgd"]["key"] == self.key(model, seed, lam):
             return None  # made by an earlier call, for this model
         return super().standard_check(model, seed, lam, self.standard_path())
 
@@ -139,8 +139,8 @@ class NaturalImagesBench(fm.ClaimsBench):
             return out
         md_path = os.path.join(self.results_dir, f"{self.name}_seeds.md")
         sweep_path = os.path.join(self.denoiser_dir, "sweep.json")
-        sweep = json.load(open(sweep_path)) if os.path.exists(sweep_path) else None
-        standard = json.load(open(self.standard_path())) if os.path.exists(self.standard_path()) else None
+        sweep = files.read_json_object(sweep_path, "SBG sweep file") if os.path.exists(sweep_path) else None
+        standard = files.read_json_object(self.standard_path(), "standard AutoAttack file") if os.path.exists(self.standard_path()) else None
         if standard is not None and standard["apgd"]["key"] != self.key(self.cfg["standard_check"], self.cfg["seeds"][0],
                                                                          self.lam):
             standard = None  # made for another model (another selected lambda): not this table's

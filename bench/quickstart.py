@@ -6,7 +6,6 @@ Each command of COMMANDS (the README's Quick start block after the install and t
 runs in a new temporary folder holding a copy of the project's scripts, so nothing of an earlier run (runs/,
 results/, cache/) is reused. The numbers the README quotes are read from the files the commands write.
 """
-import json
 import os
 import platform
 import shlex
@@ -50,12 +49,12 @@ def fresh_clone(where):
 
 def numbers(where):
     """What the README quotes, from the files the commands wrote."""
-    toy = json.load(open(os.path.join(where, "results", "toy", "metrics.json")))
-    exact = json.load(open(os.path.join(where, "results", "toy", "exact.json")))["exact_robust_acc"]
+    toy = files.read_json_object(os.path.join(where, "results", "toy", "metrics.json"), "toy metrics")
+    exact = files.read_json_object(os.path.join(where, "results", "toy", "exact.json"), "toy results")["exact_robust_acc"]
     out = {"toy_seed": 2, "toy_exact_at_15": {m: exact[m]["15"] for m in ("vanilla", "pag")},
            "toy_clean": {m: toy[m]["clean_acc"] for m in ("vanilla", "pag")}}
     for name in ("fm_vanilla", "fm_pag"):
-        res = json.load(open(os.path.join(where, "runs", name, "attack.json")))
+        res = files.read_json_object(os.path.join(where, "runs", name, "attack.json"), "attack results")
         out[name] = {"clean": res["clean"]["acc"], "aa_l2_1.5": res["aa_l2"]["1.5"]["acc"],
                      "eval_samples": res["clean"]["eval_samples"], "checkpoint_sha256": res["checkpoint_sha256"]}
     return out

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import files  # noqa: E402 - the one atomic writer, the errors that are one line
 import cli  # noqa: E402 - the number types of the flags
+from checkpoint import read_classifier, read_denoiser, read_metrics  # noqa: E402 - the format, read checked
 
 
 # ----------------------------------------------------------------------------- result files
@@ -155,10 +156,7 @@ def add_bench_flags(p, models=None, out_default="runs/<bench>"):
 
 def recorded_settings(path):
     """What a settings file beside a run folder, the denoiser or the fields records (None: no file)."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json_object(path, "bench settings file") if os.path.exists(path) else None
 
 
 def git_commit():
@@ -257,7 +255,7 @@ class Bench:
                                   "delete it or pass another --out-dir")
         if made_with is None:
             files.write_json(want, run_settings)
-        epoch = lambda: files.load_file(ckpt, "checkpoint")["epoch"] if os.path.exists(ckpt) else 0  # noqa: E731
+        epoch = lambda: read_classifier(ckpt)["epoch"] if os.path.exists(ckpt) else 0  # noqa: E731
         if epoch() < self.cfg.get("epochs", math.inf):  # the checkpoint's epoch, not metrics.jsonl's lines
             sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
         return run_dir, ckpt, log, epoch()
@@ -277,7 +275,7 @@ class Bench:
                "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"], "--n-samples", self.cfg["test_samples"],
                "--seed", seed, "--out", path,
                *(["--aa-iterations", self.cfg["standard_iterations"]] if self.cfg.get("standard_iterations") else []))
-            res = json.load(open(path))
+            res = files.read_json_object(path, "attack results")
             measured[version] = {**Bench.measures(self, res), "checkpoint_sha256": res["checkpoint_sha256"]}
         key = self.key(model, seed, lam)
         result = self.read_result(key)
@@ -308,14 +306,14 @@ class Bench:
             # else: an earlier bench's file without its SBG alignment: made again (resumed where it can be)
         run_dir, ckpt, log, done = self.train(model, seed, lam)
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        data_sha256 = files.load_file(ckpt, "checkpoint").get("data_sha256")  # what it was trained on, by content
-        by_epoch = {m["epoch"]: m for m in map(json.loads, open(metrics_path).read().splitlines()) if m["epoch"] <= done}
+        data_sha256 = read_classifier(ckpt).get("data_sha256")  # what it was trained on, by content
+        by_epoch = {m["epoch"]: m for m in read_metrics(metrics_path, done)}
         last = by_epoch[done]
         train_seconds = sum(m["seconds"] for m in by_epoch.values())  # the run's own epochs, over every resume
         start = time.time()
         res_path = os.path.join(run_dir, "attack_test.json")
         sh(log, *self.attack_command(ckpt, seed, res_path))
-        measured = self.measures(json.load(open(res_path)))
+        measured = self.measures(files.read_json_object(res_path, "attack results"))
         if self.align:  # the held-out SBG alignment, so that a result file is complete when it lands
             self.sbg_done.wait()
             if not self.sbg_made:
@@ -325,7 +323,7 @@ class Bench:
             sh(log, "attack.py", "--checkpoint", ckpt, "--measures", "align", "--align-source", "sbg", "--sbg-file",
                self.fields["test"], "--align-split", "test", "--n-samples", self.cfg["test_samples"], "--seed", seed,
                "--out", align_path)
-            measured["align_sbg"] = json.load(open(align_path))["align"]["sbg test"]["cos"]
+            measured["align_sbg"] = files.read_json_object(align_path, "attack results")["align"]["sbg test"]["cos"]
         split = last["eval_split"]  # the per-epoch check's images: "val" (choices look there) or "test"
         pgd = next(k for k in last if k.startswith(f"{split}_pgd_l2_"))
         result = {"key": key, "model": model, "seed": seed, "lambda": lam, **self.result_extras(model), "settings": want,
@@ -352,7 +350,7 @@ class Bench:
                                       "or pass another --results-dir")
         else:
             files.write_json(want, denoiser_settings)
-        if not os.path.exists(ckpt) or files.load_file(ckpt, "denoiser checkpoint")["epoch"] < s["epochs"]:
+        if not os.path.exists(ckpt) or read_denoiser(ckpt)["epoch"] < s["epochs"]:
             sh(log, "sbg.py", "train", *self.data_flags, "--epochs", s["epochs"], "--seed", s["seed"],
                "--out-dir", self.denoiser_dir, *(["--resume"] if os.path.exists(ckpt) else []))
         want_fields = {**want, "test_samples": self.cfg["test_samples"], "denoiser_sha256": files.file_sha256(ckpt)}

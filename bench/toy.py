@@ -23,7 +23,6 @@ the decision boundary (attack.py's exact-l2: 360 rays, refined by bisection), wh
 """
 import contextlib
 import importlib
-import json
 import math
 import os
 import shlex
@@ -190,8 +189,7 @@ def run_seed(seed, out_dir, epochs, device, standardize=False, nudge=None):
                        *(["--standardize"] if standardize else []))
         run_script("attack.py", log, "--checkpoint", os.path.join(run_dir, "model.pt"), "--measures", "clean", "pgd-l2", "exact-l2", "visualize",
                    "--eps-l2", *EPS, "--target", "runner-up", "--steps", STEPS, "--n-samples", 600, "--device", device)
-        with open(os.path.join(run_dir, "attack.json")) as f:
-            res = json.load(f)
+        res = files.read_json_object(os.path.join(run_dir, "attack.json"), "attack results")
         results[name] = {"clean_acc": res["clean"]["acc"], "robust_acc": {str(e): res["pgd_l2"][f"{e:g}"]["acc"] for e in EPS}}
         exact[name] = {str(e): res["exact_l2"][f"{e:g}"]["acc"] for e in EPS}
         models[name], _ = load_checkpoint(os.path.join(run_dir, "model.pt"))  # once, for the report and the figure
