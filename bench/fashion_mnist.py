@@ -167,7 +167,7 @@ class ClaimsBench(Bench):
         """The final evaluation on the test images: clean, AutoAttack L2 and L-inf, NN alignment."""
         return ["attack.py", "--checkpoint", ckpt, "--measures", "clean", "aa-l2", "aa-linf", "align", "--aa-version",
                 self.cfg["aa_version"], "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"],
-                "--n-samples", self.cfg["test_samples"], "--align-source", "nn", "--seed", seed, "--out", out]
+                "--eval-samples", self.cfg["test_samples"], "--align-source", "nn", "--seed", seed, "--out", out]
 
     def measures(self, res):
         """The runner's numbers, and the NN alignment that attack_command asks for."""

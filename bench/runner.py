@@ -272,7 +272,7 @@ class Bench:
             if os.path.exists(path):
                 os.remove(path)  # this call's numbers only
             sh(log, "attack.py", "--checkpoint", ckpt, "--measures", "clean", "aa-l2", "aa-linf", "--aa-version", version,
-               "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"], "--n-samples", self.cfg["test_samples"],
+               "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"], "--eval-samples", self.cfg["test_samples"],
                "--seed", seed, "--out", path,
                *(["--aa-iterations", self.cfg["standard_iterations"]] if self.cfg.get("standard_iterations") else []))
             res = files.read_json_object(path, "attack results")
@@ -321,7 +321,7 @@ class Bench:
                                       "is printed above this one)")
             align_path = os.path.join(run_dir, "align_sbg_test.json")
             sh(log, "attack.py", "--checkpoint", ckpt, "--measures", "align", "--align-source", "sbg", "--sbg-file",
-               self.fields["test"], "--align-split", "test", "--n-samples", self.cfg["test_samples"], "--seed", seed,
+               self.fields["test"], "--align-split", "test", "--eval-samples", self.cfg["test_samples"], "--seed", seed,
                "--out", align_path)
             measured["align_sbg"] = files.read_json_object(align_path, "attack results")["align"]["sbg test"]["cos"]
         split = last["eval_split"]  # the per-epoch check's images: "val" (choices look there) or "test"

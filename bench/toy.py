@@ -188,7 +188,7 @@ def run_seed(seed, out_dir, epochs, device, standardize=False, nudge=None):
                        run_dir, "--device", device, "--log-every", 1000, "--cache-dir", os.path.join(ROOT, "cache"),
                        *(["--standardize"] if standardize else []))
         run_script("attack.py", log, "--checkpoint", os.path.join(run_dir, "model.pt"), "--measures", "clean", "pgd-l2", "exact-l2", "visualize",
-                   "--eps-l2", *EPS, "--target", "runner-up", "--steps", STEPS, "--n-samples", 600, "--device", device)
+                   "--eps-l2", *EPS, "--target", "runner-up", "--steps", STEPS, "--eval-samples", 600, "--device", device)
         res = files.read_json_object(os.path.join(run_dir, "attack.json"), "attack results")
         results[name] = {"clean_acc": res["clean"]["acc"], "robust_acc": {str(e): res["pgd_l2"][f"{e:g}"]["acc"] for e in EPS}}
         exact[name] = {str(e): res["exact_l2"][f"{e:g}"]["acc"] for e in EPS}
