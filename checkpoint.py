@@ -1,5 +1,6 @@
 """The checkpoint format, the project's one: model.pt (save_checkpoint writes it, read_classifier reads it back
-checked, load_checkpoint rebuilds its model, resume_checkpoint takes it for --resume), whether data fits it
+checked, load_checkpoint rebuilds its model, resume_checkpoint takes it for --resume), sbg.py's denoiser.pt in the
+same format (save_denoiser, read_denoiser), what --resume must find unchanged (check_resume_fits), whether data fits it
 (check_data_fits: dataset, classes, shape, and content), and metrics.jsonl beside it. Every training script
 writes through here; attack.py, sbg.py and the benches read through here.
 """
