@@ -15,7 +15,7 @@ Contents (run one part with `python -m pytest -q test_all.py::TestPagLoss`; test
   TestFiles         every file read or written: no code run, schemas, atomic writes, locks, faults (14)
   TestCommandLines  every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals (10)
   TestHouse         the code's shape: imports one way, copy-paste pieces that run alone (2)
-  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), CIFAR-10, Table 1, speed (24)
+  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), CIFAR-10, Table 1, speed, the GPU run (27)
 
 Above the classes: the shared helpers and fixtures (tiny runs, one-line-error checks, reference
 computations such as the official forwards and the analytic PAG loss).
@@ -2385,7 +2385,7 @@ class TestHouse:
             assert not found & benches, (name, found & benches)
             graph[name] = found & ours
         bench_layers = ["stats", "reports", "runner", "quickstart", "fashion_mnist", "lambda_per_source", "cifar10",
-                        "paper_table", "pag_speed", "toy"]
+                        "paper_table", "pag_speed", "toy", "gpu"]
         assert set(bench_layers) == benches
         for name in benches:
             found = imports(os.path.join(ROOT, "bench", name + ".py")) & benches
@@ -3290,3 +3290,84 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         for arch, size, batch, k, amp, chunk in stl_rows:
             assert (arch, batch, k, chunk) == (stl.arch, stl.batch_size, 10, stl.pag_chunk)
         assert {(s[0], s[4]) for s in bench.GPU_SETTINGS if s[1] == 32} == {(a, m) for a in ("resnet18", "vit") for m in ("fp32", "bf16")}
+
+    @pytest.mark.smoke
+    def test_gpu_bench_runs_every_part_with_the_committed_fashion_run(self, tmp_path):
+        """bench/gpu.py is run once on a GPU a session may never get again: --quick runs each part's code on the CPU.
+        The memory rows are train_pag.py's defaults (STL's 4 targets per pass), a row's projection is 100 epochs of
+        50,000 images, and the Fashion-MNIST run is the committed result's own command, its numbers beside it."""
+        gpu = load_bench("gpu")
+        raw = tmp_path / "fm" / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        gen = np.random.default_rng(0)
+        for prefix, n in (("train", 120), ("t10k", 40)):
+            for kind, array in (("images-idx3", gen.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+                                ("labels-idx1", (np.arange(n) % 10).astype(np.uint8))):
+                (raw / f"{prefix}-{kind}-ubyte").write_bytes(bytes([0, 0, 8, array.ndim]) + b"".join(
+                    d.to_bytes(4, "big") for d in array.shape) + array.tobytes())
+        out = tmp_path / "out"
+        result = gpu.main(["--quick", "--out-dir", str(out), "--data-dir", str(tmp_path / "fm")])
+        assert json.loads((out / "gpu.json").read_text()) == result and set(result["seconds"]) == set(gpu.PARTS)
+        assert [r["setting"] for r in result["memory"]] == [m[0] for m in gpu.MEMORY_SETTINGS]
+        for row in result["memory"]:
+            assert (row["settings"]["batch_size"], row["settings"]["targets_per_image"]) == (4, 2)
+            assert len(row["tries"]) == 1 and row["tries"][0]["peak_gib"] is None and row["fits_v100_16gib"] is None
+        stl = result["memory"][-1]
+        assert stl["settings"]["pag_chunk"] == train_pag.PAG_DATASET_DEFAULTS["stl10"]["pag_chunk"] == 4
+        speed = json.loads((out / "speed_cpu.json").read_text())
+        assert result["speed"]["rows"] == speed["rows"] and [r["arch"] for r in speed["rows"]] == ["cnn"]
+        for row in result["epochs"]:
+            assert row["images"] == 16 and row["train_seconds"] > 0
+            assert row["projected_hours"] == pytest.approx(100 * (row["train_seconds"] + row["check_seconds"]) * 50000 / 16 / 3600)
+        committed = json.loads(open(gpu.FASHION_RESULT).read())
+        fashion = result["fashion"]
+        assert fashion["command"] == committed["settings"]["train"] and fashion["attack"] == committed["settings"]["attack"]
+        assert fashion["cpu"] == {k: committed[k] for k in fashion["cpu"]}
+        here = fashion["here"]
+        assert all(0 <= here[m] <= here["clean"] <= 1 for m in ("aa_l2", "aa_linf"))
+        metrics = [json.loads(line) for line in (out / "fashion" / "metrics.jsonl").read_text().splitlines()]
+        assert here["val_acc"] == metrics[-1]["val_acc"] and len(metrics) == 1  # --quick: 1 epoch of 64 images
+        ckpt = torch.load(out / "fashion" / "model.pt", weights_only=True)
+        assert (ckpt["args"]["source"], ckpt["args"]["pag_coeff"], ckpt["args"]["seed"], ckpt["args"]["train_samples"]) == ("cm", 0.25, 0, 64)
+        with pytest.raises(UserError, match="needs --out-dir"):
+            gpu.main(["--quick"])
+
+    def test_gpu_bench_tries_smaller_chunks_until_a_v100_fits(self, monkeypatch):
+        """Where a paper default does not fit 16 GiB with 1 GiB of CUDA context, the chunk goes down from k - 1
+        (an out-of-memory try included) until one fits; a fitting default is tried once."""
+        gpu = load_bench("gpu")
+        peaks = {None: "oom", 9: 16.5, 8: 14.9}  # GiB by --pag-chunk (None: all 10 targets at once)
+        calls = []
+
+        def fake_train_on(images, method, flags):
+            chunk = int(flags[flags.index("--pag-chunk") + 1]) if "--pag-chunk" in flags else None
+            calls.append(chunk)
+            if peaks[chunk] == "oom":
+                raise torch.cuda.OutOfMemoryError("out of memory")
+            return peaks[chunk], {"train_seconds": 2.0}
+        monkeypatch.setattr(gpu, "train_on", fake_train_on)
+        monkeypatch.setattr(gpu, "MEMORY_SETTINGS", [("CIFAR-10 ResNet-18", "cifar10", [])])
+        (row,) = gpu.memory_part(quick=False)
+        assert calls == [None, 9, 8] and row["fits_v100_16gib"] is True and row["fitting_chunk"] == 8
+        assert [t["peak_gib"] for t in row["tries"]] == ["out of memory", 16.5, 14.9]
+        assert row["tries"][-1]["with_context_gib"] == pytest.approx(15.9) and row["tries"][-1]["step_seconds"] == 0.2
+        peaks[None], calls[:] = 3.0, []
+        (row,) = gpu.memory_part(quick=False)
+        assert calls == [None] and row["fits_v100_16gib"] is True and row["fitting_chunk"] is None
+
+    def test_gpu_stage_carries_autoattack_code_and_fashion_mnist_only(self, tmp_path, monkeypatch):
+        gpu = load_bench("gpu")
+        debian = tmp_path / "debian"
+        debian.mkdir()
+        for name in gpu.FASHION_FILES:
+            (debian / name).write_bytes(name.encode())
+        monkeypatch.setattr(gpu, "CARRY", str(tmp_path / "carry"))
+        monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", str(debian))
+        gpu.main(["--stage"])
+        carried = {os.path.relpath(os.path.join(d, f), tmp_path / "carry") for d, _, fs in os.walk(tmp_path / "carry") for f in fs}
+        assert {f"data/FashionMNIST/raw/{n}" for n in gpu.FASHION_FILES} <= carried
+        code = carried - {f"data/FashionMNIST/raw/{n}" for n in gpu.FASHION_FILES}
+        assert "pyautoattack/__init__.py" in code and all(f.startswith("pyautoattack/") and f.endswith(".py") for f in code)
+        (debian / gpu.FASHION_FILES[0]).unlink()
+        with pytest.raises(UserError, match="dataset-fashion-mnist"):
+            gpu.main(["--stage"])
