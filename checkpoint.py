@@ -26,25 +26,25 @@ def save_checkpoint(path, model, opt, sched, order_gen, sample_gen_states, args,
     """model.pt: the one schema, read back (and checked) by read_checkpoint and load_checkpoint. data_sha256: the
     content of the data it was trained on (data.Data.sha256); input_files_sha256: {flag: content hash} of the
     files the loss reads (train_pag.py's --sbg-file), which --resume must find unchanged."""
-    files.atomic_write(path, {
-        "format": CHECKPOINT_FORMAT, "kind": "classifier",
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "data_order_generator": order_gen.get_state(), "sample_generators": sample_gen_states,
-        "torch_rng": torch.get_rng_state(), "epoch": epoch,
-        "arch": args.arch, "dataset": args.dataset, "num_classes": data.num_classes,
-        "input_shape": tuple(data.input_shape), "classes": list(data.classes) if data.classes else None,
-        "args": vars(args), "data_sha256": data.sha256, "input_files_sha256": input_files_sha256 or {},
-        "pag_source": getattr(args, "source", None),  # None: no PAG term (baseline or adversarial training)
-    })
+    _write(path, "classifier", model, opt, order_gen, sample_gen_states, args, data, epoch,
+           scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(), arch=args.arch, dataset=args.dataset,
+           classes=list(data.classes) if data.classes else None, input_files_sha256=input_files_sha256 or {},
+           pag_source=getattr(args, "source", None))  # None: no PAG term (baseline or adversarial training)
 
 
 def save_denoiser(path, net, opt, order_gen, sample_gen_states, args, data, epoch):
     """sbg.py's denoiser.pt: the same format (and version) as model.pt, kind "sbg-denoiser", read by read_denoiser."""
+    _write(path, "sbg-denoiser", net, opt, order_gen, sample_gen_states, args, data, epoch, dataset=data.name)
+
+
+def _write(path, kind, net, opt, order_gen, sample_gen_states, args, data, epoch, **own):
+    """The format's one writer: what every checkpoint holds (weights, optimiser, random streams, epoch, settings,
+    the data's shape and content), then the kind's `own` fields."""
     files.atomic_write(path, {
-        "format": CHECKPOINT_FORMAT, "kind": "sbg-denoiser", "model": net.state_dict(), "optimizer": opt.state_dict(),
+        "format": CHECKPOINT_FORMAT, "kind": kind, "model": net.state_dict(), "optimizer": opt.state_dict(),
         "data_order_generator": order_gen.get_state(), "sample_generators": sample_gen_states, "epoch": epoch,
-        "args": vars(args), "dataset": data.name, "num_classes": data.num_classes,
-        "input_shape": tuple(data.input_shape), "data_sha256": data.sha256,
+        "args": vars(args), "num_classes": data.num_classes, "input_shape": tuple(data.input_shape),
+        "data_sha256": data.sha256, **own,
     })
 
 

@@ -243,7 +243,7 @@ class Bench:
     def train(self, model, seed, lam=None):
         """The model's run folder with its checkpoint trained to the bench's epochs (resumed where it stopped; trained
         again where it is gone); refused if the folder was made with other settings. Returns (run folder, checkpoint,
-        log, epoch)."""
+        log, the checkpoint as read after training)."""
         key, want = self.key(model, seed, lam), self.settings(model, seed, lam)
         run_dir = self.run_dir(key)
         ckpt, log = os.path.join(run_dir, "model.pt"), os.path.join(run_dir, "run.log")
@@ -255,10 +255,10 @@ class Bench:
                                   "delete it or pass another --out-dir")
         if made_with is None:
             files.write_json(want, run_settings)
-        epoch = lambda: read_classifier(ckpt)["epoch"] if os.path.exists(ckpt) else 0  # noqa: E731
-        if epoch() < self.cfg.get("epochs", math.inf):  # the checkpoint's epoch, not metrics.jsonl's lines
-            sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if os.path.exists(ckpt) else []))
-        return run_dir, ckpt, log, epoch()
+        saved = read_classifier(ckpt)["epoch"] if os.path.exists(ckpt) else 0  # the checkpoint's, not metrics.jsonl's
+        if saved < self.cfg.get("epochs", math.inf):
+            sh(log, *self.command(model, seed, lam), "--out-dir", run_dir, *(["--resume"] if saved else []))
+        return run_dir, ckpt, log, read_classifier(ckpt)
 
     def standard_check(self, model, seed, lam, out):
         """Is AutoAttack's APGD-CE + APGD-T (what the benches run) enough here? Both it and standard AutoAttack
@@ -304,9 +304,9 @@ class Bench:
             if not self.align or old.get("align_sbg") is not None:
                 return
             # else: an earlier bench's file without its SBG alignment: made again (resumed where it can be)
-        run_dir, ckpt, log, done = self.train(model, seed, lam)
+        run_dir, ckpt, log, saved = self.train(model, seed, lam)
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        data_sha256 = read_classifier(ckpt).get("data_sha256")  # what it was trained on, by content
+        done, data_sha256 = saved["epoch"], saved.get("data_sha256")  # what it was trained on, by content
         by_epoch = {m["epoch"]: m for m in read_metrics(metrics_path, done)}
         last = by_epoch[done]
         train_seconds = sum(m["seconds"] for m in by_epoch.values())  # the run's own epochs, over every resume
