@@ -3325,9 +3325,9 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         assert fashion["cpu"] == {k: committed[k] for k in fashion["cpu"]}
         here = fashion["here"]
         assert all(0 <= here[m] <= here["clean"] <= 1 for m in ("aa_l2", "aa_linf"))
-        metrics = [json.loads(line) for line in (out / "fashion" / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(line) for line in (out / "gpu_runs" / "fashion" / "metrics.jsonl").read_text().splitlines()]
         assert here["val_acc"] == metrics[-1]["val_acc"] and len(metrics) == 1  # --quick: 1 epoch of 64 images
-        ckpt = torch.load(out / "fashion" / "model.pt", weights_only=True)
+        ckpt = torch.load(out / "gpu_runs" / "fashion" / "model.pt", weights_only=True)
         assert (ckpt["args"]["source"], ckpt["args"]["pag_coeff"], ckpt["args"]["seed"], ckpt["args"]["train_samples"]) == ("cm", 0.25, 0, 64)
         with pytest.raises(UserError, match="needs --out-dir"):
             gpu.main(["--quick"])

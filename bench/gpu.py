@@ -22,6 +22,7 @@ what the device tool carries). Parts, in this order (--parts picks some); <out-d
            PAG-OI and PAG-NN take PAG-CM's step (their targets are a lookup: NN's table is computed once, before the
            first epoch), PAG-SBG too plus reading its fields file.
 """
+import gc
 import json
 import os
 import platform
@@ -84,6 +85,7 @@ def train_on(images, method, flags):
     with tempfile.TemporaryDirectory() as out, mock.patch.object(D, "get_data", lambda *a, **k: images):
         args = parser_for(method).parse_args([*map(str, flags), "--epochs", "1", "--out-dir", out])
         if cuda:
+            gc.collect()  # an earlier try's tensors (a failed one's too) are not counted in this one's peak
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         T.train(args, method)
@@ -119,7 +121,9 @@ def memory_part(quick):
                 break
             chunk = (chunk or s.targets_per_image) - 1
         gib = lambda t: f"{t['peak_gib']:.2f} GiB" if isinstance(t["peak_gib"], float) else t["peak_gib"] or "(no GPU: no peak)"  # noqa: E731
-        print(f"  {label}: " + ", ".join(f"chunk {t['pag_chunk'] or 'all'} {gib(t)}" for t in row["tries"]), flush=True)
+        fits = {True: "fits", False: "does not fit", None: "(no GPU)"}[row["fits_v100_16gib"]]
+        print(f"  {label}: " + ", ".join(f"chunk {t['pag_chunk'] or 'all'} {gib(t)}" for t in row["tries"])
+              + f"; with {CONTEXT_GIB:g} GiB of context it {fits} a {V100_GIB:g} GiB V100", flush=True)
         rows.append(row)
     return rows
 
@@ -128,7 +132,7 @@ def speed_part(out_dir, quick):
     """bench/pag_speed.py on this device, every row in one run: its file, and its rows."""
     out = os.path.join(out_dir, "speed_gpu.json" if torch.cuda.is_available() else "speed_cpu.json")
     device = ["--device", "cuda"] if torch.cuda.is_available() else []
-    sh(os.path.join(out_dir, "logs", "speed.log"), "bench/pag_speed.py", *device, *(QUICK["speed"] if quick else []),
+    sh(os.path.join(out_dir, "gpu_runs", "speed.log"), "bench/pag_speed.py", *device, *(QUICK["speed"] if quick else []),
        "--out", out)
     rows = json.load(open(out))["rows"]
     ms = lambda v: f"{v * 1e3:.1f} ms" if v else "out of memory"  # noqa: E731
@@ -142,7 +146,8 @@ def fashion_part(out_dir, quick, data_dir):
     """The committed claims-bench run, trained and attacked again here with its own command, beside its numbers."""
     cpu = files.read_json_object(FASHION_RESULT, "bench result file")
     train, attack = shlex.split(cpu["settings"]["train"]), cpu["settings"]["attack"]
-    run_dir, log = os.path.join(out_dir, "fashion"), os.path.join(out_dir, "logs", "fashion.log")
+    run_dir = os.path.join(out_dir, "gpu_runs", "fashion")
+    log = os.path.join(run_dir + ".log")
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.time()
     sh(log, *train, *(QUICK["fashion"] if quick else []), "--data-dir", data_dir, "--out-dir", run_dir)
@@ -210,7 +215,8 @@ def main(argv=None):
     p.add_argument("--stage", action="store_true", help="copy what the GPU machine lacks into gpu_carry/ and stop")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure, in this order")
     p.add_argument("--quick", action="store_true", help="tiny sizes (on a CPU): that every part runs")
-    p.add_argument("--out-dir", help="gpu.json, speed_gpu.json, logs/ (default: bench/results; with --quick: required)")
+    p.add_argument("--out-dir", help="gpu.json, speed_gpu.json, and gpu_runs/ (the Fashion-MNIST run and the logs; "
+                                     "git-ignored) (default: bench/results; with --quick: required)")
     p.add_argument("--data-dir", default="data", help="where Fashion-MNIST is or goes (as the scripts' --data-dir; "
                                                        "--stage puts it in gpu_carry/data), relative to the project root")
     args = p.parse_args(argv)
