@@ -15,7 +15,7 @@ Contents (run one part with `python -m pytest -q test_all.py::TestPagLoss`; test
   TestFiles         every file read or written: no code run, schemas, atomic writes, locks, faults (14)
   TestCommandLines  every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals (10)
   TestHouse         the code's shape: imports one way, copy-paste pieces that run alone (2)
-  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), CIFAR-10, Table 1, speed, the GPU run (27)
+  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), CIFAR-10, Table 1, speed, the GPU run (28)
 
 Above the classes: the shared helpers and fixtures (tiny runs, one-line-error checks, reference
 computations such as the official forwards and the analytic PAG loss).
@@ -3292,7 +3292,7 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         assert {(s[0], s[4]) for s in bench.GPU_SETTINGS if s[1] == 32} == {(a, m) for a in ("resnet18", "vit") for m in ("fp32", "bf16")}
 
     @pytest.mark.smoke
-    def test_gpu_bench_runs_every_part_with_the_committed_fashion_run(self, tmp_path):
+    def test_gpu_bench_runs_every_part_with_the_committed_fashion_run(self, tmp_path, monkeypatch):
         """bench/gpu.py is run once on a GPU a session may never get again: --quick runs each part's code on the CPU.
         The memory rows are train_pag.py's defaults (STL's 4 targets per pass), a row's projection is 100 epochs of
         50,000 images, and the Fashion-MNIST run is the committed result's own command, its numbers beside it."""
@@ -3318,25 +3318,35 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         assert result["speed"]["rows"] == speed["rows"] and [r["arch"] for r in speed["rows"]] == ["cnn"]
         for row in result["epochs"]:
             assert row["images"] == 16 and row["train_seconds"] > 0
-            assert row["projected_hours"] == pytest.approx(100 * (row["train_seconds"] + row["check_seconds"]) * 50000 / 16 / 3600)
+            # 100 epochs: the training scaled to 50,000 images, the per-epoch check (1,000 images) as it is
+            assert row["projected_hours"] == pytest.approx((100 * 50000 / 16 * row["train_seconds"] + 100 * row["check_seconds"]) / 3600)
+        assert [r["row"] for r in result["epochs"]] == ["vanilla", "pag-cm", "pag-cm-vit"]
         committed = json.loads(open(gpu.FASHION_RESULT).read())
         fashion = result["fashion"]
         assert fashion["command"] == committed["settings"]["train"] and fashion["attack"] == committed["settings"]["attack"]
         assert fashion["cpu"] == {k: committed[k] for k in fashion["cpu"]}
+        remade = json.loads(open(gpu.FASHION_REMADE).read())
+        assert fashion["cpu_remade"] == {"commit": remade["commit"], **{k: remade["apgd"][k] for k in ("clean", "aa_l2", "aa_linf")}}
         here = fashion["here"]
         assert all(0 <= here[m] <= here["clean"] <= 1 for m in ("aa_l2", "aa_linf"))
         metrics = [json.loads(line) for line in (out / "gpu_runs" / "fashion" / "metrics.jsonl").read_text().splitlines()]
         assert here["val_acc"] == metrics[-1]["val_acc"] and len(metrics) == 1  # --quick: 1 epoch of 64 images
+        assert here["train_seconds"] == round(metrics[0]["seconds"], 1)  # with its check, as the result files count it
         ckpt = torch.load(out / "gpu_runs" / "fashion" / "model.pt", weights_only=True)
         assert (ckpt["args"]["source"], ckpt["args"]["pag_coeff"], ckpt["args"]["seed"], ckpt["args"]["train_samples"]) == ("cm", 0.25, 0, 64)
+        assert result["config"]["commit"] == gpu.git_commit() and result["config"]["v100_gib"] == pytest.approx(15.78, abs=0.01)
         with pytest.raises(UserError, match="needs --out-dir"):
             gpu.main(["--quick"])
+        monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
+        with pytest.raises(UserError, match="Fashion-MNIST is in neither"):  # checked before any part runs
+            gpu.main(["--quick", "--out-dir", str(tmp_path / "o2"), "--data-dir", str(tmp_path / "none"), "--parts", "fashion"])
+        assert not (tmp_path / "o2").exists()
 
     def test_gpu_bench_tries_smaller_chunks_until_a_v100_fits(self, monkeypatch):
         """Where a paper default does not fit 16 GiB with 1 GiB of CUDA context, the chunk goes down from k - 1
         (an out-of-memory try included) until one fits; a fitting default is tried once."""
         gpu = load_bench("gpu")
-        peaks = {None: "oom", 9: 16.5, 8: 14.9}  # GiB by --pag-chunk (None: all 10 targets at once)
+        peaks = {None: "oom", 5: 16.5, 4: 13.6}  # GiB by --pag-chunk (None: all 10 targets at once)
         calls = []
 
         def fake_train_on(images, method, flags):
@@ -3344,13 +3354,15 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
             calls.append(chunk)
             if peaks[chunk] == "oom":
                 raise torch.cuda.OutOfMemoryError("out of memory")
-            return peaks[chunk], {"train_seconds": 2.0}
+            return peaks[chunk], peaks[chunk] + 0.5, {"train_seconds": 2.0}
         monkeypatch.setattr(gpu, "train_on", fake_train_on)
         monkeypatch.setattr(gpu, "MEMORY_SETTINGS", [("CIFAR-10 ResNet-18", "cifar10", [])])
         (row,) = gpu.memory_part(quick=False)
-        assert calls == [None, 9, 8] and row["fits_v100_16gib"] is True and row["fitting_chunk"] == 8
-        assert [t["peak_gib"] for t in row["tries"]] == ["out of memory", 16.5, 14.9]
-        assert row["tries"][-1]["with_context_gib"] == pytest.approx(15.9) and row["tries"][-1]["step_seconds"] == 0.2
+        # out of memory at 10: half; 16.5 GiB at 5: aim at 5 * (15.78 - 1 - 0.17) / 16.5 = 4.4 -> 4, which fits
+        unloaded = (60000 - 640 - 1000) * 3 * 32 * 32 / 2**30  # CIFAR's images not loaded here: 0.17 GiB
+        assert calls == [None, 5, 4] and row["fits_v100_16gib"] is True and row["fitting_chunk"] == 4
+        assert [t["peak_gib"] for t in row["tries"]] == ["out of memory", 16.5, 13.6] and row["unloaded_images_gib"] == pytest.approx(unloaded)
+        assert row["tries"][-1]["needed_gib"] == pytest.approx(13.6 + unloaded + 1) and row["tries"][-1]["step_seconds"] == 0.2
         peaks[None], calls[:] = 3.0, []
         (row,) = gpu.memory_part(quick=False)
         assert calls == [None] and row["fits_v100_16gib"] is True and row["fitting_chunk"] is None
@@ -3366,8 +3378,23 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         gpu.main(["--stage"])
         carried = {os.path.relpath(os.path.join(d, f), tmp_path / "carry") for d, _, fs in os.walk(tmp_path / "carry") for f in fs}
         assert {f"data/FashionMNIST/raw/{n}" for n in gpu.FASHION_FILES} <= carried
-        code = carried - {f"data/FashionMNIST/raw/{n}" for n in gpu.FASHION_FILES}
+        code = carried - {f"data/FashionMNIST/raw/{n}" for n in gpu.FASHION_FILES} - {"COMMIT"}
+        assert (tmp_path / "carry" / "COMMIT").read_text().split()[0] == subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         assert "pyautoattack/__init__.py" in code and all(f.startswith("pyautoattack/") and f.endswith(".py") for f in code)
         (debian / gpu.FASHION_FILES[0]).unlink()
         with pytest.raises(UserError, match="dataset-fashion-mnist"):
             gpu.main(["--stage"])
+
+    def test_gpu_bench_keeps_the_other_parts_when_one_fails(self, tmp_path, monkeypatch):
+        gpu = load_bench("gpu")
+
+        def broken(out_dir, quick):
+            raise RuntimeError("CUDA error: an illegal memory access")
+        monkeypatch.setattr(gpu, "speed_part", broken)
+        monkeypatch.setattr(gpu, "epochs_part", lambda quick: [{"row": "vanilla"}])
+        with pytest.raises(UserError, match="speed failed .* --parts speed"):
+            gpu.main(["--quick", "--out-dir", str(tmp_path), "--parts", "speed", "epochs"])
+        written = json.loads((tmp_path / "gpu.json").read_text())
+        assert written["speed"] == {"error": "RuntimeError: CUDA error: an illegal memory access"}
+        assert written["epochs"] == [{"row": "vanilla"}] and set(written["seconds"]) == {"speed", "epochs"}

@@ -11,16 +11,21 @@ what the device tool carries). Parts, in this order (--parts picks some); <out-d
   memory   train_pag.py's own loop (train_baseline.train with train_pag.PAG, every flag at its default) at each paper
            setting: CIFAR-10 ResNet-18 and ViT, CIFAR-100, STL-10; on random images of the dataset's shape (no CIFAR or
            STL files exist there; the cost does not depend on the pixels), MEMORY_STEPS batches and the per-epoch
-           check; torch.cuda.max_memory_allocated + CONTEXT_GIB for the CUDA context against a 16 GiB V100. Where it
-           does not fit: --pag-chunk from k - 1 down, until one fits.
+           check; torch.cuda.max_memory_allocated, plus the images of the whole splits not loaded here and
+           CONTEXT_GIB for the CUDA context, against a 16 GB V100 (V100_GIB). Where it does not fit: smaller
+           --pag-chunk (aimed from the peak), until one fits.
   speed    bench/pag_speed.py --device cuda: every row, our step beside the official-style step and the CE step, in
            one run -> <out-dir>/speed_gpu.json.
   fashion  the claims bench's PAG-CM lambda 0.25 seed 0 (its committed command, bench/results/fashion_mnist_runs/)
-           trained with train_pag.py and attacked with attack.py on the GPU, beside the committed CPU numbers.
-  epochs   one epoch of 50,000 random 32-px images at the paper's settings (ResNet-18, batch 64, SGD, augmentation,
-           the per-epoch check on 1,000 images): vanilla and PAG-CM. x100 = a Table 1 row's projected wall time;
-           PAG-OI and PAG-NN take PAG-CM's step (their targets are a lookup: NN's table is computed once, before the
-           first epoch), PAG-SBG too plus reading its fields file.
+           trained with train_pag.py and attacked with attack.py on the GPU, beside the committed CPU numbers and the
+           same row retrained later on the CPU (fashion_mnist_standard_aa.json): the code changed in between.
+  epochs   random 32-px images at the paper's settings (batch 64, SGD, augmentation, the per-epoch check on 1,000
+           images): one epoch of 50,000 for vanilla and PAG-CM (ResNet-18), 10,000 for PAG-CM ViT. A Table 1 row's
+           projected wall time: 100 x (the training scaled to 50,000 images + the check). PAG-OI and PAG-NN take
+           PAG-CM's step (their targets are a lookup: NN's table is computed once, before the first epoch), PAG-SBG
+           too plus reading its fields file.
+A part that fails is recorded with its error and the others still run; the run then ends with one error line.
+The fashion part's needs (AutoAttack, the four files) are checked before anything runs.
 """
 import gc
 import json
@@ -28,6 +33,7 @@ import os
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +43,7 @@ import torch
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
-from runner import ROOT, sh  # noqa: E402 - scripts as one-thread processes, logged
+from runner import ROOT, git_commit as repo_commit, sh  # noqa: E402 - scripts as one-thread processes, logged
 import cli  # noqa: E402
 import data as D  # noqa: E402
 import files  # noqa: E402
@@ -47,14 +53,19 @@ import train_pag as P  # noqa: E402
 RESULTS = os.path.join(ROOT, "bench", "results")
 CARRY = os.path.join(ROOT, "gpu_carry")
 PARTS = ("memory", "speed", "fashion", "epochs")
-CONTEXT_GIB, V100_GIB = 1.0, 16.0  # the issue's count for the CUDA context; a V100's 16 GB
+CONTEXT_GIB = 1.0  # the issue's count for the CUDA context
+V100_GIB = 16160 / 1024  # what nvidia-smi reports for a 16 GB V100 (PCIe): 16,160 MiB
+FULL_SPLITS = {"cifar10": 60000, "cifar100": 60000, "stl10": 13000}  # images a real run holds on the GPU (train + test)
 MEMORY_STEPS, EPOCH_IMAGES, EPOCHS_PER_ROW = 10, 50000, 100
 SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "stl10": (3, 96, 96)}
 # (label, dataset, extra flags): train_pag.py at each paper default (the flags are what differs from them)
 MEMORY_SETTINGS = [("CIFAR-10 ResNet-18", "cifar10", []), ("CIFAR-10 ViT", "cifar10", ["--arch", "vit"]),
                    ("CIFAR-100 ResNet-18", "cifar100", []), ("STL-10 ResNet-18", "stl10", [])]
-EPOCH_ROWS = [("vanilla", T.BASELINE, []), ("pag-cm", P.PAG, ["--source", "cm"])]
+# (row, method, flags, images timed): PAG-CM stands for PAG-OI/NN/SBG (the same step); ViT on a fifth of an epoch
+EPOCH_ROWS = [("vanilla", T.BASELINE, [], 50000), ("pag-cm", P.PAG, ["--source", "cm"], 50000),
+              ("pag-cm-vit", P.PAG, ["--source", "cm", "--arch", "vit"], 10000)]
 FASHION_RESULT = os.path.join(RESULTS, "fashion_mnist_runs", "pag-cm_lambda0.25_seed0.json")
+FASHION_REMADE = os.path.join(RESULTS, "fashion_mnist_standard_aa.json")  # the same row retrained on the CPU later
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
 # --quick: the same code paths at sizes a CPU runs in seconds (never compared with anything)
@@ -90,8 +101,14 @@ def train_on(images, method, flags):
             torch.cuda.reset_peak_memory_stats()
         T.train(args, method)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None  # + the allocator's cached blocks
         metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return peak, metrics[-1]
+    return peak, reserved, metrics[-1]
+
+
+def out_of_memory(e):
+    """CUDA's out-of-memory error, or cuDNN's / cuBLAS's allocation failure (a RuntimeError)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
 def memory_part(quick):
@@ -105,25 +122,33 @@ def memory_part(quick):
         row = {"setting": label, "command": "train_pag.py " + shlex.join(flags),
                "settings": {k: getattr(s, k) for k in ("arch", "batch_size", "targets_per_image", "pag_chunk",
                                                        "pag_formulation", "amp", "augment", "eval_samples")}, "tries": []}
+        # Images a real run also holds on the GPU (the whole splits), beyond the ones loaded here.
+        unloaded_gib = (FULL_SPLITS[dataset] - len(images.train_y) - len(images.test_y)) * images.train_x[0].numel() / 2**30
+        row["unloaded_images_gib"] = unloaded_gib
         chunk = s.pag_chunk  # None: all k targets in one pass
         while True:
             try:
-                peak, m = train_on(images, P.PAG, flags + ([] if chunk == s.pag_chunk else ["--pag-chunk", chunk]))
-            except torch.cuda.OutOfMemoryError:
-                peak, m = "out of memory", None
-            with_context = peak + CONTEXT_GIB if isinstance(peak, float) else None
-            row["tries"].append({"pag_chunk": chunk, "peak_gib": peak, "with_context_gib": with_context, "steps": steps,
-                                 "step_seconds": m and m["train_seconds"] / steps})  # the first steps included
-            fits = with_context is not None and with_context <= V100_GIB
-            if fits or peak is None or (chunk or s.targets_per_image) <= 1:  # a CPU has no peak: one try
+                peak, reserved, m = train_on(images, P.PAG, flags + ([] if chunk == s.pag_chunk else ["--pag-chunk", chunk]))
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
+                peak, reserved, m = "out of memory", None, None
+            need = peak + unloaded_gib + CONTEXT_GIB if isinstance(peak, float) else None
+            row["tries"].append({"pag_chunk": chunk, "peak_gib": peak, "reserved_gib": reserved, "needed_gib": need,
+                                 "steps": steps, "step_seconds": m and m["train_seconds"] / steps})  # first steps included
+            fits = need is not None and need <= V100_GIB
+            current = chunk or s.targets_per_image
+            if fits or peak is None or current <= 1:  # a CPU has no peak: one try
                 row["fits_v100_16gib"] = None if peak is None else fits
                 row["fitting_chunk"] = chunk if fits and chunk != s.pag_chunk else None
                 break
-            chunk = (chunk or s.targets_per_image) - 1
+            # A pass's memory grows with its targets: aim at the chunk that would fit, one less if that is no step down.
+            guess = int(current * (V100_GIB - CONTEXT_GIB - unloaded_gib) / (peak + 0.0)) if need else current // 2
+            chunk = max(1, min(current - 1, guess))
         gib = lambda t: f"{t['peak_gib']:.2f} GiB" if isinstance(t["peak_gib"], float) else t["peak_gib"] or "(no GPU: no peak)"  # noqa: E731
         fits = {True: "fits", False: "does not fit", None: "(no GPU)"}[row["fits_v100_16gib"]]
         print(f"  {label}: " + ", ".join(f"chunk {t['pag_chunk'] or 'all'} {gib(t)}" for t in row["tries"])
-              + f"; with {CONTEXT_GIB:g} GiB of context it {fits} a {V100_GIB:g} GiB V100", flush=True)
+              + f"; with the whole splits and {CONTEXT_GIB:g} GiB of context it {fits} a {V100_GIB:.2f} GiB V100", flush=True)
         rows.append(row)
     return rows
 
@@ -150,7 +175,7 @@ def fashion_part(out_dir, quick, data_dir):
     log = os.path.join(run_dir + ".log")
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.time()
-    sh(log, *train, *(QUICK["fashion"] if quick else []), "--data-dir", data_dir, "--out-dir", run_dir)
+    sh(log, *train, *(QUICK["fashion"] if quick else []), "--data-dir", data_dir, "--no-download", "--out-dir", run_dir)
     train_seconds = time.time() - start
     res = os.path.join(run_dir, "attack_test.json")
     sh(log, "attack.py", "--checkpoint", os.path.join(run_dir, "model.pt"), "--measures", "clean", "aa-l2", "aa-linf",
@@ -162,32 +187,53 @@ def fashion_part(out_dir, quick, data_dir):
     here = {"clean": r["clean"]["acc"], "aa_l2": r["aa_l2"][f"{attack['eps_l2']:g}"]["acc"],
             "aa_linf": r["aa_linf"][f"{attack['eps_linf']:g}"]["acc"],
             "align_nn": r["align"]["nn test"]["cos"], "val_acc": metrics[-1]["val_acc"],
-            "train_seconds": round(sum(m["train_seconds"] for m in metrics), 1), "wall_seconds": round(train_seconds, 1)}
+            # as the bench's result files count it: every epoch with its per-epoch check
+            "train_seconds": round(sum(m["seconds"] for m in metrics), 1), "wall_seconds": round(train_seconds, 1)}
     cpu_numbers = {k: cpu[k] for k in ("clean", "aa_l2", "aa_linf", "align_nn", "val_acc", "train_seconds")}
+    remade = files.read_json_object(FASHION_REMADE, "standard AutoAttack check")  # the row retrained later, same command
+    cpu_remade = {"commit": remade["commit"], **{k: remade["apgd"][k] for k in ("clean", "aa_l2", "aa_linf")}}
     for where, nums in (("here", here), ("committed CPU run", cpu_numbers)):
         print(f"  {where}: clean {nums['clean']:.1%}, AA L2 {nums['aa_l2']:.1%}, L-inf {nums['aa_linf']:.1%}, align NN "
               f"{nums['align_nn']:.3f}, training {nums['train_seconds']:.0f}s", flush=True)
     return {"command": " ".join(train), "attack": attack, "cpu_result": os.path.relpath(FASHION_RESULT, ROOT),
             "cpu_commit": cpu.get("commit"), "here": here,
-            "cpu": cpu_numbers,
+            "cpu": cpu_numbers, "cpu_remade": cpu_remade, "commit": git_commit(),
             "quick": quick}
 
 
 def epochs_part(quick):
-    """One epoch of EPOCH_IMAGES random CIFAR-10-shaped images per row, at the paper's settings: seconds, projected."""
-    n = QUICK["epoch_images"] if quick else EPOCH_IMAGES
-    images = random_images("cifar10", n, 1000)
+    """Per row, one epoch (or part of one) of random CIFAR-10-shaped images at the paper's settings, and its per-epoch
+    check: seconds, and 100 epochs of 50,000 images projected (training scaled by the images; the check is per epoch)."""
     rows = []
-    for name, method, extra in EPOCH_ROWS:
+    for name, method, extra, n in EPOCH_ROWS:
+        n = QUICK["epoch_images"] if quick else n
         flags = ["--dataset", "cifar10", *extra, *(QUICK["flags"] + QUICK["pag_flags"] * (method is P.PAG) if quick else [])]
-        peak, m = train_on(images, method, flags)
+        peak, _, m = train_on(random_images("cifar10", n, 1000), method, flags)
+        check = m["seconds"] - m["train_seconds"]
         rows.append({"row": name, "command": f"{'train_pag.py' if method is P.PAG else 'train_baseline.py'} {shlex.join(flags)}",
-                     "images": n, "train_seconds": m["train_seconds"], "check_seconds": m["seconds"] - m["train_seconds"],
+                     "images": n, "train_seconds": m["train_seconds"], "check_seconds": check,
                      "images_per_second": n / m["train_seconds"], "peak_gib": peak,
-                     "projected_hours": EPOCHS_PER_ROW * m["seconds"] * (EPOCH_IMAGES / n) / 3600})
-        print(f"  {name}: {m['train_seconds']:.0f}s training + {m['seconds'] - m['train_seconds']:.0f}s check per epoch "
-              f"of {n} images -> {rows[-1]['projected_hours']:.1f} h for {EPOCHS_PER_ROW} epochs", flush=True)
+                     "projected_hours": EPOCHS_PER_ROW * (m["train_seconds"] * EPOCH_IMAGES / n + check) / 3600})
+        print(f"  {name}: {m['train_seconds']:.0f}s training ({n / m['train_seconds']:.0f} img/s) + {check:.0f}s check "
+              f"-> {rows[-1]['projected_hours']:.1f} h for {EPOCHS_PER_ROW} epochs of {EPOCH_IMAGES} images", flush=True)
     return rows
+
+
+def git_commit():
+    """This code's commit: git's, else the one --stage wrote into gpu_carry/ (a device's copy may have no .git)."""
+    path = os.path.join(CARRY, "COMMIT")
+    return repo_commit() or (open(path).read().strip() if os.path.exists(path) else None)
+
+
+def preflight(args):
+    """What the fashion part needs, checked before any GPU time is spent: AutoAttack importable, the four files."""
+    import attack
+    attack.import_autoattack()  # one error line naming what to install (or carry) when it is missing
+    folders = [os.path.join(ROOT, args.data_dir, "FashionMNIST", "raw"), D.DEBIAN_FASHION_MNIST]
+    if not any(all(os.path.exists(os.path.join(f, n)) or os.path.exists(os.path.join(f, n[:-3])) for n in FASHION_FILES)
+               for f in folders):
+        raise files.UserError(f"Fashion-MNIST is in neither {folders[0]} nor {folders[1]}: pass --data-dir (on an offline "
+                              "machine: python bench/gpu.py --stage here, then --data-dir gpu_carry/data there)")
 
 
 def stage():
@@ -205,6 +251,9 @@ def stage():
         if not os.path.exists(path):
             raise files.UserError(f"{path} is missing: apt-get install dataset-fashion-mnist")
         shutil.copy(path, raw)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    files.atomic_write(os.path.join(CARRY, "COMMIT"), text=f"{repo_commit()}{' with uncommitted changes' if status else ''}\n")
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(CARRY) for f in fs)
     print(f"wrote {os.path.relpath(CARRY)}/ ({size / 2**20:.1f} MiB): carry it, and run with PYTHONPATH=gpu_carry "
           "and --data-dir gpu_carry/data")
@@ -226,20 +275,35 @@ def main(argv=None):
         raise files.UserError("--quick needs --out-dir (it never writes into bench/results)")
     if not args.quick and not torch.cuda.is_available():
         raise files.UserError("no GPU here: bench/gpu.py measures a GPU (--quick checks the parts on a CPU)")
+    if "fashion" in args.parts:
+        preflight(args)
     out_dir = os.path.abspath(args.out_dir or RESULTS)
     out = os.path.join(out_dir, "gpu.json")
     result = {"config": {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                          "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                         "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "context_gib": CONTEXT_GIB,
+                         "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "quick": args.quick, "context_gib": CONTEXT_GIB,
                          "v100_gib": V100_GIB, "memory_steps": MEMORY_STEPS, "epoch_images": EPOCH_IMAGES}}
+    failed = []
     for part in [q for q in PARTS if q in args.parts]:
         print(f"{part}:", flush=True)
         start = time.time()
-        result[part] = (memory_part(args.quick) if part == "memory" else speed_part(out_dir, args.quick) if part == "speed"
-                        else fashion_part(out_dir, args.quick, args.data_dir) if part == "fashion" else epochs_part(args.quick))
+        try:  # one part failing keeps the others: a GPU session is rare
+            result[part] = (memory_part(args.quick) if part == "memory" else speed_part(out_dir, args.quick)
+                            if part == "speed" else fashion_part(out_dir, args.quick, args.data_dir) if part == "fashion"
+                            else epochs_part(args.quick))
+        except Exception as e:  # noqa: BLE001 - recorded, and the run ends with an error line naming it
+            result[part] = {"error": f"{type(e).__name__}: {e}"}
+            failed.append(part)
+            print(f"  {part} failed: {result[part]['error']}", flush=True)
+        if torch.cuda.is_available():
+            gc.collect()
+            torch.cuda.empty_cache()  # the next part's processes get the memory this one cached
         result.setdefault("seconds", {})[part] = round(time.time() - start, 1)
         files.write_json(result, out)  # after every part: a run cut short keeps what it measured
     print(f"wrote {os.path.relpath(out)}")
+    if failed:
+        raise files.UserError(f"{', '.join(failed)} failed (each error is above and in {os.path.relpath(out)}); run "
+                              f"them again with --parts {' '.join(failed)} --out-dir elsewhere")
     return result
 
 
