@@ -195,6 +195,8 @@ def fashion_part(out_dir, quick, data_dir):
     for where, nums in (("here", here), ("committed CPU run", cpu_numbers)):
         print(f"  {where}: clean {nums['clean']:.1%}, AA L2 {nums['aa_l2']:.1%}, L-inf {nums['aa_linf']:.1%}, align NN "
               f"{nums['align_nn']:.3f}, training {nums['train_seconds']:.0f}s", flush=True)
+    print(f"  CPU retrain at {cpu_remade['commit'][:7]}: clean {cpu_remade['clean']:.1%}, AA L2 {cpu_remade['aa_l2']:.1%}, "
+          f"L-inf {cpu_remade['aa_linf']:.1%}", flush=True)
     return {"command": " ".join(train), "attack": attack, "cpu_result": os.path.relpath(FASHION_RESULT, ROOT),
             "cpu_commit": cpu.get("commit"), "here": here,
             "cpu": cpu_numbers, "cpu_remade": cpu_remade, "commit": git_commit(),
