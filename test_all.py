@@ -2852,9 +2852,24 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
                                                                                           if k != "align_sbg"}),
                               "key": key, "seed": 0, "lambda": lam, "settings": budget.settings(model, 0, lam)},
                              budget.result_path(key))
+        # Each finished run's per-epoch log is kept beside its result file (the main bench's under the budget's name),
+        # so the per-epoch curves are drawn again from committed files on a machine without the run folders.
+        line = {"epoch": 1, "loss": 1.0, "ce": 0.5, "pag": 0.5, "eval_split": "val", "val_acc": 0.6, "val_pgd_l2_0.5_acc": 0.25}
+        for run in (out / "budget" / budget.key("pag-cm", 0, 0.05), out / bench.key("pag-cm", 0, 0.05)):
+            run.mkdir(parents=True)
+            (run / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+        (out / bench.key("vanilla", 0)).mkdir()
+        (out / bench.key("vanilla", 0) / "metrics.jsonl").write_text("")  # no finished epoch: no curve, no copy
         curve = c10.budget_curve({**cfg, "budgets": [[256, 1], [384, 1]]}, str(out), str(res), 1, bench)
         assert [(p["train_samples"], p["model"], p["clean"]) for p in curve["points"]] == \
             [(256, "vanilla", 0.7), (256, "pag-cm", 0.7), (384, "vanilla", 0.9), (384, "pag-cm", 0.85)]
+        want = [{"epoch": 1, "val_acc": 0.6, "pag": 0.5, "val_pgd_l2_acc": 0.25}]
+        assert [p["per_epoch"] for p in curve["points"]] == [None, want, None, want]
+        assert sorted(p.name for p in (res / "cifar10_quick_budget_runs").glob("*.metrics.jsonl")) == \
+            ["pag-cm_lambda0.05_seed0_n256_e1.metrics.jsonl", "pag-cm_lambda0.05_seed0_n384_e1.metrics.jsonl"]
+        shutil.rmtree(out)
+        again = c10.budget_curve({**cfg, "budgets": [[256, 1], [384, 1]]}, str(out), str(res), 1, bench)
+        assert [p["per_epoch"] for p in again["points"]] == [None, want, None, want]
         assert (res / "cifar10_quick_budget.png").stat().st_size > 1000 and "| 384 | 1 | pag-cm | 85.0 |" in \
             (res / "cifar10_quick_budget.md").read_text()
 

@@ -36,6 +36,7 @@ import files  # noqa: E402 - the one atomic writer
 import fashion_mnist as fm  # noqa: E402 - the claims bench: its protocol, rule and tables
 from reports import budget_figure, budget_markdown, natural_images_notes  # noqa: E402
 from runner import add_bench_flags, git_commit, run_jobs, sh  # noqa: E402
+from checkpoint import read_metrics, write_metrics  # noqa: E402 - metrics.jsonl, read checked
 
 RESULTS = os.path.join(BENCH, "results")
 JPEG_COPY = os.path.join("..", "shared", "cifar10-jpeg")  # relative to the project root, where jobs run
@@ -186,6 +187,18 @@ class BudgetBench(NaturalImagesBench):
         return {}
 
 
+def keep_epochs(run_dir, copy, epochs):
+    """A run's per-epoch log (metrics.jsonl: validation accuracy and PGD check, CE and PAG terms) copied beside its
+    result file, so the budget figure's per-epoch curves are drawn from committed files. Only a finished run's
+    (every epoch), and never over an existing copy (a fresh machine has no run folders). Returns the rows, or None."""
+    if not os.path.exists(copy):
+        rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"), epochs)
+        if len(rows) < epochs:
+            return None
+        write_metrics(copy, rows)
+    return read_metrics(copy, epochs)
+
+
 def budget_curve(cfg, out_dir, results_dir, workers, main):
     """Train and evaluate every budget (the main bench's from its own files), then <name>_budget.json/.md/.png."""
     main.select()
@@ -204,11 +217,18 @@ def budget_curve(cfg, out_dir, results_dir, workers, main):
     cost = {name: int(name.split()[1]) * int(name.split()[3]) * (10 if "pag" in name else 1) for name in jobs}
     run_jobs(jobs, {}, workers, cost)
     table = []
+    runs_dir = os.path.join(results_dir, f"{main.name}_budget_runs")
     for n, epochs, model, read in points:
         r = read()
+        same = (n, epochs) == (cfg["train_samples"], cfg["epochs"])  # the main bench's run: its folder, its key
+        copy = os.path.join(runs_dir, (f"{r['key']}_n{n}_e{epochs}" if same else r["key"]) + ".metrics.jsonl")
+        rows = keep_epochs(os.path.join(out_dir, *([] if same else ["budget"]), r["key"]), copy, epochs)
+        per_epoch = rows and [{"epoch": e["epoch"], "val_acc": e.get("val_acc"), "pag": e.get("pag"),
+                               "val_pgd_l2_acc": next((v for k, v in e.items() if k.startswith("val_pgd_l2_")), None)}
+                              for e in rows]
         table.append({"train_samples": n, "epochs": epochs, "images_seen": n * epochs, "model": model, "seed": seed,
                       "lambda": r["lambda"], **{m: r[m] for m in ("clean", "aa_l2", "aa_linf", "align_nn")},
-                      "train_seconds": r["train_seconds"], "commit": r.get("commit")})
+                      "train_seconds": r["train_seconds"], "commit": r.get("commit"), "per_epoch": per_epoch})
     config = {k: cfg[k] for k in ("data_label", "arch", "optimizer", "lr", "batch_size", "val_samples", "test_samples",
                                   "attack", "eps_l2", "eps_linf", "budgets", "budget_rows", "budget_seed")}
     out = {"config": {**config, "selected_lambda": lam}, "points": table}

@@ -249,26 +249,49 @@ def budget_markdown(out):
 
 
 def budget_figure(out, path):
-    """Clean and robust accuracy against the images a model saw in training, one line per model."""
+    """Top: clean and robust accuracy against the images a model saw in training, one line per model. Bottom (where
+    the points keep their per-epoch logs): each run's validation accuracy, its per-epoch PGD check and PAG-CM's PAG
+    term against the images seen so far, one colour per budget: where along a run robustness is won or lost."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     c = out["config"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True)
+    curves = [p for p in out["points"] if p.get("per_epoch")]
+    fig, axes = plt.subplots(2 if curves else 1, 3, figsize=(13, 8 if curves else 4), squeeze=False)
+    label = lambda model: model + (f" (λ {c['selected_lambda']:g})" if model != "vanilla" else "")  # noqa: E731
     for model in c["budget_rows"]:
         pts = sorted((p for p in out["points"] if p["model"] == model), key=lambda p: p["images_seen"])
-        for ax, m in zip(axes, ("clean", "aa_l2", "aa_linf")):
-            ax.plot([p["images_seen"] for p in pts], [100 * p[m] for p in pts], "o-",
-                    label=model + (f" (λ {c['selected_lambda']:g})" if model != "vanilla" else ""))
+        for ax, m in zip(axes[0], ("clean", "aa_l2", "aa_linf")):
+            ax.plot([p["images_seen"] for p in pts], [100 * p[m] for p in pts], "o-", label=label(model))
     names = {"clean": "clean accuracy (%)", "aa_l2": f"AutoAttack L2 ε={c['eps_l2']:g} (%)",
              "aa_linf": f"AutoAttack L∞ ε={c['eps_linf'] * 255:.0f}/255 (%)"}
-    for ax, m in zip(axes, names):
-        ax.set(xscale="log", xlabel="images seen in training (training images x epochs)", ylabel=names[m])
+    ticks = sorted({(p["images_seen"], p["train_samples"], p["epochs"]) for p in out["points"]})
+    for ax, m in zip(axes[0], names):
+        ax.set(xscale="log", xlabel="images seen in training (training images x epochs)", ylabel=f"test: {names[m]}")
+        ax.set_xticks([t[0] for t in ticks], [f"{n / 1000:g}k x {e}" for _, n, e in ticks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if curves:
+        budgets = sorted({(p["train_samples"], p["epochs"]) for p in curves})
+        colour = {b: f"C{i + 2}" for i, b in enumerate(budgets)}  # C0, C1: the models above
+        for p in curves:
+            b, style = (p["train_samples"], p["epochs"]), "--" if p["model"] == "vanilla" else "-"
+            seen = [e["epoch"] * p["train_samples"] for e in p["per_epoch"]]
+            name = f"{p['model']}, {b[0] // 1000}k x {b[1]}"
+            for ax, m in zip(axes[1], ("val_acc", "val_pgd_l2_acc", "pag")):
+                ys = [e[m] for e in p["per_epoch"]]
+                if all(y is not None for y in ys) and (m != "pag" or p["model"] != "vanilla"):
+                    ax.plot(seen, [100 * y if m != "pag" else y for y in ys], style, color=colour[b], marker=".", label=name)
+        for ax, y in zip(axes[1], (f"validation accuracy after each epoch (%, {c['val_samples']} images)",
+                                   f"validation PGD-L2 ε={c['eps_l2']:g} after each epoch (%)",
+                                   "PAG term in training (mean 1 − cos; lower: more aligned)")):
+            ax.set(xlabel="images seen so far (epoch x training images)", ylabel=y)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     budgets = ", ".join(f"{n // 1000}k x {e}" for n, e in c["budgets"])
     fig.suptitle(f"{c['data_label']}, {c['arch']}, seed {c['budget_seed']}: more images and epochs ({budgets}); "
-                 f"{c['test_samples']} test images", fontsize=10)
+                 f"{c['test_samples']} test images" + ("; dashed: vanilla, solid: PAG-CM" if curves else ""), fontsize=10)
     fig.tight_layout()
     files.save_figure(fig, path, dpi=110)
     plt.close(fig)
