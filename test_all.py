@@ -2642,6 +2642,8 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         with pytest.raises(UserError, match=r"job broke; stopped slow \(each continues.*finished 0 job"):
             runner.run_jobs({"slow": lambda: runner.sh(log, "-c", "import time; time.sleep(120)"), "fail": fail}, {}, 2)
         assert time.time() - start < 30
+        runner.sh(log, "-c", "print('after')")  # the stop ended with the bench: a later script in this process runs
+        assert open(log).read().endswith("after\n")
 
     def test_a_subset_of_rows_never_rewrites_the_tables_of_more_rows(self, tmp_path, capsys):
         """--rows vanilla beside the committed tables (every row, 8 seeds, the sweep at 3): it prints vanilla's numbers

@@ -146,6 +146,14 @@ CLAIMS_RESULT_FIELDS = {**RESULT_FIELDS, **{k: RESULT_OPTIONAL[k] for k in (
     **{k: lambda v: v is not None and RESULT_OPTIONAL["align_nn"](v) for k in ("align_nn", "align_sbg")}}  # numbers here
 
 
+def attack_command(cfg, ckpt, seed, out):
+    """The final evaluation on the test images: clean, AutoAttack L2 and L-inf, NN alignment (cfg: a bench config,
+    or a result file's settings["attack"]: aa_version, eps_l2, eps_linf, test_samples)."""
+    return ["attack.py", "--checkpoint", ckpt, "--measures", "clean", "aa-l2", "aa-linf", "align", "--aa-version",
+            cfg["aa_version"], "--eps-l2", cfg["eps_l2"], "--eps-linf", cfg["eps_linf"],
+            "--eval-samples", cfg["test_samples"], "--align-source", "nn", "--seed", seed, "--out", out]
+
+
 class ClaimsBench(Bench):
     """The claims bench on the runner: every row with held-out alignment, the lambda sweep, the selection on
     the validation split, and the tables, claims and figures from the result files."""
@@ -164,10 +172,7 @@ class ClaimsBench(Bench):
                       "--eval-samples", cfg["val_samples"], "--log-every", 100]
 
     def attack_command(self, ckpt, seed, out):
-        """The final evaluation on the test images: clean, AutoAttack L2 and L-inf, NN alignment."""
-        return ["attack.py", "--checkpoint", ckpt, "--measures", "clean", "aa-l2", "aa-linf", "align", "--aa-version",
-                self.cfg["aa_version"], "--eps-l2", self.cfg["eps_l2"], "--eps-linf", self.cfg["eps_linf"],
-                "--eval-samples", self.cfg["test_samples"], "--align-source", "nn", "--seed", seed, "--out", out]
+        return attack_command(self.cfg, ckpt, seed, out)
 
     def measures(self, res):
         """The runner's numbers, and the NN alignment that attack_command asks for."""

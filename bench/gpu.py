@@ -29,6 +29,7 @@ The fashion part's needs (AutoAttack, the four files) are checked before anythin
 """
 import gc
 import json
+import math
 import os
 import platform
 import shlex
@@ -45,6 +46,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 from runner import ROOT, git_commit as repo_commit, sh  # noqa: E402 - scripts as one-thread processes, logged
 import cli  # noqa: E402
+import fashion_mnist as fm  # noqa: E402 - the claims bench's attack command
+from checkpoint import read_metrics  # noqa: E402 - metrics.jsonl, read checked
 import data as D  # noqa: E402
 import files  # noqa: E402
 import train_baseline as T  # noqa: E402
@@ -102,7 +105,7 @@ def train_on(images, method, flags):
         T.train(args, method)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None  # + the allocator's cached blocks
-        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        metrics = read_metrics(os.path.join(out, "metrics.jsonl"), math.inf)
     return peak, reserved, metrics[-1]
 
 
@@ -178,12 +181,10 @@ def fashion_part(out_dir, quick, data_dir):
     sh(log, *train, *(QUICK["fashion"] if quick else []), "--data-dir", data_dir, "--no-download", "--out-dir", run_dir)
     train_seconds = time.time() - start
     res = os.path.join(run_dir, "attack_test.json")
-    sh(log, "attack.py", "--checkpoint", os.path.join(run_dir, "model.pt"), "--measures", "clean", "aa-l2", "aa-linf",
-       "align", "--aa-version", attack["aa_version"], "--eps-l2", attack["eps_l2"], "--eps-linf", attack["eps_linf"],
-       "--eval-samples", attack["test_samples"], "--align-source", "nn", "--seed", cpu["seed"],
-       *(QUICK["fashion_attack"] if quick else []), "--out", res)
+    sh(log, *fm.attack_command(attack, os.path.join(run_dir, "model.pt"), cpu["seed"], res),
+       *(QUICK["fashion_attack"] if quick else []))
     r = json.load(open(res))
-    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"), math.inf)
     here = {"clean": r["clean"]["acc"], "aa_l2": r["aa_l2"][f"{attack['eps_l2']:g}"]["acc"],
             "aa_linf": r["aa_linf"][f"{attack['eps_linf']:g}"]["acc"],
             "align_nn": r["align"]["nn test"]["cos"], "val_acc": metrics[-1]["val_acc"],

@@ -125,6 +125,7 @@ def run_jobs(jobs, needs, workers, cost=None):
     except BaseException as e:  # an interrupt, or a failed job: the other running jobs are stopped, not waited for
         stop_processes()
         pool.shutdown(wait=True)  # each running job's script has stopped: its thread ends at once
+        STOPPING.clear()  # every job has ended: a later sh() in this process (gpu.py's parts, a test) runs again
         finished = {running[f] for f in running if f.exception() is None}  # it had written its files already
         stopped = sorted(set(running.values()) - finished)
         done |= finished
