@@ -2872,6 +2872,16 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         shutil.rmtree(out)
         again = c10.budget_curve({**cfg, "budgets": [[256, 1], [384, 1]]}, str(out), str(res), 1, bench)
         assert [p["per_epoch"] for p in again["points"]] == [None, want, None, want]
+        # --collect --budget: the same files assembled, nothing trained; a missing or other-settings file refused.
+        assert c10.main([*argv, "--budget"])["points"] == again["points"] and not out.exists()
+        victim = tmp_path / os.path.relpath(budget.result_path(budget.key("vanilla", 0)), tmp_path)
+        kept = victim.read_text()
+        victim.write_text(json.dumps({**json.loads(kept), "settings": {**json.loads(kept)["settings"], "train": "other"}}))
+        assert_cli_error(c10.main, [*argv, "--budget"], "vanilla_seed0_n256_e1.json is made with other settings")
+        victim.unlink()
+        assert_cli_error(c10.main, [*argv, "--budget"], "vanilla_seed0_n256_e1.json is not there")
+        assert not out.exists()
+        victim.write_text(kept)
         assert (res / "cifar10_quick_budget.png").stat().st_size > 1000 and "| 384 | 1 | pag-cm | 85.0 |" in \
             (res / "cifar10_quick_budget.md").read_text()
 

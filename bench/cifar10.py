@@ -4,6 +4,7 @@
     python bench/cifar10.py --dataset cifar10    # the real CIFAR-10 (torchvision's files under --data-dir)
     python bench/cifar10.py --budget             # then: vanilla and PAG-CM at more images and epochs (seed 0)
     python bench/cifar10.py --collect            # the tables and figures from the committed result files; trains nothing
+    python bench/cifar10.py --collect --budget   # the same, and the budget curve's
     python bench/cifar10.py --quick              # smoke run on synthetic images (minutes)
 
 The claims bench's protocol (bench/fashion_mnist.py, whose code this reuses) on CIFAR-10 images: a fixed
@@ -199,8 +200,9 @@ def keep_epochs(run_dir, copy, epochs):
     return read_metrics(copy, epochs)
 
 
-def budget_curve(cfg, out_dir, results_dir, workers, main):
-    """Train and evaluate every budget (the main bench's from its own files), then <name>_budget.json/.md/.png."""
+def budget_curve(cfg, out_dir, results_dir, workers, main, collect=False):
+    """Train and evaluate every budget (the main bench's from its own files), then <name>_budget.json/.md/.png.
+    collect: only from the result files there are (a missing one is refused, nothing is trained)."""
     main.select()
     seed, lam = cfg["budget_seed"], main.lam
     points, jobs = [], {}
@@ -212,10 +214,16 @@ def budget_curve(cfg, out_dir, results_dir, workers, main):
                 points.append((n, epochs, model, lambda model=model, pag=pag: main.read_result(main.key(model, seed, pag))))
                 continue
             b = BudgetBench(cfg, out_dir, results_dir, workers, main.name, [n, epochs], lam)
+            if collect:  # its file, made with this budget's settings, or nothing is written
+                r, path = b.read_result(b.key(model, seed, pag)), b.result_path(b.key(model, seed, pag))
+                if r is None or r.get("settings") != json.loads(json.dumps(b.settings(model, seed, pag))):
+                    raise files.UserError(f"--collect --budget: {path} is {'not there' if r is None else 'made with other settings'}"
+                                          "; run python bench/cifar10.py --budget to make it")
             jobs[f"{model} {n} x {epochs}"] = lambda b=b, model=model, pag=pag: b.train_and_attack(model, seed, pag)
             points.append((n, epochs, model, lambda b=b, model=model, pag=pag: b.read_result(b.key(model, seed, pag))))
     cost = {name: int(name.split()[1]) * int(name.split()[3]) * (10 if "pag" in name else 1) for name in jobs}
-    run_jobs(jobs, {}, workers, cost)
+    if not collect:
+        run_jobs(jobs, {}, workers, cost)
     table = []
     runs_dir = os.path.join(results_dir, f"{main.name}_budget_runs")
     for n, epochs, model, read in points:
@@ -250,8 +258,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run on synthetic images: " + ", ".join(
         f"{k} {v}" for k, v in QUICK.items() if k not in ("sbg", "data_dir", "data_label")))
     p.add_argument("--budget", action="store_true", help="the budget curve (after the main bench: it needs its lambda)")
-    p.add_argument("--collect", action="store_true", help="only assemble the committed result files: never trains, "
-                                                          "refuses when one is missing")
+    p.add_argument("--collect", action="store_true", help="only assemble the committed result files (with --budget: "
+                                                          "the budget curve's too): never trains, refuses when one is missing")
     add_bench_flags(p, MODELS, "runs/<name>_bench")
     args = p.parse_args(argv)
     cfg = json.loads(json.dumps({**CONFIG, **(QUICK if args.quick else {})}))
@@ -276,7 +284,8 @@ def main(argv=None):
         if missing:
             raise files.UserError(f"--collect: {len(missing)} result file(s) are not in {bench.runs_dir} ({', '.join(missing[:4])}"
                                   f"{', ...' if len(missing) > 4 else ''}); run the bench without --collect to make them")
-        return bench.assemble(0.0)
+        out = bench.assemble(0.0)
+        return budget_curve(cfg, out_dir, results_dir, args.jobs, bench, collect=True) if args.budget else out
     if args.budget:
         if bench.missing():
             raise files.UserError("--budget needs the main bench's results (its selected lambda and its own budget): "
