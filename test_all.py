@@ -2835,6 +2835,7 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         assert got["claims"]["1"]["verdict"] == "holds" and got["claims"]["4"]["verdict"] == "not run"
         md = (res / "cifar10_quick_seeds.md").read_text()
         assert "| pag-oi | " in md and "| 46.63 / 13.50 |" in md and "| pgd-at |" in md and "*paper*:" in md
+        assert "| L∞ 8/255 |" in md and "0.03137" not in md  # the radius as the paper writes it
         assert "| 100 **(chosen)** | 0.900 | 0.700 | 0.300 | 0.400 | 0.300 |" in md and "(not run yet)" in md
         # The data folder's path is not a setting; the training command names it DATA_DIR.
         jpeg = c10.NaturalImagesBench(json.loads(json.dumps(c10.CONFIG)), str(out), str(res), 1, None, name="cifar10_jpeg")

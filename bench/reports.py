@@ -8,6 +8,12 @@ import files  # noqa: E402 - the one atomic writer
 
 
 # ----------------------------------------------------------------------------- the claims benches (fashion_mnist.py, cifar10.py)
+
+def eps_label(eps):
+    """A radius as a reader knows it: 8/255 for 8/255 (a few 8-bit steps of images in [0, 1]), 0.1 for 0.1."""
+    steps = eps * 255
+    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 and 1 <= round(steps) <= 16 else f"{eps:g}"
+
 def data_label(config):
     """What a claims bench ran on, for its tables and figures (the claims bench's config predates the key)."""
     return config.get("data_label", "Fashion-MNIST")
@@ -45,7 +51,7 @@ def claims_markdown(rows, lambda_rows, found, config, reference=None):
              + ("no PAG row" if config["selected_lambda"] is None else f"lambda {config['selected_lambda']:g} chosen on the "
                                                                        f"validation split of seeds {sweep_seeds}")
              + f"; {config['test_samples']} test images. Mean [95% t interval over seeds], accuracies in %.", "",
-             f"| model | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:.4g} | "
+             f"| model | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {eps_label(config['eps_linf'])} | "
              f"align NN (test) | align SBG (test) |{ref_head}", f"|---|---|---|---|---|---|{ref_rule}"]
     for m, r in rows.items():
         ref = ""
@@ -105,7 +111,7 @@ def per_source_markdown(rows, claim, config, lambdas, at_each):
     for src, v in val.items():
         cells = [f"**{mean(v[str(lam)])}**" if lam == own[src] else mean(v[str(lam)]) for lam in lambdas]
         lines.append(f"| {src} | " + " | ".join(cells) + f" | {own[src]:g} |")
-    lines += ["", f"| source | λ | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {config['eps_linf']:g} | "
+    lines += ["", f"| source | λ | clean | {config['attack']} L2 {config['eps_l2']:g} | L∞ {eps_label(config['eps_linf'])} | "
                   "align NN (test) | align SBG (test) |", "|---|---|---|---|---|---|---|"]
     for how in ("own", "common"):
         for src, r in rows[how].items():
@@ -238,7 +244,7 @@ def budget_markdown(out):
     """<name>_budget.md: each model at each budget (training images x epochs), one seed."""
     c = out["config"]
     lines = [f"{c['data_label']}, {c['arch']}, seed {c['budget_seed']}, PAG-CM at λ {c['selected_lambda']:g} (the main "
-             f"bench's choice); {c['test_samples']} test images, {c['attack']}, L2 {c['eps_l2']:g}, L∞ {c['eps_linf']:.4g}. "
+             f"bench's choice); {c['test_samples']} test images, {c['attack']}, L2 {c['eps_l2']:g}, L∞ {eps_label(c['eps_linf'])}. "
              "Accuracies in %; one seed: a direction, not an interval.", "",
              "| training images | epochs | model | clean | AA L2 | AA L∞ | align NN (test) | train minutes |",
              "|---|---|---|---|---|---|---|---|"]
@@ -264,7 +270,7 @@ def budget_figure(out, path):
         for ax, m in zip(axes[0], ("clean", "aa_l2", "aa_linf")):
             ax.plot([p["images_seen"] for p in pts], [100 * p[m] for p in pts], "o-", label=label(model))
     names = {"clean": "clean accuracy (%)", "aa_l2": f"AutoAttack L2 ε={c['eps_l2']:g} (%)",
-             "aa_linf": f"AutoAttack L∞ ε={c['eps_linf'] * 255:.0f}/255 (%)"}
+             "aa_linf": f"AutoAttack L∞ ε={eps_label(c['eps_linf'])} (%)"}
     ticks = sorted({(p["images_seen"], p["train_samples"], p["epochs"]) for p in out["points"]})
     for ax, m in zip(axes[0], names):
         ax.set(xscale="log", xlabel="images seen in training (training images x epochs)", ylabel=f"test: {names[m]}")
@@ -308,7 +314,7 @@ def paper_table_markdown(cfg, config, rows, missing, paper):
     lam = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
     counts = sorted({r["eval_samples"] for r in rows.values()})
     lines = [f"{cfg['dataset']}, {' / '.join(map(str, counts)) or cfg['test_samples']} test images attacked (the first "
-             f"N), {config['attack']}; L2 ε = {cfg['eps_l2']:g}, L∞ ε = {cfg['eps_linf']:.4g}. Each accuracy in % with its "
+             f"N), {config['attack']}; L2 ε = {cfg['eps_l2']:g}, L∞ ε = {eps_label(cfg['eps_linf'])}. Each accuracy in % with its "
              f"{config['interval']}. The paper's number stands beside each row for reference: {config['seed_spread']}. "
              f"Paper: {config['paper_source']}.",
              "", "| row | weights | λ | paper λ | clean | AA L2 | paper | AA L∞ | paper |",
