@@ -15,7 +15,7 @@ Contents (run one part with `python -m pytest -q test_all.py::TestPagLoss`; test
   TestFiles         every file read or written: no code run, schemas, atomic writes, locks, faults (14)
   TestCommandLines  every script's flags: one-line errors, numbers checked where parsed, help, pasted commands, signals (10)
   TestHouse         the code's shape: imports one way, copy-paste pieces that run alone (2)
-  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), CIFAR-10, Table 1, speed, the GPU run (28)
+  TestBench         bench/: statistics, the runner, the claims bench (and each source at its own λ), CIFAR-10, Table 1, speed, the GPU run (31)
 
 Above the classes: the shared helpers and fixtures (tiny runs, one-line-error checks, reference
 computations such as the official forwards and the analytic PAG loss).
@@ -2814,7 +2814,7 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         def put(model, seed, lam, clean, l2, linf, val=0.8):
             key = bench.key(model, seed, lam)
             files.write_json({**bench_result(model, clean, l2, linf, n=32, val_acc=val, **extra), "key": key, "seed": seed,
-                              "lambda": lam}, bench.result_path(key))
+                              "lambda": lam, "settings": bench.settings(model, seed, lam)}, bench.result_path(key))
         for seed in (0, 1):
             put("vanilla", seed, None, 0.9, 0.1 + 0.01 * seed, 0.0)
             put("pgd-at", seed, None, 0.8, 0.5, 0.3)
@@ -2823,8 +2823,13 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         for model in ("pag-oi", "pag-nn", "pag-sbg"):
             put(model, 0, 0.05, 0.85, 0.35, 0.12)
         argv = ["--quick", "--collect", "--out-dir", str(out), "--results-dir", str(res)]
-        assert_cli_error(c10.main, argv, "--collect", "pag-nn_lambda0.05_seed1")  # one missing: named, nothing trained
+        assert_cli_error(c10.main, argv, "--collect", "pag-nn_lambda0.05_seed1 (not there)")  # one missing: named, nothing trained
         assert not out.exists()
+        key = bench.key("pgd-at", 0)  # one made with other settings (another training command): not tabled either
+        kept = open(bench.result_path(key)).read()
+        files.write_json({**json.loads(kept), "settings": {**json.loads(kept)["settings"], "train": "other"}}, bench.result_path(key))
+        assert_cli_error(c10.main, argv, "pgd-at_seed0 (made with other settings)")
+        open(bench.result_path(key), "w").write(kept)
         for model in ("pag-oi", "pag-nn", "pag-sbg"):
             put(model, 1, 0.05, 0.84, 0.36, 0.13)
         files.write_json({"rows": [{"timestep": 100, "alpha_bar": 0.9, "consistency": 0.7, "cross_image": 0.3,
@@ -2856,23 +2861,33 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
                               "key": key, "seed": 0, "lambda": lam, "settings": budget.settings(model, 0, lam)},
                              budget.result_path(key))
         # Each finished run's per-epoch log is kept beside its result file (the main bench's under the budget's name),
-        # so the per-epoch curves are drawn again from committed files on a machine without the run folders.
-        line = {"epoch": 1, "loss": 1.0, "ce": 0.5, "pag": 0.5, "eval_split": "val", "val_acc": 0.6, "val_pgd_l2_0.5_acc": 0.25}
-        for run in (out / "budget" / budget.key("pag-cm", 0, 0.05), out / bench.key("pag-cm", 0, 0.05)):
+        # so the per-epoch curves are drawn again from committed files on a machine without the run folders. A log is
+        # its run's only if its last line holds the result's validation numbers.
+        line = lambda val: {"epoch": 1, "loss": 1.0, "ce": 0.5, "pag": 0.5, "eval_split": "val", "val_acc": val,  # noqa: E731
+                            "val_pgd_l2_0.5_acc": 0.1}
+        for run, val in ((out / "budget" / budget.key("pag-cm", 0, 0.05), 0.7), (out / bench.key("pag-cm", 0, 0.05), 0.78)):
             run.mkdir(parents=True)
-            (run / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+            (run / "metrics.jsonl").write_text(json.dumps(line(val)) + "\n")
         (out / bench.key("vanilla", 0)).mkdir()
         (out / bench.key("vanilla", 0) / "metrics.jsonl").write_text("")  # no finished epoch: no curve, no copy
         curve = c10.budget_curve({**cfg, "budgets": [[256, 1], [384, 1]]}, str(out), str(res), 1, bench)
         assert [(p["train_samples"], p["model"], p["clean"]) for p in curve["points"]] == \
             [(256, "vanilla", 0.7), (256, "pag-cm", 0.7), (384, "vanilla", 0.9), (384, "pag-cm", 0.85)]
-        want = [{"epoch": 1, "val_acc": 0.6, "pag": 0.5, "val_pgd_l2_acc": 0.25}]
-        assert [p["per_epoch"] for p in curve["points"]] == [None, want, None, want]
-        assert sorted(p.name for p in (res / "cifar10_quick_budget_runs").glob("*.metrics.jsonl")) == \
+        want = lambda val: [{"epoch": 1, "val_acc": val, "pag": 0.5, "val_pgd_l2_acc": 0.1}]  # noqa: E731
+        assert [p["per_epoch"] for p in curve["points"]] == [None, want(0.7), None, want(0.78)]
+        copies = res / "cifar10_quick_budget_runs"
+        assert sorted(p.name for p in copies.glob("*.metrics.jsonl")) == \
             ["pag-cm_lambda0.05_seed0_n256_e1.metrics.jsonl", "pag-cm_lambda0.05_seed0_n384_e1.metrics.jsonl"]
         shutil.rmtree(out)
         again = c10.budget_curve({**cfg, "budgets": [[256, 1], [384, 1]]}, str(out), str(res), 1, bench)
-        assert [p["per_epoch"] for p in again["points"]] == [None, want, None, want]
+        assert [p["per_epoch"] for p in again["points"]] == [None, want(0.7), None, want(0.78)]
+        # A copy of another run's log (swapped, or left from an earlier run) is refused, not drawn.
+        mine, other = (copies / f"pag-cm_lambda0.05_seed0_n{n}_e1.metrics.jsonl" for n in (256, 384))
+        kept = mine.read_text()
+        mine.write_text(other.read_text())
+        assert_cli_error(lambda argv: c10.budget_curve({**cfg, "budgets": [[256, 1], [384, 1]]}, str(out), str(res), 1, bench),
+                         [], "n256_e1.metrics.jsonl is not the per-epoch log of pag-cm_lambda0.05_seed0_n256_e1")
+        mine.write_text(kept)
         # --collect --budget: the same files assembled, nothing trained; a missing or other-settings file refused.
         assert c10.main([*argv, "--budget"])["points"] == again["points"] and not out.exists()
         victim = tmp_path / os.path.relpath(budget.result_path(budget.key("vanilla", 0)), tmp_path)
@@ -2938,15 +2953,38 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
         known |= {f"{100 * st['median']:.1f} [{100 * st['min']:.1f}, {100 * st['max']:.1f}]"
                   for st in (toy[m]["exact_robust_acc"]["15"] for m in ("vanilla", "pag"))}
         page = open(os.path.join(ROOT, "docs", "results.md")).read().replace("−", "-")
-        table = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
-        found = [m for line in table for m in re.findall(r"(?:r )?[+-]?\d+\.\d+ \[[+-]?\d+\.\d+, [+-]?\d+\.\d+\]", line)]
-        assert len(found) >= 15 and [m for m in found if m not in known] == []
-        verdicts = {"1.": seeds["claims"]["1"]["verdict"], "2. SBG": seeds["claims"]["2"]["verdict"],
-                    "2. same": per["claim_2"]["own"]["verdict"], "3.": seeds["claims"]["3"]["verdict"],
-                    "4.": seeds["claims"]["4"]["verdict"]}
-        for start, verdict in verdicts.items():
-            line = next(line for line in table if line.startswith(f"| {start}"))
-            assert line.split("|")[2].strip().startswith(f"**{verdict}**"), (start, verdict)
+        sections = {part.split("\n", 1)[0]: part for part in page.split("\n## ")}
+        cifar_page = next(part for title, part in sections.items() if title.startswith("CIFAR-10 images"))
+        page = page.replace(cifar_page, "")  # CIFAR-10's numbers are checked against its own files, below
+        regex = r"(?:r )?[+-]?\d+\.\d+ \[[+-]?\d+\.\d+, [+-]?\d+\.\d+\]"
+        for text, known, bench_seeds, verdicts, least in (
+                (page, known, seeds, {"1.": seeds["claims"]["1"]["verdict"], "2. SBG": seeds["claims"]["2"]["verdict"],
+                                      "2. same": per["claim_2"]["own"]["verdict"], "3.": seeds["claims"]["3"]["verdict"],
+                                      "4.": seeds["claims"]["4"]["verdict"]}, 15),
+                (cifar_page, None, json.load(open(os.path.join(res, "cifar10_jpeg_seeds.json"))), None, 8)):
+            if known is None:  # CIFAR-10: its comparisons, paired clean differences and correlations
+                claims, rows = bench_seeds["claims"], bench_seeds["rows"]
+                known = {pts(c) for k in ("1", "2") for c in claims[k]["comparisons"]}
+                known |= {pts(stats.paired(rows[a]["clean"]["per_seed"], rows[b]["clean"]["per_seed"], ""))
+                          for a in rows for b in rows if a != b}
+                known |= {f"r {c['difference']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" for c in claims["3"]["comparisons"]}
+                verdicts = {f"{k}.": claims[k]["verdict"] for k in ("1", "2", "3")}
+            table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+            found = [m for line in table for m in re.findall(regex, line)]
+            assert len(found) >= least and [m for m in found if m not in known] == []
+            for start, verdict in verdicts.items():
+                line = next(line for line in table if line.startswith(f"| {start}"))
+                assert line.split("|")[2].strip().startswith(f"**{verdict}**"), (start, verdict)
+
+    def test_readme_summary_rows_are_the_benches_files(self):
+        """The README's one row per claims bench: PAG-CM − vanilla at L2 and the four verdicts, from its seeds file."""
+        readme = open(os.path.join(ROOT, "README.md")).read().replace("−", "-")
+        for start, name in (("| Fashion-MNIST, small CNN", "fashion_mnist"), ("| CIFAR-10 (JPEG copy), small CNN", "cifar10_jpeg")):
+            seeds = json.load(open(os.path.join(ROOT, "bench", "results", f"{name}_seeds.json")))
+            c, = [c for c in seeds["claims"]["1"]["comparisons"] if c["comparison"].startswith("pag-cm - vanilla, aa_l2")]
+            cells = [x.strip() for x in next(line for line in readme.splitlines() if line.startswith(start)).strip("|").split("|")]
+            assert cells[1:] == [f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]",
+                                 " / ".join(seeds["claims"][k]["verdict"] for k in "1234")], name
 
     def test_per_source_claim_2_committed_is_the_benchs_and_the_readme_says_it(self, tmp_path):
         """fashion_mnist_per_source.json/.md are what the bench computes from the committed result files (assembled
@@ -2989,10 +3027,12 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
             in bench_readme
 
     def test_bench_readme_tables_are_the_committed_files(self):
-        """bench/README.md's tables (the claims bench's rows, its λ sweep and claims, the toy's ten draws, the SBG sweep)
-        quote the committed files: each cell recomputed here from them. Its sentences are free to change."""
+        """bench/README.md's tables outside its CIFAR-10 section (the claims bench's rows, its λ sweep and claims, the
+        toy's ten draws, the SBG sweep) quote the committed files: each cell recomputed here from them. Its sentences are free to change."""
         res = os.path.join(ROOT, "bench", "results")
         page = open(os.path.join(ROOT, "bench", "README.md")).read().replace("−", "-")
+        head, cifar = page.split("## CIFAR-10 images at CPU scale", 1)
+        page = head + "\n## " + cifar.split("\n## ", 1)[1]  # CIFAR-10's section: its own test, below
         table = {}
         for line in page.splitlines():
             if line.startswith("| ") and not line.startswith("|---"):
@@ -3024,28 +3064,96 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
             for cell, model in zip(cells, ("vanilla", "pag")):
                 st = toy[model]["clean_acc"] if eps == "clean" else toy[model]["exact_robust_acc"][eps]
                 assert cell == f"{pct(st['median'])}% [{pct(st['min'])}, {pct(st['max'])}]", (eps, model, cell)
-        for path in ("sbg_sweep.json", os.path.join("cifar10_jpeg_sbg", "sweep.json")):  # Fashion-MNIST's, CIFAR-10's
-            sbg_sweep = json.load(open(os.path.join(res, path)))
-            for r in sbg_sweep["rows"]:
-                label = f"{r['timestep']} (chosen)" if r["timestep"] == sbg_sweep["best_timestep"] and "cifar" in path \
-                    else str(r["timestep"])
-                assert [f"{r[k]:.3f}" for k in ("alpha_bar", "consistency", "cross_image", "cross_class", "gap")] in \
-                    table[label], (path, r["timestep"])
+        sbg_sweep = json.load(open(os.path.join(res, "sbg_sweep.json")))
+        for r in sbg_sweep["rows"]:
+            assert [f"{r[k]:.3f}" for k in ("alpha_bar", "consistency", "cross_image", "cross_class", "gap")] in \
+                table[str(r["timestep"])], r["timestep"]
         # Standard AutoAttack against APGD on one checkpoint, and that row's committed result file.
         std = json.load(open(os.path.join(res, "fashion_mnist_standard_aa.json")))
         row = json.load(open(os.path.join(res, "fashion_mnist_runs", std["apgd"]["key"] + ".json")))
         assert std["result_file"] == {k: row[k] for k in ("clean", "aa_l2", "aa_linf")} and len(std["checkpoint_sha256"]) == 64
         for label, numbers in (("APGD-CE + APGD-T", std["apgd"]), ("standard AutoAttack", std["standard"]),
                                ("the committed result file of that row and seed", std["result_file"])):
-            assert table[label] == [[pct(numbers[k]) for k in ("clean", "aa_l2", "aa_linf")]], label
-        # The CIFAR-10 bench's models in so far: one row per committed result file, every row a file.
+            assert table[label][0] == [pct(numbers[k]) for k in ("clean", "aa_l2", "aa_linf")], label
+
+    def test_cifar10_tables_are_the_committed_files(self):
+        """bench/README.md's CIFAR-10 section quotes the committed files: the rows (mean and interval over seeds, the
+        paper's number beside), the λ sweep and its selection, the claims with their quoted comparisons, the standard
+        AutoAttack check, the budget curve and one row per result file; each cell recomputed here."""
+        res = os.path.join(ROOT, "bench", "results")
+        page = open(os.path.join(ROOT, "bench", "README.md")).read().replace("−", "-")
+        section = page.split("## CIFAR-10 images at CPU scale", 1)[1].split("\n## ", 1)[0]
+        table = {}
+        for line in section.splitlines():
+            if line.startswith("| ") and not line.startswith("|---"):
+                cells = [c.strip().replace("*", "") for c in line.strip().strip("|").split("|")]
+                table.setdefault(cells[0], []).append(cells[1:])
+        c10 = load_bench("cifar10")
+        seeds = json.load(open(os.path.join(res, "cifar10_jpeg_seeds.json")))
+        assert seeds["seeds"] == [0, 1, 2] and seeds["config"]["test_samples"] == 1000 and seeds["config"]["models"] == 24
+        ci = lambda st: f"{100 * st['mean']:.1f} [{100 * st['ci95'][0]:.1f}, {100 * st['ci95'][1]:.1f}]"  # noqa: E731
+        for model, r in seeds["rows"].items():
+            paper = c10.PAPER.get(model)
+            assert table[model] == [[ci(r["clean"]), ci(r["aa_l2"]), ci(r["aa_linf"]), f"{r['align_nn']['mean']:.3f}",
+                                     f"{r['align_sbg']['mean']:.3f}", "–" if paper is None else f"{paper[0]:.2f} / {paper[1]:.2f}"]], model
+        sweep = json.load(open(os.path.join(res, "cifar10_jpeg_lambda.json")))
+        assert list(sweep["rows"]) == ["0.05", "0.1", "0.15"] and seeds["config"]["selected_lambda"] == 0.1
+        for lam, r in sweep["rows"].items():
+            label = f"{lam} (selected)" if float(lam) == seeds["config"]["selected_lambda"] else lam
+            assert table[label] == [[ci(r["val_acc"]), ci(r["clean"]), ci(r["aa_l2"]), ci(r["aa_linf"]),
+                                     f"{r['align_sbg']['mean']:.3f}"]], lam
+        pts = lambda c: f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"  # noqa: E731
+        for k, start in (("1", "1. Every"), ("2", "2. SBG"), ("3", "3. Better"), ("4", "4. PAG +")):
+            (verdict, quoted_cell), = [r for label, rows in table.items() if label.startswith(start) for r in rows]
+            c = seeds["claims"][k]
+            assert verdict.startswith(c["verdict"]), k
+            if k == "4":
+                assert c["verdict"] == "not run"
+                continue
+            quoted = re.findall(r"[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]", quoted_cell)
+            held = {pts(x) for x in c["comparisons"]} if k != "3" else \
+                {f"{x['difference']:+.2f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}]" for x in c["comparisons"]}
+            assert quoted and set(quoted) <= held, (k, quoted)
+        pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+        # (the standard AutoAttack check: added with its file)
+        budget = json.load(open(os.path.join(res, "cifar10_jpeg_budget.json")))
+        assert [(p["train_samples"], p["epochs"]) for p in budget["points"]][::2] == [(5000, 5), (10000, 10), (25000, 20)]
+        for p in budget["points"]:
+            assert [p["model"], pct(p["clean"]), pct(p["aa_l2"]), pct(p["aa_linf"]), f"{p['align_nn']:.3f}",
+                    f"{p['train_seconds'] / 60:.0f}"] in table[f"{p['train_samples'] // 1000}k x {p['epochs']}"], p
+            assert len(p["per_epoch"]) == p["epochs"]  # each run's per-epoch curve, from its committed copy
+        sbg_sweep = json.load(open(os.path.join(res, "cifar10_jpeg_sbg", "sweep.json")))
+        for r in sbg_sweep["rows"]:
+            label = f"{r['timestep']} (chosen)" if r["timestep"] == sbg_sweep["best_timestep"] else str(r["timestep"])
+            assert table[label] == [[f"{r[k]:.3f}" for k in ("alpha_bar", "consistency", "cross_image", "cross_class", "gap")]]
+        # One row per committed result file, every row a file.
         runs = os.path.join(res, "cifar10_jpeg_runs")
         keys = {n[:-len(".json")] for n in os.listdir(runs) if n.endswith(".json")}
-        assert keys and keys == {label for label in table if "_seed" in label}
+        assert len(keys) == 24 and keys == {label for label in table if "_seed" in label}
         for key in keys:
             r = json.load(open(os.path.join(runs, key + ".json")))
             assert table[key] == [[*(pct(r[k]) for k in ("val_acc", "clean", "aa_l2", "aa_linf")), f"{r['align_nn']:.3f}",
                                    f"{r['align_sbg']:.3f}", f"{r['train_seconds'] / 60:.0f}"]], key
+
+    def test_cifar10_bench_assembles_again_from_its_committed_files(self, tmp_path):
+        """`bench/cifar10.py --collect --budget` on a copy of the committed files (no image, no run folder): the same
+        tables, claims and budget curve as committed, nothing trained."""
+        c10 = load_bench("cifar10")
+        res = os.path.join(ROOT, "bench", "results")
+        for name in os.listdir(res):
+            if name.startswith("cifar10_jpeg_") and not name.endswith(".png"):
+                (shutil.copytree if os.path.isdir(os.path.join(res, name)) else shutil.copy)(os.path.join(res, name), tmp_path / name)
+        out = tmp_path / "runs"
+        c10.main(["--collect", "--budget", "--results-dir", str(tmp_path), "--out-dir", str(out)])  # reads no image
+        assert not out.exists()
+        for name in ("cifar10_jpeg_seeds.json", "cifar10_jpeg_lambda.json", "cifar10_jpeg_budget.json"):
+            again, committed = (json.load(open(os.path.join(d, name))) for d in (tmp_path, res))
+            for d in (again, committed):
+                d["config"].pop("wall_minutes_this_call", None)
+            assert again == committed, name
+        for name in ("cifar10_jpeg_seeds.md", "cifar10_jpeg_budget.md"):
+            assert (tmp_path / name).read_text() == open(os.path.join(res, name)).read(), name
+        assert all((tmp_path / f"cifar10_jpeg_{f}.png").stat().st_size > 10000 for f in ("tradeoff", "alignment", "budget"))
 
     def test_claims_bench_quick_subset_lands_in_its_files_and_resumes(self, tmp_path):
         fm = load_bench("fashion_mnist")

@@ -112,7 +112,7 @@ class NaturalImagesBench(fm.ClaimsBench):
         if len(seen) != 1:
             raise files.UserError(f"the result files in {self.runs_dir} were made on different data ({len(seen)} "
                                   "contents): delete those of the other data, or pass another --results-dir")
-        return {"data_sha256": json.loads(seen.pop())}
+        return {"data_sha256": json.loads(seen.pop()), "made_at_commits": sorted({str(r.get("commit")) for r in results.values()})}
 
     # -- standard AutoAttack on one model: is APGD-CE + APGD-T enough here?
     def standard_path(self):
@@ -152,16 +152,23 @@ class NaturalImagesBench(fm.ClaimsBench):
         return out
 
     def missing(self):
-        """The result files the tables need that are not there (--collect refuses to train them)."""
+        """The result files the tables need that are not there or were made with other settings (--collect refuses
+        to train them, or to table them): "key (why)" each."""
         seeds, sweep_seeds = self.cfg["seeds"], self.cfg["sweep_seeds"]
-        keys = [self.key(m, s) for m in self.rows if m not in fm.PAG_ROWS for s in seeds]
-        keys += [self.key("pag-cm", s, lam) for lam in self.cfg["lambdas"] for s in sweep_seeds]
-        keys += [self.key("vanilla", s) for s in sweep_seeds]
-        missing = [k for k in keys if self.read_result(k) is None]
+
+        def why(model, seed, lam=None):
+            r = self.read_result(self.key(model, seed, lam))
+            if r is None:
+                return f"{self.key(model, seed, lam)} (not there)"
+            if r["settings"] != json.loads(json.dumps(self.settings(model, seed, lam))):
+                return f"{self.key(model, seed, lam)} (made with other settings)"
+            return None
+        plan = [(m, s, None) for m in self.rows if m not in fm.PAG_ROWS for s in seeds]
+        plan += [("pag-cm", s, lam) for lam in self.cfg["lambdas"] for s in sweep_seeds] + [("vanilla", s, None) for s in sweep_seeds]
+        missing = [w for w in (why(*p) for p in plan) if w]
         if not missing:
             self.select()
-            keys = [self.key(m, s, self.lam) for m in self.rows if m in fm.PAG_ROWS for s in seeds]
-            missing = [k for k in keys if self.read_result(k) is None]
+            missing = [w for w in (why(m, s, self.lam) for m in self.rows if m in fm.PAG_ROWS for s in seeds) if w]
         return missing
 
 
@@ -188,16 +195,29 @@ class BudgetBench(NaturalImagesBench):
         return {}
 
 
-def keep_epochs(run_dir, copy, epochs):
+def keep_epochs(run_dir, copy, result, epochs):
     """A run's per-epoch log (metrics.jsonl: validation accuracy and PGD check, CE and PAG terms) copied beside its
-    result file, so the budget figure's per-epoch curves are drawn from committed files. Only a finished run's
-    (every epoch), and never over an existing copy (a fresh machine has no run folders). Returns the rows, or None."""
+    result file, so the budget figure's per-epoch curves are drawn from committed files. A log belongs to `result`
+    only if it has every epoch and its last line holds the result's own validation numbers: the run folder's log is
+    copied (over an older copy) where it does; else the copy there is used where it does (a fresh machine has no
+    run folders); a copy of another run is refused. Returns the rows, or None where there is no log."""
+    def rows_of(path):
+        rows = read_metrics(path, epochs) if os.path.exists(path) else []
+        last = rows[-1] if len(rows) == epochs else {}
+        pgd = next((v for k, v in last.items() if k.startswith("val_pgd_l2_")), None)
+        return rows if (last.get("val_acc"), pgd) == (result["val_acc"], result["val_pgd_l2_acc"]) else None
+    run_rows = rows_of(os.path.join(run_dir, "metrics.jsonl"))
+    if run_rows is not None:
+        if rows_of(copy) != run_rows:
+            write_metrics(copy, run_rows)
+        return run_rows
     if not os.path.exists(copy):
-        rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"), epochs)
-        if len(rows) < epochs:
-            return None
-        write_metrics(copy, rows)
-    return read_metrics(copy, epochs)
+        return None
+    rows = rows_of(copy)
+    if rows is None:
+        raise files.UserError(f"{copy} is not the per-epoch log of {result['key']} (its epochs or its last validation "
+                              "numbers differ from the result file's); delete it, or restore the run's metrics.jsonl")
+    return rows
 
 
 def budget_curve(cfg, out_dir, results_dir, workers, main, collect=False):
@@ -226,11 +246,15 @@ def budget_curve(cfg, out_dir, results_dir, workers, main, collect=False):
         run_jobs(jobs, {}, workers, cost)
     table = []
     runs_dir = os.path.join(results_dir, f"{main.name}_budget_runs")
+    test_data = (main.read_result(main.key("vanilla", seed)).get("data_sha256") or {}).get("test")  # every point's test images
     for n, epochs, model, read in points:
         r = read()
         same = (n, epochs) == (cfg["train_samples"], cfg["epochs"])  # the main bench's run: its folder, its key
         copy = os.path.join(runs_dir, (f"{r['key']}_n{n}_e{epochs}" if same else r["key"]) + ".metrics.jsonl")
-        rows = keep_epochs(os.path.join(out_dir, *([] if same else ["budget"]), r["key"]), copy, epochs)
+        if (r.get("data_sha256") or {}).get("test") != test_data:
+            raise files.UserError(f"{r['key']} ({n} x {epochs}) was tested on other images than the main bench's: delete "
+                                  "its result file and run --budget again")
+        rows = keep_epochs(os.path.join(out_dir, *([] if same else ["budget"]), r["key"]), copy, r, epochs)
         per_epoch = rows and [{"epoch": e["epoch"], "val_acc": e.get("val_acc"), "pag": e.get("pag"),
                                "val_pgd_l2_acc": next((v for k, v in e.items() if k.startswith("val_pgd_l2_")), None)}
                               for e in rows]
@@ -271,7 +295,7 @@ def main(argv=None):
         if args.dataset == "cifar10":
             cfg["data_label"] = "CIFAR-10"
     root = os.path.dirname(BENCH)
-    if cfg["data_dir"] and not os.path.isdir(os.path.join(root, cfg["data_dir"])):
+    if cfg["data_dir"] and not args.collect and not os.path.isdir(os.path.join(root, cfg["data_dir"])):  # --collect reads no image
         raise files.UserError(f"--data-dir {cfg['data_dir']}: no such folder under {root} (the CIFAR-10 JPEG copy lives "
                               f"in {JPEG_COPY}; the real CIFAR-10: --dataset cifar10 --data-dir DIR)")
     name = "cifar10_quick" if args.quick else "cifar10_jpeg" if args.dataset == "folder" else "cifar10"
@@ -282,7 +306,7 @@ def main(argv=None):
     if args.collect:
         missing = bench.missing()
         if missing:
-            raise files.UserError(f"--collect: {len(missing)} result file(s) are not in {bench.runs_dir} ({', '.join(missing[:4])}"
+            raise files.UserError(f"--collect: {len(missing)} result file(s) in {bench.runs_dir} cannot be tabled ({', '.join(missing[:4])}"
                                   f"{', ...' if len(missing) > 4 else ''}); run the bench without --collect to make them")
         out = bench.assemble(0.0)
         return budget_curve(cfg, out_dir, results_dir, args.jobs, bench, collect=True) if args.budget else out

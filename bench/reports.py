@@ -290,14 +290,16 @@ def budget_figure(out, path):
                 if all(y is not None for y in ys) and (m != "pag" or p["model"] != "vanilla"):
                     ax.plot(seen, [100 * y if m != "pag" else y for y in ys], style, color=colour[b], marker=".", label=name)
         for ax, y in zip(axes[1], (f"validation accuracy after each epoch (%, {c['val_samples']} images)",
-                                   f"validation PGD-L2 ε={c['eps_l2']:g} after each epoch (%)",
+                                   f"validation PGD-L2 ε={c['eps_l2']:g}: short per-epoch check (%)",
                                    "PAG term in training (mean 1 − cos; lower: more aligned)")):
             ax.set(xlabel="images seen so far (epoch x training images)", ylabel=y)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     budgets = ", ".join(f"{n // 1000}k x {e}" for n, e in c["budgets"])
     fig.suptitle(f"{c['data_label']}, {c['arch']}, seed {c['budget_seed']}: more images and epochs ({budgets}); "
-                 f"{c['test_samples']} test images" + ("; dashed: vanilla, solid: PAG-CM" if curves else ""), fontsize=10)
+                 f"{c['test_samples']} test images" + ("\ntop: each model at the end of training; bottom: each run along its "
+                                                       "epochs (colour: budget; dashed: vanilla, solid: PAG-CM)" if curves else ""),
+                 fontsize=10)
     fig.tight_layout()
     files.save_figure(fig, path, dpi=110)
     plt.close(fig)
