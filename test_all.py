@@ -3115,7 +3115,12 @@ cli.run_cli(lambda: run_jobs({{"fast": fast, "slow": slow, "later": later}}, {{"
                 {f"{x['difference']:+.2f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}]" for x in c["comparisons"]}
             assert quoted and set(quoted) <= held, (k, quoted)
         pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-        # (the standard AutoAttack check: added with its file)
+        std = json.load(open(os.path.join(res, "cifar10_jpeg_standard_aa.json")))
+        row = json.load(open(os.path.join(res, "cifar10_jpeg_runs", std["apgd"]["key"] + ".json")))
+        assert std["apgd"]["key"] == "pag-cm_lambda0.1_seed0" and std["test_samples"] == 1000
+        assert std["apgd"] == {"key": std["apgd"]["key"], **{k: row[k] for k in ("clean", "aa_l2", "aa_linf")}}
+        for label, numbers in (("APGD-CE + APGD-T (its result file)", std["apgd"]), ("standard AutoAttack", std["standard"])):
+            assert table[label][-1] == [pct(numbers[k]) for k in ("clean", "aa_l2", "aa_linf")], label
         budget = json.load(open(os.path.join(res, "cifar10_jpeg_budget.json")))
         assert [(p["train_samples"], p["epochs"]) for p in budget["points"]][::2] == [(5000, 5), (10000, 10), (25000, 20)]
         for p in budget["points"]:
