@@ -1,6 +1,6 @@
 """The paper's Table 1 rows and claims on natural images, at a budget two CPU cores can afford: CIFAR-10.
 
-    python bench/cifar10.py                      # ../shared/cifar10-jpeg, the JPEG copy (about 12 job-hours, 2 jobs)
+    python bench/cifar10.py                      # ../shared/cifar10-jpeg, the JPEG copy (about 14 job-hours, 2 jobs)
     python bench/cifar10.py --dataset cifar10    # the real CIFAR-10 (torchvision's files under --data-dir)
     python bench/cifar10.py --budget             # then: vanilla and PAG-CM at more images and epochs (seed 0)
     python bench/cifar10.py --collect            # the tables and figures from the committed result files; trains nothing

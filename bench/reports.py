@@ -294,7 +294,7 @@ def budget_figure(out, path):
                                    "PAG term in training (mean 1 − cos; lower: more aligned)")):
             ax.set(xlabel="images seen so far (epoch x training images)", ylabel=y)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, handlelength=4)  # long enough to show the dashes
     budgets = ", ".join(f"{n // 1000}k x {e}" for n, e in c["budgets"])
     fig.suptitle(f"{c['data_label']}, {c['arch']}, seed {c['budget_seed']}: more images and epochs ({budgets}); "
                  f"{c['test_samples']} test images" + ("\ntop: each model at the end of training; bottom: each run along its "
