@@ -157,12 +157,8 @@ class NaturalImagesBench(fm.ClaimsBench):
         seeds, sweep_seeds = self.cfg["seeds"], self.cfg["sweep_seeds"]
 
         def why(model, seed, lam=None):
-            r = self.read_result(self.key(model, seed, lam))
-            if r is None:
-                return f"{self.key(model, seed, lam)} (not there)"
-            if r["settings"] != json.loads(json.dumps(self.settings(model, seed, lam))):
-                return f"{self.key(model, seed, lam)} (made with other settings)"
-            return None
+            reason = self.unusable(model, seed, lam)
+            return reason and f"{self.key(model, seed, lam)} ({reason})"
         plan = [(m, s, None) for m in self.rows if m not in fm.PAG_ROWS for s in seeds]
         plan += [("pag-cm", s, lam) for lam in self.cfg["lambdas"] for s in sweep_seeds] + [("vanilla", s, None) for s in sweep_seeds]
         missing = [w for w in (why(*p) for p in plan) if w]
@@ -195,6 +191,11 @@ class BudgetBench(NaturalImagesBench):
         return {}
 
 
+def epoch_pgd(row):
+    """A metrics.jsonl line's per-epoch PGD check on the validation images (its key names the radius), or None."""
+    return next((v for k, v in row.items() if k.startswith("val_pgd_l2_")), None)
+
+
 def keep_epochs(run_dir, copy, result, epochs):
     """A run's per-epoch log (metrics.jsonl: validation accuracy and PGD check, CE and PAG terms) copied beside its
     result file, so the budget figure's per-epoch curves are drawn from committed files. A log belongs to `result`
@@ -204,8 +205,7 @@ def keep_epochs(run_dir, copy, result, epochs):
     def rows_of(path):
         rows = read_metrics(path, epochs) if os.path.exists(path) else []
         last = rows[-1] if len(rows) == epochs else {}
-        pgd = next((v for k, v in last.items() if k.startswith("val_pgd_l2_")), None)
-        return rows if (last.get("val_acc"), pgd) == (result["val_acc"], result["val_pgd_l2_acc"]) else None
+        return rows if (last.get("val_acc"), epoch_pgd(last)) == (result["val_acc"], result["val_pgd_l2_acc"]) else None
     run_rows = rows_of(os.path.join(run_dir, "metrics.jsonl"))
     if run_rows is not None:
         if rows_of(copy) != run_rows:
@@ -234,11 +234,10 @@ def budget_curve(cfg, out_dir, results_dir, workers, main, collect=False):
                 points.append((n, epochs, model, lambda model=model, pag=pag: main.read_result(main.key(model, seed, pag))))
                 continue
             b = BudgetBench(cfg, out_dir, results_dir, workers, main.name, [n, epochs], lam)
-            if collect:  # its file, made with this budget's settings, or nothing is written
-                r, path = b.read_result(b.key(model, seed, pag)), b.result_path(b.key(model, seed, pag))
-                if r is None or r.get("settings") != json.loads(json.dumps(b.settings(model, seed, pag))):
-                    raise files.UserError(f"--collect --budget: {path} is {'not there' if r is None else 'made with other settings'}"
-                                          "; run python bench/cifar10.py --budget to make it")
+            why = collect and b.unusable(model, seed, pag)  # --collect: its file, or nothing is written
+            if why:
+                raise files.UserError(f"--collect --budget: {b.result_path(b.key(model, seed, pag))} is {why}; run "
+                                      "python bench/cifar10.py --budget to make it")
             jobs[f"{model} {n} x {epochs}"] = lambda b=b, model=model, pag=pag: b.train_and_attack(model, seed, pag)
             points.append((n, epochs, model, lambda b=b, model=model, pag=pag: b.read_result(b.key(model, seed, pag))))
     cost = {name: int(name.split()[1]) * int(name.split()[3]) * (10 if "pag" in name else 1) for name in jobs}
@@ -256,8 +255,7 @@ def budget_curve(cfg, out_dir, results_dir, workers, main, collect=False):
                                   "its result file and run --budget again")
         rows = keep_epochs(os.path.join(out_dir, *([] if same else ["budget"]), r["key"]), copy, r, epochs)
         per_epoch = rows and [{"epoch": e["epoch"], "val_acc": e.get("val_acc"), "pag": e.get("pag"),
-                               "val_pgd_l2_acc": next((v for k, v in e.items() if k.startswith("val_pgd_l2_")), None)}
-                              for e in rows]
+                               "val_pgd_l2_acc": epoch_pgd(e)} for e in rows]
         table.append({"train_samples": n, "epochs": epochs, "images_seen": n * epochs, "model": model, "seed": seed,
                       "lambda": r["lambda"], **{m: r[m] for m in ("clean", "aa_l2", "aa_linf", "align_nn")},
                       "train_seconds": r["train_seconds"], "commit": r.get("commit"), "per_epoch": per_epoch})

@@ -8,11 +8,11 @@ import files  # noqa: E402 - the one atomic writer
 
 
 # ----------------------------------------------------------------------------- the claims benches (fashion_mnist.py, cifar10.py)
-
 def eps_label(eps):
     """A radius as a reader knows it: 8/255 for 8/255 (a few 8-bit steps of images in [0, 1]), 0.1 for 0.1."""
     steps = eps * 255
     return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 and 1 <= round(steps) <= 16 else f"{eps:g}"
+
 
 def data_label(config):
     """What a claims bench ran on, for its tables and figures (the claims bench's config predates the key)."""

@@ -211,6 +211,14 @@ class Bench:
             return None
         return check_result(files.read_json_object(path, "result file"), path, fields or self.result_fields)
 
+    def unusable(self, model, seed, lam=None):
+        """Why the result file of (model, seed, lambda) cannot stand in a table: "not there", "made with other
+        settings" (another command or attack than this bench's), or None where it can."""
+        r = self.read_result(self.key(model, seed, lam))
+        if r is None:
+            return "not there"
+        return "made with other settings" if r["settings"] != json.loads(json.dumps(self.settings(model, seed, lam))) else None
+
     def result_extras(self, model):
         """What a result file records besides its numbers (a bench adds its own): which SBG fields, by
         content, the model was trained on (SBG rows) and aligned with (every model: the test fields)."""
